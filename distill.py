@@ -1,0 +1,109 @@
+"""D-MAE: MAE pre-training of a small student plus attention distillation from a frozen, larger teacher (PAPER §4).
+
+The teacher (MAE-Base in the paper; here any larger checkpoint of ours, or an MAE/timm ViT state dict) sees exactly
+the student's visible patches. The student's last-layer pre-softmax attention scores (B, Hs, N, N) are mixed into
+the teacher's heads by a learned 1x1 convolution and matched to the teacher's with MSE, weight 1.0:
+    loss = MAE loss + alpha_attn * MSE(adapter(student scores), teacher scores) [+ alpha_hidden * feature MSE]
+Everything else (data, schedule, checkpoints, reconstructions) is pretrain_mae.py's, reused as it is.
+
+    python pretrain_mae.py --model=tiny --out_dir=out/mae_teacher      # CPU: a larger teacher first (slower)
+    python distill.py --teacher_ckpt=out/mae_teacher/ckpt.pt           # then the cpu-sized student
+    torchrun --nproc_per_node=8 distill.py --teacher_ckpt=mae_base_1600e.pth --teacher_model=base --model=tiny \
+        --img_size=224 --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=400 --warmup_epochs=40 \
+        --batch_size_per_gpu=512 --base_lr=1.5e-4 --crop_min_scale=0.08     # the paper's D-MAE-Tiny recipe
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pretrain_mae
+from common import check, load_ckpt, parse_config, prepare_out_dir, seed_everything, setup_dist
+from model import VIT_SIZES, create_vit, load_backbone
+
+
+@dataclass
+class Config(pretrain_mae.Config):
+    teacher_ckpt: str = ""  # frozen teacher checkpoint (required): ours, or an MAE/timm ViT state dict
+    teacher_model: str = ""  # teacher ViT size; empty = read from the teacher checkpoint's config
+    teacher_key: str = "model"  # which weights in the teacher checkpoint
+    attn_layers: str = "-1"  # comma-separated block indices whose attention is distilled (-1 = last); "" = none
+    hidden_layers: str = ""  # comma-separated hidden-state indices 0..depth for feature distillation; "" = none
+    alpha_attn: float = 1.0  # weight of the attention loss (the paper: 1.0)
+    alpha_hidden: float = 1.0  # weight of the feature loss
+    out_dir: str = "out/distill"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.teacher_ckpt, "distill.py needs --teacher_ckpt (e.g. from: python pretrain_mae.py --model=tiny "
+                                 "--out_dir=out/mae_teacher)")
+        check(not self.teacher_model or self.teacher_model in VIT_SIZES,
+              f"teacher_model must be one of {sorted(VIT_SIZES)}, got {self.teacher_model!r}")
+        try:
+            self.layer_ids("attn_layers"), self.layer_ids("hidden_layers")
+        except ValueError:
+            raise ValueError(f"attn_layers / hidden_layers must be comma-separated integers, got "
+                             f"{self.attn_layers!r} / {self.hidden_layers!r}") from None
+        check(self.layer_ids("attn_layers") or self.layer_ids("hidden_layers"), "nothing to distill: set attn_layers")
+
+    def layer_ids(self, name):
+        return [int(s) for s in getattr(self, name).split(",") if s.strip()]
+
+
+def load_teacher(cfg, device):
+    if not os.path.isfile(cfg.teacher_ckpt):
+        raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher_ckpt}")
+    size = cfg.teacher_model or load_ckpt(cfg.teacher_ckpt).get("config", {}).get("model")
+    if size not in VIT_SIZES:
+        raise ValueError(f"{cfg.teacher_ckpt} has no config naming its size; pass --teacher_model")
+    # same patch grid as the student, so both see the same visible patches; a mismatch fails loudly in load_backbone
+    teacher = create_vit(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+    load_backbone(teacher, cfg.teacher_ckpt, cfg.teacher_key, verbose=False)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+class DistilledMAE(pretrain_mae.MAE):
+    def __init__(self, cfg, teacher):
+        super().__init__(cfg)
+        self._teacher = (teacher,)  # in a tuple, so not a submodule: never trained, saved, or wrapped by DDP
+        self.attn_ids, self.hidden_ids = cfg.layer_ids("attn_layers"), cfg.layer_ids("hidden_layers")
+        for i in self.attn_ids:
+            check(-min(self.encoder.depth, teacher.depth) <= i < min(self.encoder.depth, teacher.depth),
+                  f"attention layer {i} is outside the student ({self.encoder.depth}) or teacher ({teacher.depth})")
+        for i in self.hidden_ids:
+            check(0 <= i <= min(self.encoder.depth, teacher.depth), f"hidden layer {i} is outside 0..depth")
+        # 1x1 conv over heads: learns which student heads mix into each teacher head (PAPER §4, no bias)
+        self.attn_adapters = nn.ModuleList(nn.Conv2d(self.encoder.num_heads, teacher.num_heads, 1, bias=False)
+                                           for _ in self.attn_ids)
+        self.hidden_adapters = nn.ModuleList(nn.Linear(self.encoder.embed_dim, teacher.embed_dim, bias=False)
+                                             for _ in self.hidden_ids)
+
+    def forward(self, imgs):
+        teacher = self._teacher[0]
+        want_attn, want_hidden = bool(self.attn_ids), bool(self.hidden_ids)
+        pred, mask, ids_keep, attns, hiddens = self.encode_decode(imgs, want_attn, want_hidden)
+        loss_mae = pretrain_mae.mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
+        with torch.no_grad():  # the student's ids_keep: the teacher sees exactly the same visible patches
+            _, t_attns, t_hiddens = teacher.forward_features(imgs, ids_keep, want_attn, want_hidden)
+        zero = loss_mae.new_zeros(())
+        loss_attn = sum((F.mse_loss(ad(attns[i]).float(), t_attns[i].float())  # (B, Ht, N, N), cls row/col included
+                         for ad, i in zip(self.attn_adapters, self.attn_ids)), zero)
+        loss_hidden = sum((F.mse_loss(ad(hiddens[i]).float(), t_hiddens[i].float())
+                           for ad, i in zip(self.hidden_adapters, self.hidden_ids)), zero)
+        loss = loss_mae + self.cfg.alpha_attn * loss_attn + self.cfg.alpha_hidden * loss_hidden
+        return loss, dict(mae=loss_mae.detach(), attn=loss_attn.detach(), hidden=loss_hidden.detach())
+
+
+def main(cfg):
+    rank, _, device = setup_dist()
+    seed_everything(cfg.seed + rank)  # the student's init, as pretrain_mae.main would seed it
+    if rank == 0:
+        prepare_out_dir(cfg, __file__)  # keep distill.py beside the copy of pretrain_mae.py
+    teacher = load_teacher(cfg, device)
+    return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

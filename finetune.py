@@ -1,0 +1,227 @@
+"""Fine-tune, linear-probe or train from scratch: any checkpoint of ours (MAE, MoCo-v3, DINO, D-MAE) or none.
+
+Defaults follow the paper's "improved" ViT-Tiny recipe (PAPER §3.1): AdamW, lr = 1e-3 x batch/256, layer-wise
+lr decay 0.85 (0.75 for MoCo-v3), weight decay 0.05, warm-up + cosine to 1e-6, mixup 0.2, no cutmix, RandAugment
+m10, no label smoothing, no drop path, mean-pooled patch tokens -> LayerNorm -> linear head.
+Transfer to small datasets (PAPER §3.3) uses --optimizer=sgd --weight_decay=0 --clip_grad=1 --layer_decay=0.75
+--mixup=0 --randaug_magnitude=0.
+
+    python finetune.py                                   # CPU: fine-tune out/mae/ckpt.pt on the embedded data
+    python finetune.py --mode=scratch --out_dir=out/scratch     # the supervised baseline
+    torchrun --nproc_per_node=8 finetune.py --init_ckpt=out/mae_tiny/ckpt.pt --model=tiny --img_size=224 \
+        --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=300 --warmup_epochs=5 \
+        --batch_size_per_gpu=128 --num_workers=10    # the paper's 300-epoch recipe, global batch 1024
+"""
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, all_reduce_sum, autocast_ctx, build_dataset, check, check_finite,
+                    cosine_value, eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler,
+                    param_groups, parse_config, prepare_out_dir, print0, restore_rng, save_ckpt, seed_everything,
+                    set_epoch, set_lr, setup_dist)
+from model import VIT_SIZES, create_vit, load_backbone
+
+
+@dataclass
+class Config:
+    mode: str = "finetune"  # finetune (all weights) | linear (frozen backbone, train the head) | scratch (no init)
+    init_ckpt: str = "out/mae/ckpt.pt"  # checkpoint to start from (ours or a timm ViT state dict); unused for scratch
+    init_key: str = "model"  # which weights in the checkpoint: model, or teacher (DINO's EMA teacher)
+    reinit_from_block: int = -1  # re-initialise blocks >= this index after loading (layer-importance study); -1 = off
+    eval_only: bool = False  # only evaluate init_ckpt (a fine-tuned checkpoint) and exit
+    # data
+    data: str = "embedded"  # embedded | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data_root: str = ""  # folder of the data; unused for embedded
+    subset: int = 0  # use only the first N training images (0 = all); for quick checks and data-poor studies
+    img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)
+    num_workers: int = 2  # data-loading processes per GPU
+    # model
+    model: str = "cpu"  # ViT size: cpu | tiny | small | base (must match the checkpoint)
+    patch_size: int = 4  # patch side in pixels; the paper: 16
+    drop_path: float = 0.0  # stochastic depth at the last block; impr. recipe 0.0, MAE-default 0.1
+    # optimisation
+    epochs: int = 10  # the paper: 300 on ImageNet
+    warmup_epochs: int = 1  # the paper: 5
+    batch_size_per_gpu: int = 128  # global batch = this x world size; the paper: 1024
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.9: the transfer recipe)
+    base_lr: float = 1e-3  # lr = base_lr x global batch / 256
+    min_lr: float = 1e-6  # cosine floor
+    weight_decay: float = 0.05  # not on biases/norms/tokens
+    layer_decay: float = 0.85  # lr scale decay^(depth+1-layer_id) per block; 0.75 for MoCo-v3; 1 = off
+    clip_grad: float = 0.0  # max grad norm; 0 = off (transfer recipe: 1.0)
+    # regularisation
+    mixup: float = 0.2  # mixup alpha; 0 = off (impr. recipe 0.2)
+    cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE-default 1.0); with mixup, one of the two per batch
+    label_smoothing: float = 0.0  # impr. recipe 0.0, MAE-default 0.1
+    randaug_magnitude: int = 10  # RandAugment magnitude (2 ops); 0 = off
+    crop_min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    # run
+    out_dir: str = "out/finetune"  # ckpt.pt (latest), best.pt, log.jsonl, config.json
+    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
+    seed: int = 0  # each rank uses seed + rank
+
+    def __post_init__(self):
+        check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode!r}")
+        check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        check(self.mixup >= 0 and self.cutmix >= 0 and 0 <= self.label_smoothing < 1, "bad mixup/cutmix/label_smoothing")
+        check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+        check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs, "need 0 <= warmup_epochs <= epochs, epochs > 0")
+
+
+def layer_id(name, depth):
+    """MAE-Lite's layer ids for lr decay (PAPER §3.1): embeddings 0, blocks.k -> k+1, everything after -> depth+1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks)."""
+    model.eval()
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast_ctx(device):
+            logits = model(imgs)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hits = top == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+    c1, c5, n = all_reduce_sum(counts).tolist()
+    return 100 * c1 / n, 100 * c5 / n
+
+
+def main(cfg):
+    # --- setup ---
+    rank, world, device = setup_dist()
+    master = rank == 0
+    seed_everything(cfg.seed + rank)
+    if master:
+        prepare_out_dir(cfg, __file__)
+
+    # --- data ---
+    aug = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1), interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip()]
+    if cfg.randaug_magnitude > 0:
+        aug.append(T.RandAugment(num_ops=2, magnitude=cfg.randaug_magnitude))
+    train_tf = T.Compose(aug + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_set, num_classes = build_dataset(cfg.data, cfg.data_root, True, train_tf, cfg.subset)
+    val_set, _ = build_dataset(cfg.data, cfg.data_root, False, eval_transform(cfg.img_size))
+    loader = make_loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers)
+    val_loader = make_loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers)
+    mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
+    mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
+    mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
+
+    # --- model ---
+    raw_model = create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
+                           drop_path=cfg.drop_path, global_pool=True, learn_pos_embed=True)
+    if cfg.mode != "scratch" or cfg.eval_only:
+        load_backbone(raw_model, cfg.init_ckpt, cfg.init_key, verbose=master)
+    if cfg.reinit_from_block >= 0:  # keep only the lower layers' pre-training ("lower layers matter more")
+        for blk in raw_model.blocks[cfg.reinit_from_block:]:
+            blk.apply(raw_model._init_weights)
+    if cfg.mode == "linear":  # only the head learns; fc_norm stays at (1, 0): a parameter-free normalisation
+        for name, p in raw_model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    raw_model.to(device)
+
+    if cfg.eval_only:
+        top1, top5 = evaluate(raw_model, val_loader, device)
+        print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f} top-5 {top5:.2f}")
+        return top1, top5
+
+    # --- optimizer & schedule ---
+    global_batch = cfg.batch_size_per_gpu * world
+    lr = cfg.base_lr * global_batch / 256
+    depth = raw_model.depth
+    groups = param_groups(raw_model, cfg.weight_decay,
+                          lambda name: cfg.layer_decay ** (depth + 1 - layer_id(name, depth)))
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    scaler = make_scaler(device)
+    steps_per_epoch = len(loader)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    print0(f"{cfg.mode}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
+           f"global batch {global_batch}, lr {lr:.2e}, {num_classes} classes, {len(train_set)} train images")
+
+    # --- resume ---
+    start_epoch, best_top1, ckpt_path = 0, 0.0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = load_ckpt(ckpt_path)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
+        restore_rng(ckpt["rng"], rank)
+        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    model = DDP(raw_model) if world > 1 else raw_model
+
+    # --- train loop ---
+    for epoch in range(start_epoch, cfg.epochs):
+        set_epoch(loader, epoch)
+        model.train()
+        t0, loss_sum = time.time(), 0.0
+        for it, (imgs, labels) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)):
+            step = epoch * steps_per_epoch + it
+            lr_now = cosine_value(step, total_steps, warmup_steps, lr, cfg.min_lr)
+            set_lr(optimizer, lr_now)
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mix is not None:
+                imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
+            else:
+                targets = F.one_hot(labels, num_classes).float()
+            with autocast_ctx(device):
+                logits = model(imgs)
+            # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss_sum += check_finite(loss, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
+
+        # --- eval ---
+        top1, top5 = evaluate(model, val_loader, device)
+        is_best = top1 > best_top1
+        best_top1 = max(best_top1, top1)
+        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, top1=top1, top5=top5,
+                   best_top1=best_top1, imgs_per_s=imgs_per_s)
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} top-5 {top5:.2f} "
+               f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
+
+        # --- save ---
+        rng = gather_rng_states()
+        if master:
+            ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        epoch=epoch + 1, step=step + 1, best_top1=best_top1, config=asdict(cfg), rng=rng)
+            save_ckpt(ckpt, ckpt_path)
+            if is_best:
+                save_ckpt(dict(model=ckpt["model"], epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg)),
+                          os.path.join(cfg.out_dir, "best.pt"))
+            log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
+    return best_top1
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,209 @@
+"""MAE pre-training of a plain ViT, with the MAE-Lite light decoder (PAPER §1.2, §2.1).
+
+Random masking keeps exactly (1 - mask_ratio) of the patches per image; the encoder sees only those plus cls;
+a 1-block, 96-wide decoder fills in mask tokens and predicts pixels; the loss is MSE on the removed patches
+against per-patch normalised pixels (norm-pix). After each epoch the master writes a reconstruction grid.
+
+    python pretrain_mae.py                                   # CPU: cpu-sized ViT on the embedded data, minutes
+    python pretrain_mae.py --model=tiny --img_size=224 --patch_size=16 --data=imagefolder --data_root=/imagenet
+    torchrun --nproc_per_node=8 pretrain_mae.py --model=tiny --img_size=224 --patch_size=16 --data=imagefolder \
+        --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=512 --base_lr=1.5e-4 \
+        --crop_min_scale=0.08 --num_workers=10      # the paper's recipe: global batch 4096, lr 2.4e-3
+"""
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, check, check_finite, cosine_value,
+                    eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler, param_groups,
+                    parse_config, prepare_out_dir, print0, restore_rng, save_ckpt, seed_everything, set_epoch, set_lr,
+                    setup_dist)
+from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify
+
+
+@dataclass
+class Config:
+    # data
+    data: str = "embedded"  # embedded | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
+    subset: int = 0  # use only the first N training images (0 = all); for quick checks
+    img_size: int = 32  # input side in pixels; the paper: 224
+    crop_min_scale: float = 0.2  # RandomResizedCrop lower area bound; MAE-Lite: 0.08, MAE: 0.2
+    num_workers: int = 2  # data-loading processes per GPU
+    # model
+    model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    patch_size: int = 4  # patch side in pixels; the paper: 16
+    mask_ratio: float = 0.75  # fraction of patches removed, in (0, 1)
+    decoder_dim: int = 96  # MAE-Lite: 96 (original MAE: 512)
+    decoder_depth: int = 1  # MAE-Lite: 1 (original MAE: 8)
+    decoder_heads: int = 3  # MAE-Lite: 3 (original MAE: 16)
+    norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE §4, on in MAE-Lite)
+    # optimisation
+    epochs: int = 20  # the paper: 400
+    warmup_epochs: int = 2  # linear lr warm-up; the paper: 40
+    batch_size_per_gpu: int = 256  # global batch = this x world size; the paper: 4096 in all
+    base_lr: float = 1.5e-3  # lr = base_lr x global batch / 256; the paper: 1.5e-4 (short CPU runs like more)
+    weight_decay: float = 0.05  # AdamW, not on biases/norms/tokens
+    # run
+    out_dir: str = "out/mae"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png
+    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
+    seed: int = 0  # each rank uses seed + rank
+    compile: bool = False  # torch.compile the model (CUDA)
+
+    def __post_init__(self):
+        check(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs,
+              f"need epochs > 0 and 0 <= warmup_epochs <= epochs, got {self.epochs}, {self.warmup_epochs}")
+        check(self.batch_size_per_gpu > 0 and self.base_lr > 0, "batch_size_per_gpu and base_lr must be positive")
+        check(0 < self.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+
+
+def mae_loss(imgs, pred, mask, patch_size, norm_pix):
+    """MSE per patch against (optionally per-patch normalised) pixels, averaged over removed patches only (MAE §3)."""
+    target = patchify(imgs, patch_size)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAE(nn.Module):
+    """encoder (a ViT without head) + decoder; everything MAE-specific in forward is in this file."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+        self.decoder = MAEDecoder(self.encoder.grid, cfg.patch_size, 3, self.encoder.embed_dim,
+                                  cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+
+    def encode_decode(self, imgs, return_attn=False, return_hidden=False, generator=None):
+        L = self.encoder.grid ** 2
+        ids_keep, mask, ids_restore = random_masking(len(imgs), L, self.cfg.mask_ratio, imgs.device, generator)
+        latent, attns, hiddens = self.encoder.forward_features(imgs, ids_keep, return_attn, return_hidden)
+        pred = self.decoder(latent, ids_restore)
+        return pred, mask, ids_keep, attns, hiddens
+
+    def forward(self, imgs):
+        """Returns the loss and a dict of extra numbers to log (none for plain MAE)."""
+        pred, mask, *_ = self.encode_decode(imgs)
+        return mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss), {}
+
+
+@torch.no_grad()
+def reconstruction_grid(mae, imgs, seed=0):
+    """Rows of (original, masked input, reconstruction with the visible patches pasted in), in [0, 1] pixels."""
+    p, grid = mae.cfg.patch_size, mae.encoder.grid
+    g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
+    pred, mask, *_ = mae.encode_decode(imgs, generator=g)
+    target = patchify(imgs, p)
+    if mae.cfg.norm_pix_loss:  # predictions are in normalised-patch units: undo with the true patch statistics
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    m = mask[..., None]  # (B, L, 1), 1 = removed
+    masked = unpatchify(target * (1 - m), p, grid)
+    recon = unpatchify(target * (1 - m) + pred * m, p, grid)
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=imgs.device)[:, None, None]
+    rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1) * std + mean
+    return rows.clamp(0, 1)
+
+
+def main(cfg, model=None):
+    """Train. `model` lets distill.py reuse this loop with an MAE subclass that adds distillation losses."""
+    # --- setup ---
+    rank, world, device = setup_dist()
+    master = rank == 0
+    seed_everything(cfg.seed + rank)
+    if master:
+        prepare_out_dir(cfg, __file__)
+
+    # --- data ---
+    train_tf = T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1.0),
+                                              interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, train_tf, cfg.subset)
+    loader = make_loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers)
+    view_set, _ = build_dataset(cfg.data, cfg.data_root, True, eval_transform(cfg.img_size), cfg.subset)
+    view_imgs = torch.stack([view_set[i][0] for i in range(min(8, len(view_set)))]).to(device)
+
+    # --- model ---
+    raw_model = (model or MAE(cfg)).to(device)
+    print0(f"encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M params, "
+           f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
+
+    # --- optimizer & schedule ---
+    global_batch = cfg.batch_size_per_gpu * world
+    lr = cfg.base_lr * global_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
+    scaler = make_scaler(device)
+    steps_per_epoch = len(loader)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # --- resume ---
+    start_epoch, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = load_ckpt(ckpt_path)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+        restore_rng(ckpt["rng"], rank)
+        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # --- train loop ---
+    for epoch in range(start_epoch, cfg.epochs):
+        set_epoch(loader, epoch)
+        model.train()
+        t0, loss_sum = time.time(), 0.0
+        pbar = tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)
+        for it, (imgs, _) in enumerate(pbar):
+            step = epoch * steps_per_epoch + it
+            lr_now = cosine_value(step, total_steps, warmup_steps, lr)
+            set_lr(optimizer, lr_now)
+            imgs = imgs.to(device, non_blocking=True)
+            with autocast_ctx(device):
+                loss, extra = model(imgs)
+            loss_value = check_finite(loss, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss_value
+            pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e} "
+                                 + " ".join(f"{k} {v.item():.4f}" for k, v in extra.items()))
+        imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
+        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, imgs_per_s=imgs_per_s,
+                   **{k: v.item() for k, v in extra.items()})
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} lr {lr_now:.1e} {imgs_per_s:.0f} img/s")
+
+        # --- eval: reconstructions (MAE has no accuracy to measure during pre-training) ---
+        rng = gather_rng_states()  # collective: every rank calls it
+        if master:
+            raw_model.eval()
+            save_image(reconstruction_grid(raw_model, view_imgs), os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"),
+                       nrow=6, padding=1)
+
+            # --- save ---
+            save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng), ckpt_path)
+            log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
+    return raw_model
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

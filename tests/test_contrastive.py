@@ -1,0 +1,91 @@
+"""pretrain_contrastive.py: EMA, InfoNCE, DINO centre and loss by hand; a few steps of each method."""
+import math
+import os
+import tempfile
+import unittest
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pretrain_contrastive as pc
+from common import load_ckpt
+from model import create_vit, load_backbone
+from tests.helpers import TINY, quiet
+
+
+class TestPieces(unittest.TestCase):
+    def test_ema_moves_teacher_by_the_right_amount(self):
+        torch.manual_seed(0)
+        student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
+        t0 = [p.clone() for p in teacher.parameters()]
+        pc.ema_update(teacher, student, 0.9)
+        for t, t_old, s in zip(teacher.parameters(), t0, student.parameters()):
+            torch.testing.assert_close(t, 0.9 * t_old + 0.1 * s)
+        self.assertFalse(any(p.grad is not None for p in teacher.parameters()))
+
+    def test_info_nce_matches_hand_computation(self):
+        q = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
+        k = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+        T = 0.5
+        qn = [v / v.norm() for v in q]
+        kn = [v / v.norm() for v in k]
+        total = 0.0
+        for i in range(3):
+            logits = [float(qn[i] @ kn[j]) / T for j in range(3)]
+            total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
+        self.assertAlmostEqual(pc.info_nce(q, k, T).item(), total / 3 * 2 * T, places=5)
+
+    def test_dino_center_update(self):
+        center = torch.tensor([[1.0, 2.0]])
+        out = torch.tensor([[3.0, 0.0], [5.0, 2.0]])  # batch mean (4, 1)
+        torch.testing.assert_close(pc.update_center(center, out, 0.9), torch.tensor([[1.3, 1.9]]))
+
+    def test_dino_loss_matches_hand_computation(self):
+        torch.manual_seed(0)
+        B, K = 2, 5
+        student = torch.randn(3 * B, K)  # 2 global crops + 1 local
+        teacher = torch.randn(2 * B, K)
+        center = torch.randn(1, K)
+        t = F.softmax((teacher - center) / 0.04, dim=-1).chunk(2)
+        s = F.log_softmax(student / 0.1, dim=-1).chunk(3)
+        pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]  # teacher crop, student crop (never the same crop)
+        want = sum(-(t[a] * s[b]).sum(-1).mean() for a, b in pairs) / 4
+        torch.testing.assert_close(pc.dino_loss(student, teacher, center, 0.04), want)
+
+
+class TestStages(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def run_method(self, method):
+        cfg = pc.Config(**TINY, method=method, head_hidden_dim=64, head_out_dim=32, local_crops=2, local_crop_size=8,
+                        out_dir=os.path.join(self.tmp.name, method))
+        with quiet():
+            student, teacher = pc.main(cfg)
+        ckpt = load_ckpt(os.path.join(cfg.out_dir, "ckpt.pt"))
+        self.assertEqual(ckpt["epoch"], 1)
+        # the teacher moved by EMA but is not the student
+        s, t = ckpt["model"]["encoder.blocks.0.attn.qkv.weight"], ckpt["teacher"]["encoder.blocks.0.attn.qkv.weight"]
+        self.assertFalse(torch.equal(s, t))
+        # the saved backbone loads into the ViT that finetune.py and analyze.py build
+        for key in ("model", "teacher"):
+            vit = create_vit("micro", img_size=16, patch_size=4, num_classes=10, global_pool=True)
+            load_backbone(vit, os.path.join(cfg.out_dir, "ckpt.pt"), key, verbose=False)
+            torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, ckpt[key]["encoder.blocks.0.attn.qkv.weight"])
+        return ckpt
+
+    def test_mocov3_steps(self):
+        self.run_method("mocov3")
+
+    def test_dino_steps(self):
+        ckpt = self.run_method("dino")
+        self.assertEqual(ckpt["center"].shape, (1, 32))
+        self.assertGreater(ckpt["center"].abs().sum().item(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

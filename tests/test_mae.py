@@ -1,0 +1,118 @@
+"""pretrain_mae.py: the loss learns, resume is exact, bad input is named, outputs are written."""
+import contextlib
+import io
+import json
+import os
+import tempfile
+import unittest
+from unittest import mock
+
+import torch
+from PIL import Image
+
+import pretrain_mae
+from common import build_dataset, eval_transform, load_ckpt, parse_config
+from pretrain_mae import MAE, Config, main
+from tests.helpers import TINY, quiet
+
+
+class TestMAE(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = self.tmp.name
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_loss_decreases_when_overfitting_a_batch(self):
+        torch.manual_seed(0)
+        cfg = Config(**{**TINY, "out_dir": self.dir})
+        data, _ = build_dataset("embedded", "", True, eval_transform(16), subset=8)
+        imgs = torch.stack([data[i][0] for i in range(8)])
+        mae = MAE(cfg)
+        opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
+        losses = []
+        for _ in range(80):
+            g = torch.Generator().manual_seed(0)  # the same masks every step: a pure memorisation task
+            pred, mask, *_ = mae.encode_decode(imgs, generator=g)
+            loss = pretrain_mae.mae_loss(imgs, pred, mask, cfg.patch_size, cfg.norm_pix_loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        self.assertLess(losses[-1], 0.5 * losses[0])
+
+    def test_loss_only_counts_removed_patches(self):
+        imgs = torch.randn(2, 3, 8, 8)
+        pred = torch.zeros(2, 4, 48)
+        mask = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]])
+        bad = pred.clone()
+        bad[:, 1:3] = 100.0  # errors on visible patches must not count
+        self.assertEqual(pretrain_mae.mae_loss(imgs, pred, mask, 4, True), pretrain_mae.mae_loss(imgs, bad, mask, 4, True))
+
+    def test_resume_after_interruption_matches_uninterrupted_run(self):
+        cfg = dict(TINY, epochs=2, warmup_epochs=1)
+        with quiet():
+            straight = main(Config(**cfg, out_dir=os.path.join(self.dir, "a"))).state_dict()
+        real_save, calls = pretrain_mae.save_ckpt, []
+
+        def save_then_crash(obj, path):
+            real_save(obj, path)
+            calls.append(path)
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+        with quiet(), mock.patch.object(pretrain_mae, "save_ckpt", save_then_crash):
+            with self.assertRaises(KeyboardInterrupt):
+                main(Config(**cfg, out_dir=os.path.join(self.dir, "b")))
+        self.assertEqual(load_ckpt(calls[0])["epoch"], 1)
+        with quiet():
+            resumed = main(Config(**cfg, out_dir=os.path.join(self.dir, "b"))).state_dict()
+        for k in straight:
+            torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+    def test_outputs_and_checkpoint_contents(self):
+        with quiet():
+            main(Config(**TINY, out_dir=self.dir))
+        for f in ("ckpt.pt", "log.jsonl", "config.json", "pretrain_mae.py", "recon_e001.png"):
+            self.assertTrue(os.path.exists(os.path.join(self.dir, f)), f)
+        ckpt = load_ckpt(os.path.join(self.dir, "ckpt.pt"))  # weights_only=True
+        self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng"})
+        self.assertEqual(ckpt["config"]["mask_ratio"], 0.75)
+        row = json.loads(open(os.path.join(self.dir, "log.jsonl")).readline())
+        self.assertEqual(row["epoch"], 1)
+        self.assertEqual(Image.open(os.path.join(self.dir, "recon_e001.png")).size, (6 * 17 + 1, 4 * 17 + 1))  # 8 images x 3 tiles, 6 per row
+
+    def test_bad_flags_are_named(self):
+        for argv, msg in [(["--mask_ratio=1.5"], "mask_ratio must be in (0, 1)"),
+                          (["--img_size=30"], "img_size 30 is not divisible by patch_size 4"),
+                          (["--model=huge"], "model must be one of"),
+                          (["--norm_pix_loss=maybe"], "expected true or false")]:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
+                parse_config(Config, argv)
+            self.assertIn(msg, err.getvalue())
+        self.assertEqual(parse_config(Config, ["--mask_ratio=0.6", "--norm_pix_loss=false"]).mask_ratio, 0.6)
+
+    def test_missing_data_and_corrupt_image_are_named(self):
+        with self.assertRaisesRegex(FileNotFoundError, "image folder not found"):
+            main(Config(**{**TINY, "data": "imagefolder", "data_root": os.path.join(self.dir, "nope")}))
+        cls = os.path.join(self.dir, "data", "train", "shirt")
+        os.makedirs(cls)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(os.path.join(cls, f"ok{i}.png"))
+        bad = os.path.join(cls, "broken.png")
+        with open(bad, "wb") as f:
+            f.write(b"\x89PNG not really an image")
+        with quiet(), self.assertRaisesRegex(RuntimeError, "corrupt or unreadable image file: .*broken.png"):
+            main(Config(**{**TINY, "data": "imagefolder", "data_root": os.path.join(self.dir, "data"),
+                           "batch_size_per_gpu": 2, "out_dir": os.path.join(self.dir, "out")}))
+
+    def test_non_finite_loss_stops_with_a_message(self):
+        nan_loss = lambda imgs, pred, *a: pred.sum() * float("nan")  # noqa: E731
+        with quiet(), mock.patch.object(pretrain_mae, "mae_loss", nan_loss):
+            with self.assertRaisesRegex(FloatingPointError, "loss is nan at epoch 0, step 0"):
+                main(Config(**TINY, out_dir=self.dir))
+
+
+if __name__ == "__main__":
+    unittest.main()
