@@ -1,4 +1,4 @@
-"""Look inside pre-trained ViTs (PAPER §5): layer similarity by CKA, attention distance and entropy, MAE reconstructions.
+r"""Look inside pre-trained ViTs (PAPER §5): layer similarity by CKA, attention distance and entropy, MAE reconstructions.
 
 - CKA: minibatch linear CKA with the unbiased HSIC estimator (Nguyen et al. 2021) between every layer of one model
   and every layer of another (or itself). A layer's representation is what its block's norm1 sees (plus the final
@@ -133,7 +133,7 @@ def main(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths = [(cfg.ckpt, cfg.key)] + ([(cfg.ckpt2, cfg.key2)] if cfg.ckpt2 else [])
     models = [load_model(p, k, cfg, device) for p, k in paths]
-    names = [os.path.relpath(p) for p, _ in paths]
+    names = [p for p, _ in paths]
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size

@@ -113,12 +113,8 @@ def parse_config(cls, argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, type) else eval(f.type)  # annotations may be strings
-        if kind is bool:
-            conv = _parse_bool
-        else:
-            conv = kind
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=kind.__name__.upper(),
+        conv = _parse_bool if f.type is bool else f.type  # int("3.5") fails loudly, as it should
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=f.type.__name__.upper(),
                             help=f"{comments.get(f.name, '')} (default: {f.default})")
     args = parser.parse_args(argv)
     try:
@@ -311,7 +307,8 @@ def make_loader(dataset, batch_size, train, num_workers, drop_last=None):
     drop_last = train if drop_last is None else drop_last
     if dist.is_initialized():
         sampler = DistributedSampler(dataset, shuffle=train, drop_last=drop_last)
-        return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, pin_memory=True,
+        return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
+                          pin_memory=torch.cuda.is_available(),
                           drop_last=drop_last)
     if train and len(dataset) < batch_size and drop_last:
         raise ValueError(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}")

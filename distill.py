@@ -1,4 +1,4 @@
-"""D-MAE: MAE pre-training of a small student plus attention distillation from a frozen, larger teacher (PAPER §4).
+r"""D-MAE: MAE pre-training of a small student plus attention distillation from a frozen, larger teacher (PAPER §4).
 
 The teacher (MAE-Base in the paper; here any larger checkpoint of ours, or an MAE/timm ViT state dict) sees exactly
 the student's visible patches. The student's last-layer pre-softmax attention scores (B, Hs, N, N) are mixed into

@@ -1,4 +1,4 @@
-"""Fine-tune, linear-probe or train from scratch: any checkpoint of ours (MAE, MoCo-v3, DINO, D-MAE) or none.
+r"""Fine-tune, linear-probe or train from scratch: any checkpoint of ours (MAE, MoCo-v3, DINO, D-MAE) or none.
 
 Defaults follow the paper's "improved" ViT-Tiny recipe (PAPER §3.1): AdamW, lr = 1e-3 x batch/256, layer-wise
 lr decay 0.85 (0.75 for MoCo-v3), weight decay 0.05, warm-up + cosine to 1e-6, mixup 0.2, no cutmix, RandAugment

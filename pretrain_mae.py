@@ -1,4 +1,4 @@
-"""MAE pre-training of a plain ViT, with the MAE-Lite light decoder (PAPER §1.2, §2.1).
+r"""MAE pre-training of a plain ViT, with the MAE-Lite light decoder (PAPER §1.2, §2.1).
 
 Random masking keeps exactly (1 - mask_ratio) of the patches per image; the encoder sees only those plus cls;
 a 1-block, 96-wide decoder fills in mask tokens and predicts pixels; the loss is MSE on the removed patches
