@@ -142,7 +142,6 @@ def main(cfg):
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
     # --- measure ---
-    a, b = models[0][0], models[-1][0]
     sums = dict(xy=0.0, xx=0.0, yy=0.0)
     dist_sum = [0.0 for _ in models]
     ent_sum = [0.0 for _ in models]
@@ -181,7 +180,7 @@ def main(cfg):
         print0(f"{name}: attention distance per layer (px) "
                + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)
                + " | entropy (nats) " + " ".join(f"{sum(e) / len(e):.2f}" for e in ents))
-    print0(f"CKA diagonal: " + " ".join(f"{result['cka'][i][i]:.2f}" for i in range(min(len(result['cka']),
+    print0("CKA diagonal: " + " ".join(f"{result['cka'][i][i]:.2f}" for i in range(min(len(result['cka']),
                                                                                      len(result['cka'][0])))))
     print0(f"wrote {cfg.out_dir}/analysis.json, cka.png, attn_distance.png, attn_entropy.png")
     return result

@@ -205,6 +205,20 @@ def restore_rng(states, rank):
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def try_resume(cfg, rank, **stateful):
+    """If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=, optimizer=, ...) and this rank's
+    RNG, and return the checkpoint (for its epoch and extras); otherwise None."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    ckpt = load_ckpt(path)
+    for name, obj in stateful.items():
+        obj.load_state_dict(ckpt[name])
+    restore_rng(ckpt["rng"], rank)
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt
+
+
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)

@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, all_reduce_sum, autocast_ctx, build_dataset, check, check_finite,
-                    cosine_value, eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler,
-                    param_groups, parse_config, prepare_out_dir, print0, restore_rng, save_ckpt, seed_everything,
-                    set_epoch, set_lr, setup_dist)
+                    cosine_value, eval_transform, gather_rng_states, log_jsonl, make_loader, make_scaler,
+                    param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
+                    set_lr, setup_dist, try_resume)
 from model import VIT_SIZES, create_vit, load_backbone
 
 
@@ -162,15 +162,8 @@ def main(cfg):
            f"global batch {global_batch}, lr {lr:.2e}, {num_classes} classes, {len(train_set)} train images")
 
     # --- resume ---
-    start_epoch, best_top1, ckpt_path = 0, 0.0, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_ckpt(ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
-        restore_rng(ckpt["rng"], rank)
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+    start_epoch, best_top1 = (ckpt["epoch"], ckpt["best_top1"]) if ckpt else (0, 0.0)
     model = DDP(raw_model) if world > 1 else raw_model
 
     # --- train loop ---
@@ -215,7 +208,7 @@ def main(cfg):
         if master:
             ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         epoch=epoch + 1, step=step + 1, best_top1=best_top1, config=asdict(cfg), rng=rng)
-            save_ckpt(ckpt, ckpt_path)
+            save_ckpt(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"))
             if is_best:
                 save_ckpt(dict(model=ckpt["model"], epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg)),
                           os.path.join(cfg.out_dir, "best.pt"))

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, all_gather_cat, all_reduce_mean, autocast_ctx, build_dataset, check,
-                    check_finite, cosine_value, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler,
-                    param_groups, parse_config, prepare_out_dir, print0, restore_rng, save_ckpt, seed_everything,
-                    set_epoch, set_lr, setup_dist)
+                    check_finite, cosine_value, gather_rng_states, log_jsonl, make_loader, make_scaler,
+                    param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
+                    set_lr, setup_dist, try_resume)
 from model import VIT_SIZES, create_vit
 
 
@@ -236,17 +236,10 @@ def main(cfg):
     print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
     # --- resume ---
-    start_epoch, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_ckpt(ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+    ckpt = try_resume(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    start_epoch = ckpt["epoch"] if ckpt else 0
+    if ckpt:
         center.copy_(ckpt["center"])
-        start_epoch = ckpt["epoch"]
-        restore_rng(ckpt["rng"], rank)
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
     model = DDP(raw_model) if world > 1 else raw_model
 
     # --- train loop ---
@@ -298,7 +291,7 @@ def main(cfg):
         if master:
             save_ckpt(dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict(), center=center, epoch=epoch + 1, step=step + 1,
-                           config=asdict(cfg), rng=rng), ckpt_path)
+                           config=asdict(cfg), rng=rng), os.path.join(cfg.out_dir, "ckpt.pt"))
             log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
     return raw_model, teacher
 

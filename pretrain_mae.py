@@ -22,9 +22,9 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, check, check_finite, cosine_value,
-                    eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler, param_groups,
-                    parse_config, prepare_out_dir, print0, restore_rng, save_ckpt, seed_everything, set_epoch, set_lr,
-                    setup_dist)
+                    eval_transform, gather_rng_states, log_jsonl, make_loader, make_scaler, param_groups,
+                    parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist,
+                    try_resume)
 from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify
 
 
@@ -152,15 +152,8 @@ def main(cfg, model=None):
     print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # --- resume ---
-    start_epoch, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_ckpt(ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        restore_rng(ckpt["rng"], rank)
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+    start_epoch = ckpt["epoch"] if ckpt else 0
     model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
     if cfg.compile:
         model = torch.compile(model)
@@ -200,7 +193,8 @@ def main(cfg, model=None):
 
             # --- save ---
             save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng), ckpt_path)
+                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng),
+                      os.path.join(cfg.out_dir, "ckpt.pt"))
             log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
     return raw_model
 

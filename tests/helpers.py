@@ -1,6 +1,7 @@
 """Small settings shared by the stage tests: a depth-2, width-32 ViT on 16x16 crops of the embedded data."""
 import contextlib
 import io
+from unittest import mock
 
 TINY = dict(model="micro", img_size=16, patch_size=4, subset=64, batch_size_per_gpu=16, epochs=1, warmup_epochs=0,
             num_workers=0)
@@ -11,3 +12,23 @@ def quiet():
     """Silence the stages' progress output inside a test."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+def crash_then_resume(stage, cfg):
+    """Run stage.main(cfg), killed right after its first checkpoint is written, then run it again (it resumes).
+    Returns what the second run returns."""
+    real_save = stage.save_ckpt
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    with quiet():
+        with mock.patch.object(stage, "save_ckpt", save_then_crash):
+            try:
+                stage.main(cfg)
+            except KeyboardInterrupt:
+                pass
+            else:
+                raise AssertionError("the run was not interrupted")
+        return stage.main(cfg)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import pretrain_contrastive as pc
 from common import load_ckpt
 from model import create_vit, load_backbone
-from tests.helpers import TINY, quiet
+from tests.helpers import TINY, crash_then_resume, quiet
 
 
 class TestPieces(unittest.TestCase):
@@ -80,6 +80,18 @@ class TestStages(unittest.TestCase):
 
     def test_mocov3_steps(self):
         self.run_method("mocov3")
+
+    def test_dino_resume_restores_teacher_and_center(self):
+        cfg = dict(TINY, method="dino", head_hidden_dim=64, head_out_dim=32, local_crops=2, local_crop_size=8,
+                   epochs=2, warmup_epochs=1)
+        with quiet():
+            s1, t1 = pc.main(pc.Config(**cfg, out_dir=os.path.join(self.tmp.name, "a")))
+        s2, t2 = crash_then_resume(pc, pc.Config(**cfg, out_dir=os.path.join(self.tmp.name, "b")))
+        for a, b in [(s1, s2), (t1, t2)]:
+            for k, v in a.state_dict().items():
+                torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+        c1 = load_ckpt(os.path.join(self.tmp.name, "a", "ckpt.pt"))["center"]
+        torch.testing.assert_close(load_ckpt(os.path.join(self.tmp.name, "b", "ckpt.pt"))["center"], c1, rtol=0, atol=0)
 
     def test_dino_steps(self):
         ckpt = self.run_method("dino")

@@ -10,7 +10,6 @@ import torch
 import analyze
 import distill
 import finetune
-import pretrain_mae
 from common import load_ckpt
 from model import create_vit
 from tests.helpers import TINY, quiet

@@ -10,7 +10,7 @@ import finetune
 import pretrain_mae
 from common import load_ckpt, param_groups
 from model import create_vit
-from tests.helpers import TINY, quiet
+from tests.helpers import TINY, crash_then_resume, quiet
 
 
 class TestFinetune(unittest.TestCase):
@@ -67,6 +67,16 @@ class TestFinetune(unittest.TestCase):
         self.assertFalse(torch.equal(sd["blocks.0.attn.qkv.weight"], self.encoder["blocks.0.attn.qkv.weight"]))
         top1, _ = self.run_ft("eval", eval_only=True, init_ckpt=os.path.join(out, "best.pt"))[0]
         self.assertAlmostEqual(top1, best, places=4)  # the best checkpoint reproduces its logged accuracy
+
+    def test_resume_keeps_best_accuracy_and_weights(self):
+        cfg = dict(TINY, init_ckpt=self.mae_ckpt, epochs=2, warmup_epochs=1)
+        best_a, out_a = self.run_ft("res_a", **cfg)
+        best_b = crash_then_resume(finetune, finetune.Config(**cfg, out_dir=os.path.join(self.tmp.name, "res_b")))
+        self.assertEqual(best_a, best_b)
+        a = load_ckpt(os.path.join(out_a, "ckpt.pt"))["model"]
+        b = load_ckpt(os.path.join(self.tmp.name, "res_b", "ckpt.pt"))["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
     def test_scratch_ignores_the_checkpoint(self):
         best, _ = self.run_ft("scratch", mode="scratch", init_ckpt="does/not/exist.pt")

@@ -13,7 +13,7 @@ from PIL import Image
 import pretrain_mae
 from common import build_dataset, eval_transform, load_ckpt, parse_config
 from pretrain_mae import MAE, Config, main
-from tests.helpers import TINY, quiet
+from tests.helpers import TINY, crash_then_resume, quiet
 
 
 class TestMAE(unittest.TestCase):
@@ -54,21 +54,11 @@ class TestMAE(unittest.TestCase):
         cfg = dict(TINY, epochs=2, warmup_epochs=1)
         with quiet():
             straight = main(Config(**cfg, out_dir=os.path.join(self.dir, "a"))).state_dict()
-        real_save, calls = pretrain_mae.save_ckpt, []
-
-        def save_then_crash(obj, path):
-            real_save(obj, path)
-            calls.append(path)
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-        with quiet(), mock.patch.object(pretrain_mae, "save_ckpt", save_then_crash):
-            with self.assertRaises(KeyboardInterrupt):
-                main(Config(**cfg, out_dir=os.path.join(self.dir, "b")))
-        self.assertEqual(load_ckpt(calls[0])["epoch"], 1)
-        with quiet():
-            resumed = main(Config(**cfg, out_dir=os.path.join(self.dir, "b"))).state_dict()
+        resumed = crash_then_resume(pretrain_mae, Config(**cfg, out_dir=os.path.join(self.dir, "b"))).state_dict()
         for k in straight:
             torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+        ckpt = load_ckpt(os.path.join(self.dir, "b", "ckpt.pt"))
+        self.assertEqual((ckpt["epoch"], ckpt["step"]), (2, 8))
 
     def test_outputs_and_checkpoint_contents(self):
         with quiet():
