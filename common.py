@@ -30,14 +30,13 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package datase
 def setup_dist():
     """DDP if and only if torchrun set RANK: nccl on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
     if "RANK" in os.environ:
+        device = torch.device("cpu")
+        if torch.cuda.is_available():  # pick this process's GPU before NCCL starts, so it never lands on GPU 0
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return rank, world, torch.device("cpu")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

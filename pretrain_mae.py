@@ -162,7 +162,7 @@ def main(cfg, model=None):
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch(loader, epoch)
         model.train()
-        t0, loss_sum = time.time(), 0.0
+        t0, sums = time.time(), {}
         pbar = tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)
         for it, (imgs, _) in enumerate(pbar):
             step = epoch * steps_per_epoch + it
@@ -176,13 +176,14 @@ def main(cfg, model=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss_value
-            pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e} "
-                                 + " ".join(f"{k} {v.item():.4f}" for k, v in extra.items()))
+            for k, v in dict(loss=loss_value, **{k: v.item() for k, v in extra.items()}).items():
+                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and its parts (distill.py adds parts)
+            pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e}")
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, imgs_per_s=imgs_per_s,
-                   **{k: v.item() for k, v in extra.items()})
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} lr {lr_now:.1e} {imgs_per_s:.0f} img/s")
+        row = dict(epoch=epoch + 1, step=step + 1, lr=lr_now, imgs_per_s=imgs_per_s,
+                   **{k: v / steps_per_epoch for k, v in sums.items()})
+        parts = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items() if k != "loss")
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {lr_now:.1e} {imgs_per_s:.0f} img/s")
 
         # --- eval: reconstructions (MAE has no accuracy to measure during pre-training) ---
         rng = gather_rng_states()  # collective: every rank calls it
