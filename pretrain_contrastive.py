@@ -237,8 +237,9 @@ def main(cfg):
 
     # --- resume ---
     ckpt = try_resume(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
-    start_epoch = ckpt["epoch"] if ckpt else 0
+    start_epoch = 0
     if ckpt:
+        start_epoch = ckpt["epoch"]
         center.copy_(ckpt["center"])
     model = DDP(raw_model) if world > 1 else raw_model
 

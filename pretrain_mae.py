@@ -176,8 +176,10 @@ def main(cfg, model=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            for k, v in dict(loss=loss_value, **{k: v.item() for k, v in extra.items()}).items():
-                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and its parts (distill.py adds parts)
+            # epoch means of the loss and of its parts (distill.py returns parts in `extra`)
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
             pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e}")
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
         row = dict(epoch=epoch + 1, step=step + 1, lr=lr_now, imgs_per_s=imgs_per_s,

@@ -17,10 +17,11 @@ def quiet():
 def crash_then_resume(stage, cfg):
     """Run stage.main(cfg), killed right after its first checkpoint is written, then run it again (it resumes).
     Returns what the second run returns."""
-    real_save = stage.save_ckpt
+    real_save, saved = stage.save_ckpt, []
 
     def save_then_crash(obj, path):
         real_save(obj, path)
+        saved.append(obj["epoch"])
         raise KeyboardInterrupt
 
     with quiet():
@@ -31,4 +32,5 @@ def crash_then_resume(stage, cfg):
                 pass
             else:
                 raise AssertionError("the run was not interrupted")
+        assert saved == [1], f"expected to be killed after epoch 1, got {saved}"
         return stage.main(cfg)
