@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 
 import pretrain_mae
 from common import build_dataset, check, eval_transform, load_ckpt, parse_config, print0
-from model import VIT_SIZES, create_vit, load_backbone, read_state_dict
+from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, read_state_dict, vit_heads
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Config:
     key2: str = "model"  # which weights in ckpt2
     # used only when a checkpoint carries no config of its own
     model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    num_heads: int = 0  # attention heads; 0 = the size's default (timm/DeiT vit_tiny: 3, vit_small: 6)
     img_size: int = 32  # input side in pixels
     patch_size: int = 4  # patch side in pixels
     # data
@@ -45,6 +46,7 @@ class Config:
     def __post_init__(self):
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        vit_heads(self.model, self.num_heads)
         check(self.num_images >= self.batch_size, "num_images must be at least one batch")
 
 
@@ -87,12 +89,11 @@ def attention_entropy(probs):
 
 def load_model(path, key, cfg, device):
     """A headless ViT built from the checkpoint's own config (or the flags), with its weights; and that config."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = load_ckpt(path)
     ccfg = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
-    sd = read_state_dict(path, key)
-    vit = create_vit(ccfg.get("model", cfg.model), img_size=ccfg.get("img_size", cfg.img_size),
+    sd = read_state_dict(ckpt, key)
+    size = ccfg.get("model", cfg.model)
+    vit = create_vit(size, checkpoint_heads(ckpt, path, size, cfg.num_heads), img_size=ccfg.get("img_size", cfg.img_size),
                      patch_size=ccfg.get("patch_size", cfg.patch_size), num_classes=0,
                      global_pool=any(k.startswith("fc_norm.") for k in sd))  # fine-tuned models end in fc_norm
     load_backbone(vit, sd, verbose=False)
@@ -166,7 +167,8 @@ def main(cfg):
     # --- reconstructions --- (checkpoints of pretrain_mae.py / distill.py carry the decoder)
     vit, ccfg, ckpt = models[0]
     if any(k.startswith("decoder.") for k in ckpt.get(cfg.key, {})):
-        mae_cfg = pretrain_mae.Config(**{f.name: ccfg[f.name] for f in fields(pretrain_mae.Config) if f.name in ccfg})
+        mae_cfg = pretrain_mae.Config(**{**{f.name: ccfg[f.name] for f in fields(pretrain_mae.Config) if f.name in ccfg},
+                                         "num_heads": vit.num_heads})
         mae = pretrain_mae.MAE(mae_cfg).to(device).eval()
         mae.load_state_dict({k: v for k, v in ckpt[cfg.key].items() if k.startswith(("encoder.", "decoder."))})
         view = torch.stack([dataset[i][0] for i in range(8)]).to(device)

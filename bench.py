@@ -25,6 +25,7 @@ class Config:
     model: str = ""  # one size to measure; empty = cpu at 32 px and tiny at 224 px
     img_size: int = 224  # input side, when model is given
     patch_size: int = 16  # patch side, when model is given
+    num_heads: int = 0  # attention heads; 0 = the size's default (timm's vit_tiny has 3)
     batch_size: int = 0  # images per step; 0 = 256 on CUDA, 32 on CPU
     steps: int = 5  # timed steps after 2 warm-up steps
     compile: bool = False  # torch.compile the model first (CUDA)
@@ -73,8 +74,8 @@ def main(cfg):
     sizes = [(cfg.model, cfg.img_size, cfg.patch_size)] if cfg.model else [("cpu", 32, 4), ("tiny", 224, 16)]
     results = []
     for size, img, patch in sizes:
-        vit = create_vit(size, img_size=img, patch_size=patch).to(device)
-        mae = MAE(MAEConfig(model=size, img_size=img, patch_size=patch)).to(device)
+        vit = create_vit(size, cfg.num_heads, img_size=img, patch_size=patch).to(device)
+        mae = MAE(MAEConfig(model=size, num_heads=cfg.num_heads, img_size=img, patch_size=patch)).to(device)
         runs = [("vit", vit, classify), ("mae", mae, mae_step)]
         try:
             import timm  # optional reference point, never a requirement

@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -172,9 +173,25 @@ def save_ckpt(obj, path):
     os.replace(tmp, path)
 
 
-def load_ckpt(path):
-    # weights_only=True: a checkpoint is data, never code (our checkpoints are plain dicts of tensors and numbers)
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_ckpt(path, what="checkpoint"):
+    """torch.load with weights_only=True: a checkpoint is data, never code. Ours are plain dicts; the one class
+    allowed beyond that is argparse.Namespace, which facebookresearch/mae stores under 'args'. A missing, empty,
+    truncated or foreign file ends in one line naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a class: say which, never "set weights_only=False"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{what} {path} holds a Python object that is not plain data"
+                         f" ({found.group(1) if found else 'unknown class'}); it is refused for safety. Re-save its "
+                         "tensors as a plain dict (torch.save(state_dict, path))") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, OSError, KeyError... for a damaged file
+        size = os.path.getsize(path)
+        why = "an empty file" if size == 0 else f"{size} bytes, truncated or not a PyTorch checkpoint"
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{what} {path} cannot be read ({why}: {detail}); delete it or point to another file") from None
 
 
 def rng_state():

@@ -12,7 +12,6 @@ Everything else (data, schedule, checkpoints, reconstructions) is pretrain_mae.p
         --img_size=224 --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=400 --warmup_epochs=40 \
         --batch_size_per_gpu=512 --base_lr=1.5e-4 --crop_min_scale=0.08     # the paper's D-MAE-Tiny recipe
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +20,14 @@ import torch.nn.functional as F
 
 import pretrain_mae
 from common import check, load_ckpt, parse_config, prepare_out_dir, seed_everything, setup_dist
-from model import VIT_SIZES, create_vit, load_backbone
+from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone
 
 
 @dataclass
 class Config(pretrain_mae.Config):
     teacher_ckpt: str = ""  # frozen teacher checkpoint (required): ours, or an MAE/timm ViT state dict
     teacher_model: str = ""  # teacher ViT size; empty = read from the teacher checkpoint's config
+    teacher_num_heads: int = 0  # teacher heads; 0 = from its checkpoint's config, else the size's default (MAE-Base 12)
     teacher_key: str = "model"  # which weights in the teacher checkpoint
     attn_layers: str = "-1"  # comma-separated block indices whose attention is distilled (-1 = last); "" = none
     hidden_layers: str = ""  # comma-separated hidden-state indices 0..depth for feature distillation; "" = none
@@ -52,15 +52,16 @@ class Config(pretrain_mae.Config):
         return [int(s) for s in getattr(self, name).split(",") if s.strip()]
 
 
-def load_teacher(cfg, device):
-    if not os.path.isfile(cfg.teacher_ckpt):
-        raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher_ckpt}")
-    size = cfg.teacher_model or load_ckpt(cfg.teacher_ckpt).get("config", {}).get("model")
+def load_teacher(cfg, device, verbose=True):
+    ckpt = load_ckpt(cfg.teacher_ckpt, "teacher checkpoint")
+    ccfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    size = cfg.teacher_model or ccfg.get("model")
     if size not in VIT_SIZES:
         raise ValueError(f"{cfg.teacher_ckpt} has no config naming its size; pass --teacher_model")
+    heads = checkpoint_heads(ckpt, cfg.teacher_ckpt, size, cfg.teacher_num_heads, "--teacher_num_heads", verbose)
     # same patch grid as the student, so both see the same visible patches; a mismatch fails loudly in load_backbone
-    teacher = create_vit(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
-    load_backbone(teacher, cfg.teacher_ckpt, cfg.teacher_key, verbose=False)
+    teacher = create_vit(size, heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+    load_backbone(teacher, ckpt, cfg.teacher_key, verbose=False)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -101,7 +102,7 @@ def main(cfg):
     seed_everything(cfg.seed + rank)  # the student's init, as pretrain_mae.main would seed it
     if rank == 0:
         prepare_out_dir(cfg, __file__)  # keep distill.py beside the copy of pretrain_mae.py
-    teacher = load_teacher(cfg, device)
+    teacher = load_teacher(cfg, device, verbose=rank == 0)
     return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))
 
 

@@ -14,7 +14,7 @@ Transfer to small datasets (PAPER §3.3) uses --optimizer=sgd --weight_decay=0 -
 """
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,12 @@ import torchvision.transforms.v2 as v2
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from augment import RandAugment
 from common import (IMAGENET_MEAN, IMAGENET_STD, all_reduce_sum, autocast_ctx, build_dataset, check, check_finite,
-                    cosine_value, eval_transform, gather_rng_states, log_jsonl, make_loader, make_scaler,
+                    cosine_value, eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler,
                     param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
                     set_lr, setup_dist, try_resume)
-from model import VIT_SIZES, create_vit, load_backbone
+from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, timm_init, vit_heads
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Config:
     num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = "cpu"  # ViT size: cpu | tiny | small | base (must match the checkpoint)
+    num_heads: int = 0  # attention heads; 0 = from init_ckpt's config (ours), else the size's default: timm/DeiT vit_tiny needs 3, vit_small 6
     patch_size: int = 4  # patch side in pixels; the paper: 16
     drop_path: float = 0.0  # stochastic depth at the last block; impr. recipe 0.0, MAE-default 0.1
     # optimisation
@@ -61,7 +63,8 @@ class Config:
     mixup: float = 0.2  # mixup alpha; 0 = off (impr. recipe 0.2)
     cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE-default 1.0); with mixup, one of the two per batch
     label_smoothing: float = 0.0  # impr. recipe 0.0, MAE-default 0.1
-    randaug_magnitude: int = 10  # RandAugment magnitude (2 ops); 0 = off
+    randaug_magnitude: int = 10  # RandAugment magnitude of 10, timm's semantics (2 ops, p 0.5 each); 0 = off
+    randaug_std: float = 0.5  # per-op normal jitter of the magnitude (timm's mstd; the paper: 0.5)
     crop_min_scale: float = 0.08  # RandomResizedCrop lower area bound
     # run
     out_dir: str = "out/finetune"  # ckpt.pt (latest), best.pt, log.jsonl, config.json
@@ -72,6 +75,7 @@ class Config:
         check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode!r}")
         check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        vit_heads(self.model, self.num_heads)  # a count that does not split the width fails here
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
@@ -87,6 +91,17 @@ def layer_id(name, depth):
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
     return depth + 1
+
+
+def train_transform(cfg):
+    """timm's fine-tuning train transform: bicubic RandomResizedCrop, flip, RandAugment with timm's semantics
+    (augment.py; the paper's rand-m10-mstd0.5-inc1), to tensor, ImageNet normalisation. No colour jitter: timm
+    ignores it when RandAugment is on; no random erasing in the impr. recipe."""
+    aug = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1), interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip()]
+    if cfg.randaug_magnitude > 0:
+        aug.append(RandAugment(cfg.randaug_magnitude, cfg.randaug_std))
+    return T.Compose(aug + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 @torch.no_grad()
@@ -110,16 +125,14 @@ def main(cfg):
     rank, world, device = setup_dist()
     master = rank == 0
     seed_everything(cfg.seed + rank)
+    init = load_ckpt(cfg.init_ckpt, "init_ckpt") if cfg.mode != "scratch" or cfg.eval_only else None
+    heads = checkpoint_heads(init, cfg.init_ckpt, cfg.model, cfg.num_heads, verbose=master) if init else cfg.num_heads
+    cfg = replace(cfg, num_heads=vit_heads(cfg.model, heads))  # the real count goes into config.json and checkpoints
     if master:
         prepare_out_dir(cfg, __file__)
 
     # --- data ---
-    aug = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1), interpolation=T.InterpolationMode.BICUBIC),
-           T.RandomHorizontalFlip()]
-    if cfg.randaug_magnitude > 0:
-        aug.append(T.RandAugment(num_ops=2, magnitude=cfg.randaug_magnitude))
-    train_tf = T.Compose(aug + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    train_set, num_classes = build_dataset(cfg.data, cfg.data_root, True, train_tf, cfg.subset)
+    train_set, num_classes = build_dataset(cfg.data, cfg.data_root, True, train_transform(cfg), cfg.subset)
     val_set, _ = build_dataset(cfg.data, cfg.data_root, False, eval_transform(cfg.img_size))
     loader = make_loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers)
     val_loader = make_loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers)
@@ -128,10 +141,12 @@ def main(cfg):
     mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
 
     # --- model ---
-    raw_model = create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
-                           drop_path=cfg.drop_path, global_pool=True, learn_pos_embed=True)
-    if cfg.mode != "scratch" or cfg.eval_only:
-        load_backbone(raw_model, cfg.init_ckpt, cfg.init_key, verbose=master)
+    raw_model = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                           num_classes=num_classes, drop_path=cfg.drop_path, global_pool=True, learn_pos_embed=True)
+    if init is not None:
+        load_backbone(raw_model, init, cfg.init_key, verbose=master)
+    else:  # the from-scratch baseline is DeiT-Tiny trained with timm's code: timm's init, learned pos_embed
+        timm_init(raw_model)
     if cfg.reinit_from_block >= 0:  # keep only the lower layers' pre-training ("lower layers matter more")
         for blk in raw_model.blocks[cfg.reinit_from_block:]:
             blk.apply(raw_model._init_weights)

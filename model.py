@@ -15,10 +15,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 # Width / depth / heads. Tiny and Small use 12 heads, as in MAE-Lite (PAPER §1.1: "changed to 12 from 3").
-# "cpu" is sized for the embedded 32x32 data on a laptop CPU (0.68M parameters); "micro" is for tests.
+# "cpu" is sized for the embedded 32x32 data on a laptop CPU (0.68M parameters) and keeps MAE-Lite's head width of
+# 16 (6 heads at width 96: more, narrower heads is MAE-Lite's point); "micro" is for tests.
+# Head count changes no parameter shape: timm's 3-head vit_tiny loads into 12 heads silently and computes another
+# function, so every stage has --num_heads and checkpoints of ours carry it in their config.
 VIT_SIZES = {
     "micro": dict(embed_dim=32, depth=2, num_heads=2),
-    "cpu": dict(embed_dim=96, depth=6, num_heads=3),
+    "cpu": dict(embed_dim=96, depth=6, num_heads=6),
     "tiny": dict(embed_dim=192, depth=12, num_heads=12),
     "small": dict(embed_dim=384, depth=12, num_heads=12),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
@@ -64,7 +67,7 @@ def random_masking(batch, num_patches, mask_ratio, device, generator=None):
     Returns ids_keep (B, K) of the visible patches, mask (B, L) with 1 = removed, and ids_restore (B, L)
     that puts [visible, removed] tokens back in raster order.
     """
-    num_keep = round(num_patches * (1 - mask_ratio))
+    num_keep = int(num_patches * (1 - mask_ratio))  # int(), as MAE: 58 of 196 at 0.7 (round() would keep 59)
     if not 0 < num_keep < num_patches:
         raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {num_patches} patches; it must keep some and drop some")
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
@@ -163,8 +166,8 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)  # MAE: normal(0.02); timm uses trunc_normal(0.02)
         w = self.patch_embed.proj.weight  # MAE: xavier on the flattened conv, as for a Linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        if num_classes > 0:  # MAE fine-tune: a tiny head so the pre-trained features dominate at the start
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        if num_classes > 0:  # MAE-Lite fine-tunes with timm 0.4.12's head init (MAE's own would be std 2e-5)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
 
     @staticmethod
     def _init_weights(m):
@@ -210,10 +213,38 @@ class ViT(nn.Module):
         return (logits, attns, hiddens) if (return_attn or return_hidden) else logits
 
 
-def create_vit(size, **kwargs):
+def vit_heads(size, num_heads=0):
+    """The head count of a `size` ViT: num_heads, or the size's default when 0; it must divide the width."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {sorted(VIT_SIZES)}")
-    return ViT(**VIT_SIZES[size], **kwargs)
+    heads, width = num_heads or VIT_SIZES[size]["num_heads"], VIT_SIZES[size]["embed_dim"]
+    if heads < 0 or width % heads:
+        raise ValueError(f"num_heads must be a positive divisor of {size}'s width {width}, got {num_heads}")
+    return heads
+
+
+def create_vit(size, num_heads=0, **kwargs):
+    """A ViT of a named size; num_heads=0 keeps the size's default (timm's vit_tiny weights need num_heads=3)."""
+    return ViT(**dict(VIT_SIZES[size], num_heads=vit_heads(size, num_heads)), **kwargs)
+
+
+def timm_init(vit):
+    """DeiT / timm 0.4.12 initialisation, for the from-scratch baseline (the paper's 75.8 is DeiT-Tiny trained with
+    that code): trunc_normal(0.02) Linear weights (the head too), zero biases, trunc_normal(0.02) cls token and a
+    learned position embedding drawn the same way, PyTorch's default for the patch conv."""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    vit.patch_embed.proj.reset_parameters()
+    with torch.no_grad():
+        nn.init.trunc_normal_(vit.cls_token, std=0.02)
+        nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    return vit
 
 
 class MAEDecoder(nn.Module):
@@ -244,37 +275,89 @@ class MAEDecoder(nn.Module):
 
 
 # --- checkpoint hand-off between stages ---
-PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+# Wrapper prefixes stripped from every key: DDP, torch.compile, and MAE-Lite's exp wrapper (`module.model.`).
+PREFIXES = ("module.", "_orig_mod.", "model.")
+# MAE-Lite's D-MAE checkpoints also hold the frozen teacher and the head mixer: never part of the student ViT.
+SKIPPED = ("tch_model.", "attn_adapter.")
+RPE_KEYS = ("relative_position", "q_bias", "v_bias", "gamma_1")  # MAE-Lite's RPE / layer-scale fine-tune variant
+# Head counts of checkpoints of ours saved before num_heads was a flag (their config lacks it).
+LEGACY_HEADS = {"cpu": 3}
 
 
-def read_state_dict(path, key="model"):
-    """The backbone weights in any checkpoint of ours, timm's or MAE's, with wrapper prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def checkpoint_weights(ckpt, key="model", source="checkpoint"):
+    """The weights dict inside a loaded checkpoint: ckpt[key] (ours, MAE, MAE-Lite), ckpt['state_dict'], or the
+    checkpoint itself when it is a flat state dict (timm)."""
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a state dict or a checkpoint dict")
-    if key in ckpt and isinstance(ckpt[key], dict):
-        ckpt = ckpt[key]
-    elif "state_dict" in ckpt:
-        ckpt = ckpt["state_dict"]
-    sd = {}
-    for k, v in ckpt.items():
-        for p in PREFIXES:
-            k = k[len(p):] if k.startswith(p) else k
-        sd[k] = v
-    if any(k.startswith("encoder.") for k in sd):  # our MAE / MoCo / DINO wrappers keep the ViT under encoder.
-        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}  # MAE's decoder
+        raise ValueError(f"{source} is not a state dict or a checkpoint dict")
+    if isinstance(ckpt.get(key), dict):
+        return ckpt[key]
+    if isinstance(ckpt.get("state_dict"), dict):
+        return ckpt["state_dict"]
+    if all(torch.is_tensor(v) for v in ckpt.values()):
+        return ckpt
+    raise ValueError(f"{source} has no {key!r} weights (it holds {sorted(ckpt)[:8]}); choose one with the key flag")
+
+
+def backbone_state_dict(sd, verbose=False):
+    """Normalise any known layout to our ViT's names: ours (ViT under `encoder.`), timm, facebookresearch/mae,
+    MoCo-v3 (`base_encoder.`), MAE-Lite (`module.model.` / `model.` then `encoder.` or the ViT names). MAE decoder
+    keys and D-MAE teacher / adapter keys are dropped; the RPE variant is refused."""
+    out, skipped = {}, []
+    for k, v in sd.items():
+        while k.startswith(PREFIXES):
+            k = k[k.index(".") + 1:]
+        if k.startswith(SKIPPED):
+            skipped.append(k)
+        else:
+            out[k] = v
+    for wrapper in ("encoder.", "base_encoder."):  # our MAE / MoCo / DINO wrappers, MAE-Lite pre-training; MoCo-v3
+        if any(k.startswith(wrapper) for k in out):
+            out = {k[len(wrapper):]: v for k, v in out.items() if k.startswith(wrapper)}
+            break
+    rpe = [k for k in out if any(r in k for r in RPE_KEYS)]
+    if rpe:
+        raise ValueError(f"checkpoint is MAE-Lite's RPE / layer-scale variant ({rpe[0]}, ...): a different architecture "
+                         "from the plain ViT, not supported here; use the plain (non-RPE) checkpoints")
+    if verbose and skipped:
+        print(f"load_backbone: skipped {len(skipped)} D-MAE keys that are not the student "
+              f"(frozen teacher tch_model.*, head mixer attn_adapter.*)")
+    return {k: v for k, v in out.items() if not k.startswith(("decoder", "mask_token"))}  # MAE's decoder
+
+
+def read_state_dict(path_or_ckpt, key="model", verbose=False):
+    """The backbone weights of a checkpoint file or an already loaded checkpoint / state dict, in our names."""
+    from common import load_ckpt  # plumbing: weights_only load with clear errors
+
+    ckpt = load_ckpt(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
+    source = path_or_ckpt if isinstance(path_or_ckpt, str) else "state dict"
+    return backbone_state_dict(checkpoint_weights(ckpt, key, source), verbose)
+
+
+def checkpoint_heads(ckpt, path, size, asked, flag="--num_heads", verbose=True):
+    """Head count for loading a checkpoint into a `size` ViT. Ours carry it in their config; timm / MAE / MAE-Lite
+    files carry none, so the flag or the size's default is assumed, and said. A contradiction is an error."""
+    ccfg = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else {}
+    saved = ccfg.get("num_heads") or (ccfg.get("model") in VIT_SIZES and
+                                      LEGACY_HEADS.get(ccfg["model"], VIT_SIZES[ccfg["model"]]["num_heads"]))
+    if saved:
+        if asked and asked != saved:
+            raise ValueError(f"{path} was trained with {saved} heads but {flag}={asked}; drop the flag or set it to {saved}")
+        return saved
+    heads = asked or VIT_SIZES[size]["num_heads"]
+    if verbose:
+        print(f"{path} carries no config: assuming {heads} heads" + ("" if asked else f" ({size}'s default)")
+              + f"; pass {flag}=N if it was trained with another count (timm/DeiT vit_tiny: 3, vit_small: 6)")
+    return heads
 
 
 def load_backbone(model, path_or_sd, key="model", verbose=True):
     """Load ViT weights strictly, except that head/fc_norm may be new and a final norm may be left over.
 
+    path_or_sd: a checkpoint path, a loaded checkpoint, or a state dict, in any layout backbone_state_dict knows.
     The pos_embed is resized when the image size differs; a head of another shape is dropped (new task).
     Any other missing, unexpected or mis-shaped key is an architecture mismatch and raises.
     """
-    sd = read_state_dict(path_or_sd, key) if isinstance(path_or_sd, str) else dict(path_or_sd)
+    sd = read_state_dict(path_or_sd, key, verbose)
     own = model.state_dict()
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid)

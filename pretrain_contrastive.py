@@ -30,7 +30,14 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, all_gather_cat, all_reduce_mean
                     check_finite, cosine_value, gather_rng_states, log_jsonl, make_loader, make_scaler,
                     param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
                     set_lr, setup_dist, try_resume)
-from model import VIT_SIZES, create_vit
+from model import VIT_SIZES, create_vit, vit_heads
+
+
+# Where MoCo-v3 and DINO differ, each gets its own recipe (MoCo-v3's CPU lr is raised for short runs).
+METHOD_DEFAULTS = {
+    "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, clip_grad=0.0),
+    "dino": dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0),
+}
 
 
 @dataclass
@@ -44,27 +51,29 @@ class Config:
     num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
     patch_size: int = 4  # patch side in pixels; the paper: 16
     head_hidden_dim: int = 1024  # MoCo-v3 MLPs: 4096; DINO head: 2048
     head_out_dim: int = 256  # MoCo-v3 embedding: 256; DINO prototypes: 65536
-    # method
+    # method (-1 = the method's default, listed as MoCo-v3 / DINO; each is DINO's or MoCo-v3's own value)
     temperature: float = 0.2  # MoCo-v3 InfoNCE temperature
-    ema_momentum: float = 0.99  # teacher EMA momentum at the start, rising to 1 by cosine; MoCo-v3 0.99, DINO 0.996
+    ema_momentum: float = -1.0  # teacher EMA momentum at the start, rising to 1 by cosine: 0.99 / 0.996
     local_crops: int = 4  # DINO local crops per image (DINO: 8)
     local_crop_size: int = 16  # DINO local crop side; 96 at 224
     global_crop_min_scale: float = 0.4  # DINO: global crops cover (0.4, 1) of the image, local ones (0.05, 0.4)
-    teacher_temp: float = 0.04  # DINO teacher temperature, reached by linear warm-up from 0.04 (long runs: 0.07)
-    teacher_temp_warmup_epochs: int = 3  # DINO: 30
+    warmup_teacher_temp: float = 0.04  # DINO teacher temperature at the start, warmed up linearly to teacher_temp
+    teacher_temp: float = 0.07  # DINO teacher temperature after the warm-up (DINO's ViT recipe: 0.04 -> 0.07)
+    teacher_temp_warmup_epochs: int = 3  # DINO: 30 of 300 at full scale
     center_momentum: float = 0.9  # DINO centre EMA
     freeze_last_layer_epochs: int = 1  # DINO keeps the prototypes fixed at first, for stability
     # optimisation
     epochs: int = 10  # the paper: 400 (10 epochs: about 6 min for MoCo-v3, 10 for DINO on 2 CPU cores)
-    warmup_epochs: int = 1  # the paper: 40
+    warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
     batch_size_per_gpu: int = 256  # global batch = this x world size; MoCo-v3-Tiny: 1024
-    base_lr: float = 1e-3  # lr = base_lr x global batch / 256; MoCo-v3: 1.5e-4, DINO: 5e-4
-    weight_decay: float = 0.1  # MoCo-v3: 0.1 on all weights; DINO: 0.04 rising to weight_decay_end
-    weight_decay_end: float = -1.0  # cosine target for the weight decay; -1 = constant (DINO: 0.4)
-    clip_grad: float = 0.0  # max grad norm; 0 = off (DINO: 3.0)
+    base_lr: float = -1.0  # lr = base_lr x global batch / 256: 1e-3 (MoCo-v3 paper 1.5e-4; short CPU runs like more) / 5e-4
+    weight_decay: float = -1.0  # MoCo-v3 0.1 on all weights / DINO 0.04, not on biases/norms, rising to weight_decay_end
+    weight_decay_end: float = -1.0  # cosine target of the weight decay: constant / 0.4
+    clip_grad: float = -1.0  # max grad norm, 0 = off: 0 / 3.0
     # run
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
@@ -72,7 +81,13 @@ class Config:
 
     def __post_init__(self):
         check(self.method in ("mocov3", "dino"), f"method must be mocov3 or dino, got {self.method!r}")
+        for name, value in METHOD_DEFAULTS[self.method].items():  # -1: the method's own default
+            if getattr(self, name) == -1:
+                setattr(self, name, value)
+        if self.weight_decay_end == -1:  # MoCo-v3: a constant weight decay
+            self.weight_decay_end = self.weight_decay
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
         for size in (self.img_size, self.local_crop_size):
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
         check(0 <= self.ema_momentum < 1, f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
@@ -102,7 +117,8 @@ class MultiView:
 
 # --- MoCo-v3 ---
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
-    """MoCo-v3 MLP: Linear-BN-ReLU between layers; the projector ends in an affine-free BN."""
+    """MoCo-v3 MLP: Linear-BN-ReLU between layers; with last_bn, an affine-free BN at the end (projector and, for
+    ViTs, the predictor too, as in the official builder and MAE-Lite's mocov3)."""
     layers = []
     for i in range(num_layers):
         d_in, d_out = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
@@ -129,7 +145,7 @@ class MoCo(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.projector = mlp(3, encoder.embed_dim, hidden_dim, out_dim, last_bn=True)
-        self.predictor = mlp(2, out_dim, hidden_dim, out_dim, last_bn=False)
+        self.predictor = mlp(2, out_dim, hidden_dim, out_dim, last_bn=True)  # the ViT predictor ends in BN too (MoCo-v3)
 
     def forward(self, x1, x2, teacher, temperature):
         """Symmetrised loss; `teacher` is the momentum encoder + projector (no predictor), without grads."""
@@ -209,7 +225,7 @@ def main(cfg):
     loader = make_loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers)
 
     # --- model ---
-    encoder = create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+    encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
     if cfg.method == "mocov3":
         raw_model = MoCo(encoder, cfg.head_hidden_dim, cfg.head_out_dim)
         teacher = nn.ModuleDict(dict(encoder=copy.deepcopy(raw_model.encoder), projector=copy.deepcopy(raw_model.projector)))
@@ -253,7 +269,7 @@ def main(cfg):
             step = epoch * steps_per_epoch + it
             lr_now = cosine_value(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now)
-            if cfg.weight_decay_end >= 0:
+            if cfg.weight_decay_end != cfg.weight_decay:
                 for g in optimizer.param_groups:
                     if g["weight_decay"] > 0:
                         g["weight_decay"] = cosine_value(step, total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
@@ -267,7 +283,8 @@ def main(cfg):
                     with torch.no_grad():
                         teacher_out = teacher(crops[:2]).float()
                     warm = cfg.teacher_temp_warmup_epochs * steps_per_epoch
-                    t_temp = cfg.teacher_temp if step >= warm else 0.04 + (cfg.teacher_temp - 0.04) * step / warm
+                    t_temp = cfg.teacher_temp if step >= warm else \
+                        cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warm
                     loss = dino_loss(student_out.float(), teacher_out, center, t_temp)
             loss_sum += check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, ch
                     eval_transform, gather_rng_states, log_jsonl, make_loader, make_scaler, param_groups,
                     parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist,
                     try_resume)
-from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify
+from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify, vit_heads
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Config:
     num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite)
     patch_size: int = 4  # patch side in pixels; the paper: 16
     mask_ratio: float = 0.75  # fraction of patches removed, in (0, 1)
     decoder_dim: int = 96  # MAE-Lite: 96 (original MAE: 512)
@@ -62,6 +63,7 @@ class Config:
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
         check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs,
               f"need epochs > 0 and 0 <= warmup_epochs <= epochs, got {self.epochs}, {self.warmup_epochs}")
         check(self.batch_size_per_gpu > 0 and self.base_lr > 0, "batch_size_per_gpu and base_lr must be positive")
@@ -84,7 +86,8 @@ class MAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+        self.encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                  num_classes=0)
         self.decoder = MAEDecoder(self.encoder.grid, cfg.patch_size, 3, self.encoder.embed_dim,
                                   cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
 

@@ -83,7 +83,7 @@ class TestFinetune(unittest.TestCase):
         self.assertGreaterEqual(best, 0)
 
     def test_bad_checkpoint_path_and_architecture_mismatch(self):
-        with self.assertRaisesRegex(FileNotFoundError, "checkpoint not found: nope.pt"):
+        with self.assertRaisesRegex(FileNotFoundError, "init_ckpt not found: nope.pt"):
             self.run_ft("bad", init_ckpt="nope.pt")
         with self.assertRaisesRegex(ValueError, "architecture mismatch"):
             self.run_ft("bad2", model="cpu")  # a micro checkpoint into a cpu-sized ViT
