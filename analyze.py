@@ -21,7 +21,7 @@ import torch
 from torchvision.utils import save_image
 
 import pretrain_mae
-from common import build_dataset, check, eval_transform, load_ckpt, parse_config, print0
+from common import build_dataset, check, check_ranges, cli, eval_transform, load_ckpt, print0
 from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, read_state_dict, vit_heads
 
 
@@ -44,6 +44,8 @@ class Config:
     out_dir: str = "out/analyze"  # analysis.json and PNG figures
 
     def __post_init__(self):
+        check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0")
+        check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         vit_heads(self.model, self.num_heads)
@@ -189,4 +191,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import autocast_ctx, parse_config
-from model import create_vit
+from common import autocast_ctx, check, check_ranges, cli
+from model import VIT_SIZES, create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
 
@@ -30,6 +30,11 @@ class Config:
     steps: int = 5  # timed steps after 2 warm-up steps
     compile: bool = False  # torch.compile the model first (CUDA)
     out: str = ""  # also write the results to this JSON file
+
+    def __post_init__(self):
+        check_ranges(self, img_size=">0", patch_size=">0", num_heads=">=0", batch_size=">=0", steps=">0")
+        check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
 
 
 def peak_memory_mb(device):
@@ -98,4 +103,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

@@ -5,8 +5,11 @@ Plain functions only. What a stage is *about* (masking, losses, EMA, the step) s
 import argparse
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import gzip
 import inspect
+import io
 import json
 import math
 import os
@@ -14,6 +17,7 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import sys
 
 import torch
@@ -25,6 +29,33 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")  # the committed Fashion-MNIST slice (data/make_slice.py)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+
+
+# --- errors the user can fix: one line from cli(), never a traceback ---
+class RunError(Exception):
+    """Bad input (a flag's value, a file, the data, the out_dir): reported by cli() as one line naming the way out."""
+
+
+class BadValue(RunError, ValueError):
+    pass
+
+
+class MissingFile(RunError, FileNotFoundError):
+    pass
+
+
+class BadData(RunError, RuntimeError):
+    pass
+
+
+def cli(main, cls):
+    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss ends in one line, exit 2."""
+    cfg = parse_config(cls)
+    try:
+        main(cfg)
+    except (RunError, FloatingPointError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # --- distributed & precision ---
@@ -109,7 +140,7 @@ def _field_comments(cls):
 
 def parse_config(cls, argv=None):
     """Turn a Config dataclass into --field=value flags; bad values end with a message naming the flag."""
-    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+    parser = OneLineParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -123,6 +154,11 @@ def parse_config(cls, argv=None):
         parser.error(str(e))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not argparse's whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parse_bool(s):
     if s.lower() in ("true", "1", "yes"):
         return True
@@ -132,9 +168,25 @@ def _parse_bool(s):
 
 
 def check(cond, msg):
-    """Config validation: a ValueError that parse_config turns into a usage error."""
+    """Config validation: a ValueError that parse_config turns into a usage error (and cli() into one line)."""
     if not cond:
-        raise ValueError(msg)
+        raise BadValue(msg)
+
+
+def check_ranges(cfg, **ranges):
+    """Every float flag must be finite; each named flag must lie in its range: "(0,1]", "[0,1)", ">0", ">=0"."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        check(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
+    for name, spec in ranges.items():
+        v = getattr(cfg, name)
+        if spec[0] in "([":
+            lo, hi = (float(x) for x in spec[1:-1].split(","))
+            ok = (v > lo if spec[0] == "(" else v >= lo) and (v < hi if spec[-1] == ")" else v <= hi)
+            check(ok, f"--{name} must be in {spec}, got {v}")
+        else:
+            bound = float(spec.lstrip(">="))
+            check(v >= bound if spec.startswith(">=") else v > bound, f"--{name} must be {spec}, got {v}")
 
 
 # --- schedule & optimizer groups ---
@@ -166,11 +218,29 @@ def set_lr(optimizer, lr):
 
 
 # --- checkpoints, RNG & logs ---
+# Fields that may differ when a run resumes (logged); any other difference is another run, refused.
+RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir")
+
+
 def save_ckpt(obj, path):
-    """Atomic: write a temporary file, then rename over the old one, so a crash never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Atomic: serialise in memory, write a temporary file unique to this process, fsync, then rename over the old
+    one. A crash or a full disk never leaves half a checkpoint, and the previous one stays."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise BadData(f"no space left on device while writing {path} ({len(buf.getbuffer()) / 2**20:.0f} MB); "
+                          "the previous checkpoint is kept: free some space and re-run to resume") from None
+        raise BadData(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_ckpt(path, what="checkpoint"):
@@ -178,20 +248,20 @@ def load_ckpt(path, what="checkpoint"):
     allowed beyond that is argparse.Namespace, which facebookresearch/mae stores under 'args'. A missing, empty,
     truncated or foreign file ends in one line naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFile(f"{what} not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a class: say which, never "set weights_only=False"
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        raise ValueError(f"{what} {path} holds a Python object that is not plain data"
-                         f" ({found.group(1) if found else 'unknown class'}); it is refused for safety. Re-save its "
-                         "tensors as a plain dict (torch.save(state_dict, path))") from None
+        raise BadData(f"{what} {path} holds a Python object that is not plain data"
+                      f" ({found.group(1) if found else 'unknown class'}); it is refused for safety. Re-save its "
+                      "tensors as a plain dict (torch.save(state_dict, path))") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, OSError, KeyError... for a damaged file
         size = os.path.getsize(path)
         why = "an empty file" if size == 0 else f"{size} bytes, truncated or not a PyTorch checkpoint"
         detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise ValueError(f"{what} {path} cannot be read ({why}: {detail}); delete it or point to another file") from None
+        raise BadData(f"{what} {path} cannot be read ({why}: {detail}); delete it or point to another file") from None
 
 
 def rng_state():
@@ -223,14 +293,25 @@ def restore_rng(states, rank):
 
 def try_resume(cfg, rank, **stateful):
     """If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=, optimizer=, ...) and this rank's
-    RNG, and return the checkpoint (for its epoch and extras); otherwise None."""
+    RNG, re-derive log.jsonl (and best.pt) from it on the master, and return the checkpoint; otherwise None."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.exists(path)):
         return None
-    ckpt = load_ckpt(path)
+    ckpt = load_ckpt(path, "out_dir's checkpoint")
     for name, obj in stateful.items():
-        obj.load_state_dict(ckpt[name])
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise BadData(f"{path} does not fit this run's {name} ({str(e).splitlines()[0][:100]}); use another "
+                          "--out_dir, or --resume=false to start over") from None
     restore_rng(ckpt["rng"], rank)
+    if "log" not in ckpt:  # a checkpoint from before the rows travelled in it: keep the log's rows up to its epoch
+        ckpt["log"] = read_log(cfg.out_dir, ckpt["epoch"])
+    if rank == 0:
+        write_log(cfg.out_dir, ckpt.get("log", []))  # a kill after the checkpoint but before the log loses no row
+        best = os.path.join(cfg.out_dir, "best.pt")
+        if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
+            save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
     print0(f"resumed from {path} at epoch {ckpt['epoch']}")
     return ckpt
 
@@ -240,28 +321,87 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+_LOCKS = {}  # out_dir -> open lock file held by this process
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir: an flock on out_dir/.lock held for the process's life (the OS drops it on any exit,
+    kill -9 included, so a stale lock never blocks). A second process is refused at once."""
+    os.makedirs(out_dir, exist_ok=True)
+    key = os.path.realpath(out_dir)
+    if key in _LOCKS:  # this process already holds it (distill.py, then pretrain_mae.main; or a notebook re-run)
+        return
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"out_dir {out_dir} is in use by {holder}; wait for it to finish, or pass another "
+                       "--out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def unlock_out_dir(out_dir):
+    f = _LOCKS.pop(os.path.realpath(out_dir), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
 def prepare_out_dir(cfg, script_path):
-    """config.json and a copy of the running script, so every run can be reproduced from its folder."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    """Master only, before anything is written: lock the folder; if it holds a checkpoint to resume, refuse a
+    different run (one message, every difference, the two ways out); then config.json and a copy of the script."""
+    lock_out_dir(cfg.out_dir)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(path):
+        saved, new = load_ckpt(path, "out_dir's checkpoint").get("config", {}), dataclasses.asdict(cfg)
+        diffs = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
+        allowed = {k: d for k, d in diffs.items() if k in RESUMABLE and not (k == "epochs" and d[1] < d[0])}
+        refused = {k: d for k, d in diffs.items() if k not in allowed}
+        if refused:
+            raise RunError(f"{cfg.out_dir} holds a run with other settings: "
+                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                           + "; pass another --out_dir, or --resume=false to start over there")
+        for k, (a, b) in allowed.items():
+            print0(f"resume: {k} changed from {a!r} to {b!r}")
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     shutil.copy(script_path, os.path.join(cfg.out_dir, os.path.basename(script_path)))
 
 
-def log_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def read_log(out_dir, last_epoch):
+    rows, path = {}, os.path.join(out_dir, "log.jsonl")
+    for line in open(path) if os.path.exists(path) else []:
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if row.get("epoch", 0) <= last_epoch:
+                rows[row["epoch"]] = row  # one row per epoch, the last written
+    return [rows[e] for e in sorted(rows)]
+
+
+def write_log(out_dir, rows):
+    """log.jsonl rewritten whole from the rows the checkpoint carries: every epoch exactly once, whatever the kill."""
+    path = os.path.join(out_dir, "log.jsonl")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
 
 
 # --- data ---
 def read_idx(path):
     """Read an idx-ubyte(.gz) file (the MNIST format) into a uint8 tensor."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFile(f"data file not found: {path}")
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[:3] != b"\0\0\x08":
-        raise ValueError(f"{path} is not a uint8 idx file")
+        raise BadData(f"{path} is not a uint8 idx file")
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
@@ -282,12 +422,57 @@ class TensorImages(Dataset):
 
 
 def load_rgb(path):
-    """PIL loader for ImageFolder that names the file when it cannot be decoded."""
+    """PIL loader for ImageFolder that names the file when it cannot be decoded (decompression bombs included).
+    16-bit grey images are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"corrupt or unreadable image file: {path} ({e})") from e
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # I;16 / I: 0..65535
+                img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
+
+
+def check_headers(samples):
+    """Open every (path, label) image's header (cheap, no decoding), so a bad validation file stops the run
+    before training, not after the first epoch."""
+    for path, _ in samples:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
+
+
+def class_folders(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
+def dataset_labels(ds):
+    """Every sample's label without decoding images, where the dataset exposes them (None otherwise)."""
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        parts = [dataset_labels(d) for d in ds.datasets]
+        return None if any(p is None for p in parts) else [y for p in parts for y in p]
+    for attr in ("labels", "targets", "_labels"):
+        if getattr(ds, attr, None) is not None:
+            return [int(y) for y in getattr(ds, attr)]
+    return None
+
+
+def balanced_subset(labels, n, seed=0):
+    """n indices drawn class by class in turn from each class's seeded shuffle: as balanced as n allows, the same
+    for every run (seed 0), sorted."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i in torch.randperm(len(labels), generator=g).tolist():
+        by_class.setdefault(labels[i], []).append(i)
+    queues, picked = [by_class[c] for c in sorted(by_class)], []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return sorted(picked)
 
 
 def build_dataset(name, root, train, transform, subset=0):
@@ -303,9 +488,19 @@ def build_dataset(name, root, train, transform, subset=0):
     elif name == "imagefolder":  # ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG
         path = os.path.join(root, "train" if train else "val")
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"image folder not found: {path} (expected {root}/train and {root}/val)")
+            raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
+                              "per class)")
+        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+        if os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
+            only_train, only_val = (sorted(set(class_folders(a)) - set(class_folders(b)))[:10]
+                                    for a, b in ((train_dir, val_dir), (val_dir, train_dir)))
+            # labels are folder indices: a class missing from one split would shift every later label
+            raise BadData(f"train/ and val/ under {root} hold different classes (only in train: {only_train}, only in "
+                          f"val: {only_val}); the labels would not match: give both the same class folders")
         ds = D.ImageFolder(path, transform=transform, loader=load_rgb)
         classes = len(ds.classes)
+        if not train:
+            check_headers(ds.samples)
     else:  # torchvision's small transfer datasets (PAPER §3.3), read from a local root
         makers = {
             "cifar10": (10, lambda: D.CIFAR10(root, train=train, transform=transform)),
@@ -318,17 +513,17 @@ def build_dataset(name, root, train, transform, subset=0):
             "cars": (196, lambda: D.StanfordCars(root, split="train" if train else "test", transform=transform)),
         }
         if name not in makers:
-            raise ValueError(f"unknown dataset {name!r}; choose from embedded, fashion-mnist, imagefolder, "
+            raise BadValue(f"unknown dataset {name!r}; choose from embedded, fashion-mnist, imagefolder, "
                              + ", ".join(makers))
         if not root or not os.path.isdir(root):
-            raise FileNotFoundError(f"data_root {root!r} for {name} does not exist")
+            raise MissingFile(f"data_root {root!r} for {name} does not exist")
         classes, make = makers[name]
         try:
             ds = make()
         except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-            raise FileNotFoundError(f"{name} not found under {root}: {e}") from e
-    if subset:
-        ds = Subset(ds, range(min(subset, len(ds))))
+            raise MissingFile(f"{name} not found under {root}: {e}") from None
+    if subset and subset < len(ds):  # class-balanced and seeded: the first N files of a folder are one class
+        ds = Subset(ds, balanced_subset(dataset_labels(ds) or [0] * len(ds), subset))  # no labels: random
     return ds, classes
 
 
@@ -341,7 +536,8 @@ def make_loader(dataset, batch_size, train, num_workers, drop_last=None):
                           pin_memory=torch.cuda.is_available(),
                           drop_last=drop_last)
     if train and len(dataset) < batch_size and drop_last:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}")
+        raise BadValue(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
+                       "--batch_size_per_gpu")
     return DataLoader(dataset, batch_size, shuffle=train, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last)  # no persistent workers: fresh worker seeds each epoch come from the
     # global RNG, so a resumed run draws the same augmentations as an uninterrupted one

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrain_mae
-from common import check, load_ckpt, parse_config, prepare_out_dir, seed_everything, setup_dist
+from common import BadValue, check, check_ranges, cli, load_ckpt, prepare_out_dir, seed_everything, setup_dist
 from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone
 
 
@@ -37,6 +37,7 @@ class Config(pretrain_mae.Config):
 
     def __post_init__(self):
         super().__post_init__()
+        check_ranges(self, teacher_num_heads=">=0", alpha_attn=">=0", alpha_hidden=">=0")
         check(self.teacher_ckpt, "distill.py needs --teacher_ckpt (e.g. from: python pretrain_mae.py --model=tiny "
                                  "--out_dir=out/mae_teacher)")
         check(not self.teacher_model or self.teacher_model in VIT_SIZES,
@@ -57,7 +58,7 @@ def load_teacher(cfg, device, verbose=True):
     ccfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     size = cfg.teacher_model or ccfg.get("model")
     if size not in VIT_SIZES:
-        raise ValueError(f"{cfg.teacher_ckpt} has no config naming its size; pass --teacher_model")
+        raise BadValue(f"{cfg.teacher_ckpt} has no config naming its size; pass --teacher_model")
     heads = checkpoint_heads(ckpt, cfg.teacher_ckpt, size, cfg.teacher_num_heads, "--teacher_num_heads", verbose)
     # same patch grid as the student, so both see the same visible patches; a mismatch fails loudly in load_backbone
     teacher = create_vit(size, heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
@@ -107,4 +108,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

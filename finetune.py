@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from augment import RandAugment
 from common import (IMAGENET_MEAN, IMAGENET_STD, all_reduce_sum, autocast_ctx, build_dataset, check, check_finite,
-                    cosine_value, eval_transform, gather_rng_states, load_ckpt, log_jsonl, make_loader, make_scaler,
-                    param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
-                    set_lr, setup_dist, try_resume)
+                    check_ranges, cli, cosine_value, eval_transform, gather_rng_states, load_ckpt, make_loader,
+                    make_scaler, param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr,
+                    setup_dist, try_resume, unlock_out_dir, write_log)
 from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, timm_init, vit_heads
 
 
@@ -72,16 +72,18 @@ class Config:
     seed: int = 0  # each rank uses seed + rank
 
     def __post_init__(self):
+        check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
+                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0",
+                     base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]", clip_grad=">=0", mixup=">=0",
+                     cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
+                     crop_min_scale="(0,1]", seed=">=0")
+        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode!r}")
         check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         vit_heads(self.model, self.num_heads)  # a count that does not split the width fails here
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        check(self.mixup >= 0 and self.cutmix >= 0 and 0 <= self.label_smoothing < 1, "bad mixup/cutmix/label_smoothing")
-        check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
-        check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs, "need 0 <= warmup_epochs <= epochs, epochs > 0")
 
 
 def layer_id(name, depth):
@@ -128,17 +130,18 @@ def main(cfg):
     init = load_ckpt(cfg.init_ckpt, "init_ckpt") if cfg.mode != "scratch" or cfg.eval_only else None
     heads = checkpoint_heads(init, cfg.init_ckpt, cfg.model, cfg.num_heads, verbose=master) if init else cfg.num_heads
     cfg = replace(cfg, num_heads=vit_heads(cfg.model, heads))  # the real count goes into config.json and checkpoints
-    if master:
+    if master and not cfg.eval_only:  # --eval_only writes nothing, anywhere
         prepare_out_dir(cfg, __file__)
 
-    # --- data ---
-    train_set, num_classes = build_dataset(cfg.data, cfg.data_root, True, train_transform(cfg), cfg.subset)
-    val_set, _ = build_dataset(cfg.data, cfg.data_root, False, eval_transform(cfg.img_size))
-    loader = make_loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers)
+    # --- data --- (validation first: a bad val file stops the run before any training)
+    val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False, eval_transform(cfg.img_size))
     val_loader = make_loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers)
-    mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
-    mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
-    mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
+    if not cfg.eval_only:
+        train_set, _ = build_dataset(cfg.data, cfg.data_root, True, train_transform(cfg), cfg.subset)
+        loader = make_loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers)
+        mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
+        mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
+        mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
 
     # --- model ---
     raw_model = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
@@ -178,7 +181,8 @@ def main(cfg):
 
     # --- resume ---
     ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-    start_epoch, best_top1 = (ckpt["epoch"], ckpt["best_top1"]) if ckpt else (0, 0.0)
+    start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
+    best_top1 = ckpt["best_top1"] if ckpt else 0.0
     model = DDP(raw_model) if world > 1 else raw_model
 
     # --- train loop ---
@@ -211,25 +215,30 @@ def main(cfg):
 
         # --- eval ---
         top1, top5 = evaluate(model, val_loader, device)
-        is_best = top1 > best_top1
-        best_top1 = max(best_top1, top1)
+        is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
+        best_top1 = top1 if is_best else best_top1
         row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, top1=top1, top5=top5,
                    best_top1=best_top1, imgs_per_s=imgs_per_s)
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} top-5 {top5:.2f} "
                f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
 
-        # --- save ---
+        # --- save --- best.pt, then ckpt.pt (holding the best weights and every log row), then log.jsonl: after a
+        # kill at any point the checkpoint and log never claim a best that best.pt lacks, and resume re-derives both
         rng = gather_rng_states()
+        history.append(row)
         if master:
-            ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        epoch=epoch + 1, step=step + 1, best_top1=best_top1, config=asdict(cfg), rng=rng)
-            save_ckpt(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"))
             if is_best:
-                save_ckpt(dict(model=ckpt["model"], epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg)),
-                          os.path.join(cfg.out_dir, "best.pt"))
-            log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
+                best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
+                            epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
+                save_ckpt(best, os.path.join(cfg.out_dir, "best.pt"))
+            save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                           epoch=epoch + 1, step=step + 1, best_top1=best_top1, best=best, config=asdict(cfg), rng=rng,
+                           log=history), os.path.join(cfg.out_dir, "ckpt.pt"))
+            write_log(cfg.out_dir, history)
+    if master:
+        unlock_out_dir(cfg.out_dir)
     return best_top1
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

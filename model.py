@@ -7,12 +7,13 @@ so published ViT weights load and ours load elsewhere. Attention runs PyTorch's 
 paper distils (§4: scaled q·kᵀ before the softmax) and what its analysis re-normalises over patches (§5.2).
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from common import BadValue, load_ckpt  # plumbing: weights_only loads and one-line errors
 
 # Width / depth / heads. Tiny and Small use 12 heads, as in MAE-Lite (PAPER §1.1: "changed to 12 from 3").
 # "cpu" is sized for the embedded 32x32 data on a laptop CPU (0.68M parameters) and keeps MAE-Lite's head width of
@@ -216,10 +217,10 @@ class ViT(nn.Module):
 def vit_heads(size, num_heads=0):
     """The head count of a `size` ViT: num_heads, or the size's default when 0; it must divide the width."""
     if size not in VIT_SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(VIT_SIZES)}")
+        raise BadValue(f"unknown model size {size!r}; choose from {sorted(VIT_SIZES)}")
     heads, width = num_heads or VIT_SIZES[size]["num_heads"], VIT_SIZES[size]["embed_dim"]
     if heads < 0 or width % heads:
-        raise ValueError(f"num_heads must be a positive divisor of {size}'s width {width}, got {num_heads}")
+        raise BadValue(f"num_heads must be a positive divisor of {size}'s width {width}, got {num_heads}")
     return heads
 
 
@@ -288,14 +289,14 @@ def checkpoint_weights(ckpt, key="model", source="checkpoint"):
     """The weights dict inside a loaded checkpoint: ckpt[key] (ours, MAE, MAE-Lite), ckpt['state_dict'], or the
     checkpoint itself when it is a flat state dict (timm)."""
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{source} is not a state dict or a checkpoint dict")
+        raise BadValue(f"{source} is not a state dict or a checkpoint dict")
     if isinstance(ckpt.get(key), dict):
         return ckpt[key]
     if isinstance(ckpt.get("state_dict"), dict):
         return ckpt["state_dict"]
     if all(torch.is_tensor(v) for v in ckpt.values()):
         return ckpt
-    raise ValueError(f"{source} has no {key!r} weights (it holds {sorted(ckpt)[:8]}); choose one with the key flag")
+    raise BadValue(f"{source} has no {key!r} weights (it holds {sorted(ckpt)[:8]}); choose one with the key flag")
 
 
 def backbone_state_dict(sd, verbose=False):
@@ -316,7 +317,7 @@ def backbone_state_dict(sd, verbose=False):
             break
     rpe = [k for k in out if any(r in k for r in RPE_KEYS)]
     if rpe:
-        raise ValueError(f"checkpoint is MAE-Lite's RPE / layer-scale variant ({rpe[0]}, ...): a different architecture "
+        raise BadValue(f"checkpoint is MAE-Lite's RPE / layer-scale variant ({rpe[0]}, ...): a different architecture "
                          "from the plain ViT, not supported here; use the plain (non-RPE) checkpoints")
     if verbose and skipped:
         print(f"load_backbone: skipped {len(skipped)} D-MAE keys that are not the student "
@@ -326,8 +327,6 @@ def backbone_state_dict(sd, verbose=False):
 
 def read_state_dict(path_or_ckpt, key="model", verbose=False):
     """The backbone weights of a checkpoint file or an already loaded checkpoint / state dict, in our names."""
-    from common import load_ckpt  # plumbing: weights_only load with clear errors
-
     ckpt = load_ckpt(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
     source = path_or_ckpt if isinstance(path_or_ckpt, str) else "state dict"
     return backbone_state_dict(checkpoint_weights(ckpt, key, source), verbose)
@@ -341,7 +340,7 @@ def checkpoint_heads(ckpt, path, size, asked, flag="--num_heads", verbose=True):
                                       LEGACY_HEADS.get(ccfg["model"], VIT_SIZES[ccfg["model"]]["num_heads"]))
     if saved:
         if asked and asked != saved:
-            raise ValueError(f"{path} was trained with {saved} heads but {flag}={asked}; drop the flag or set it to {saved}")
+            raise BadValue(f"{path} was trained with {saved} heads but {flag}={asked}; drop the flag or set it to {saved}")
         return saved
     heads = asked or VIT_SIZES[size]["num_heads"]
     if verbose:
@@ -370,7 +369,7 @@ def load_backbone(model, path_or_sd, key="model", verbose=True):
     bad = wrong + [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
         + [f"unexpected {k}" for k in unexpected if not k.startswith(("norm.", "fc_norm.", "head."))]
     if bad:
-        raise ValueError("checkpoint does not fit this model (architecture mismatch?):\n  " + "\n  ".join(bad[:20]))
+        raise BadValue("checkpoint does not fit this model (architecture mismatch?):\n  " + "\n  ".join(bad[:20]))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if verbose and (missing or unexpected):
         print(f"load_backbone: new (missing) keys {missing}; ignored (unexpected) keys {unexpected}")

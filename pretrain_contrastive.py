@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, all_gather_cat, all_reduce_mean, autocast_ctx, build_dataset, check,
-                    check_finite, cosine_value, gather_rng_states, log_jsonl, make_loader, make_scaler,
-                    param_groups, parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch,
-                    set_lr, setup_dist, try_resume)
+                    check_finite, check_ranges, cli, cosine_value, gather_rng_states, make_loader, make_scaler,
+                    param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist,
+                    try_resume, unlock_out_dir, write_log)
 from model import VIT_SIZES, create_vit, vit_heads
 
 
@@ -86,13 +86,17 @@ class Config:
                 setattr(self, name, value)
         if self.weight_decay_end == -1:  # MoCo-v3: a constant weight decay
             self.weight_decay_end = self.weight_decay
+        check_ranges(self, subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0", patch_size=">0",
+                     head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)", local_crops=">=0",
+                     local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
+                     teacher_temp_warmup_epochs=">=0", center_momentum="[0,1]", freeze_last_layer_epochs=">=0",
+                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", base_lr=">0", weight_decay=">=0",
+                     weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
+        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
         for size in (self.img_size, self.local_crop_size):
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
-        check(0 <= self.ema_momentum < 1, f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
-        check(self.temperature > 0 and self.teacher_temp > 0, "temperatures must be positive")
-        check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs, "need 0 <= warmup_epochs <= epochs, epochs > 0")
 
 
 # --- augmentation: BYOL-style asymmetric views (MoCo-v3, DINO) ---
@@ -253,9 +257,9 @@ def main(cfg):
 
     # --- resume ---
     ckpt = try_resume(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
-    start_epoch = 0
+    start_epoch, history = 0, []
     if ckpt:
-        start_epoch = ckpt["epoch"]
+        start_epoch, history = ckpt["epoch"], ckpt["log"]
         center.copy_(ckpt["center"])
     model = DDP(raw_model) if world > 1 else raw_model
 
@@ -306,13 +310,16 @@ def main(cfg):
 
         # --- save ---
         rng = gather_rng_states()
-        if master:
+        history.append(row)
+        if master:  # the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind
             save_ckpt(dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict(), center=center, epoch=epoch + 1, step=step + 1,
-                           config=asdict(cfg), rng=rng), os.path.join(cfg.out_dir, "ckpt.pt"))
-            log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
+                           config=asdict(cfg), rng=rng, log=history), os.path.join(cfg.out_dir, "ckpt.pt"))
+            write_log(cfg.out_dir, history)
+    if master:
+        unlock_out_dir(cfg.out_dir)
     return raw_model, teacher
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

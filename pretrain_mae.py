@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, check, check_finite, cosine_value,
-                    eval_transform, gather_rng_states, log_jsonl, make_loader, make_scaler, param_groups,
-                    parse_config, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist,
-                    try_resume)
+from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, check, check_finite, check_ranges, cli,
+                    cosine_value, eval_transform, gather_rng_states, make_loader, make_scaler, param_groups,
+                    prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist, try_resume,
+                    unlock_out_dir, write_log)
 from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify, vit_heads
 
 
@@ -59,15 +59,21 @@ class Config:
     compile: bool = False  # torch.compile the model (CUDA)
 
     def __post_init__(self):
-        check(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        check_ranges(self, subset=">=0", img_size=">0", crop_min_scale="(0,1]", num_workers=">=0", num_heads=">=0",
+                     patch_size=">0", mask_ratio="(0,1)", decoder_dim=">0", decoder_depth=">=0", decoder_heads=">0",
+                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", base_lr=">0", weight_decay=">=0",
+                     seed=">=0")
+        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        num_patches = (self.img_size // self.patch_size) ** 2
+        keep = int(num_patches * (1 - self.mask_ratio))
+        check(0 < keep < num_patches, f"mask_ratio {self.mask_ratio} keeps {keep} of the {num_patches} patches of this "
+                                      "grid; it must keep at least one and remove at least one")
+        check(self.decoder_dim % self.decoder_heads == 0 and self.decoder_dim % 4 == 0,
+              f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads} and by 4")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
-        check(self.epochs > 0 and 0 <= self.warmup_epochs <= self.epochs,
-              f"need epochs > 0 and 0 <= warmup_epochs <= epochs, got {self.epochs}, {self.warmup_epochs}")
-        check(self.batch_size_per_gpu > 0 and self.base_lr > 0, "batch_size_per_gpu and base_lr must be positive")
-        check(0 < self.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
 
 
 def mae_loss(imgs, pred, mask, patch_size, norm_pix):
@@ -156,7 +162,7 @@ def main(cfg, model=None):
 
     # --- resume ---
     ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-    start_epoch = ckpt["epoch"] if ckpt else 0
+    start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
     model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
     if cfg.compile:
         model = torch.compile(model)
@@ -197,13 +203,16 @@ def main(cfg, model=None):
             save_image(reconstruction_grid(raw_model, view_imgs), os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"),
                        nrow=6, padding=1)
 
-            # --- save ---
+            # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
+            history.append(row)
             save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng),
+                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng, log=history),
                       os.path.join(cfg.out_dir, "ckpt.pt"))
-            log_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), row)
+            write_log(cfg.out_dir, history)
+    if master:
+        unlock_out_dir(cfg.out_dir)
     return raw_model
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    cli(main, Config)

@@ -66,14 +66,14 @@ class TestMAE(unittest.TestCase):
         for f in ("ckpt.pt", "log.jsonl", "config.json", "pretrain_mae.py", "recon_e001.png"):
             self.assertTrue(os.path.exists(os.path.join(self.dir, f)), f)
         ckpt = load_ckpt(os.path.join(self.dir, "ckpt.pt"))  # weights_only=True
-        self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng"})
+        self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng", "log"})
         self.assertEqual(ckpt["config"]["mask_ratio"], 0.75)
         row = json.loads(open(os.path.join(self.dir, "log.jsonl")).readline())
         self.assertEqual(row["epoch"], 1)
         self.assertEqual(Image.open(os.path.join(self.dir, "recon_e001.png")).size, (6 * 17 + 1, 4 * 17 + 1))  # 8 images x 3 tiles, 6 per row
 
     def test_bad_flags_are_named(self):
-        for argv, msg in [(["--mask_ratio=1.5"], "mask_ratio must be in (0, 1)"),
+        for argv, msg in [(["--mask_ratio=1.5"], "--mask_ratio must be in (0,1), got 1.5"),
                           (["--img_size=30"], "img_size 30 is not divisible by patch_size 4"),
                           (["--model=huge"], "model must be one of"),
                           (["--norm_pix_loss=maybe"], "expected true or false")]:
