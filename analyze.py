@@ -20,8 +20,10 @@ from dataclasses import dataclass, fields
 import torch
 from torchvision.utils import save_image
 
+import augment
 import pretrain_mae
-from common import build_dataset, check, check_ranges, cli, eval_transform, load_ckpt, print0
+from common import check, check_ranges, cli, load_ckpt, print0
+from data import Loader, build_dataset, first_images
 from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, read_state_dict, vit_heads
 
 
@@ -140,8 +142,8 @@ def main(cfg):
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, False, eval_transform(img_size), cfg.num_images)
-    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, drop_last=True)  # equal minibatches for HSIC
+    dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images)
+    loader = Loader(dataset, cfg.batch_size, False, 0, device, drop_last=True)  # equal minibatches for HSIC
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
     # --- measure ---
@@ -149,7 +151,7 @@ def main(cfg):
     dist_sum = [0.0 for _ in models]
     ent_sum = [0.0 for _ in models]
     for imgs, _ in loader:
-        imgs = imgs.to(device)
+        imgs = augment.normalize(augment.center_crop(imgs, img_size))
         per_model = [vit.forward_features(imgs, return_attn=True, return_hidden=True) for vit, *_ in models]
         grams_a = [gram(h[:, 1:]) for h in per_model[0][2]]  # [:, 1:] drops the cls token
         grams_b = [gram(h[:, 1:]) for h in per_model[-1][2]]
@@ -173,7 +175,7 @@ def main(cfg):
                                          "num_heads": vit.num_heads})
         mae = pretrain_mae.MAE(mae_cfg).to(device).eval()
         mae.load_state_dict({k: v for k, v in ckpt[cfg.key].items() if k.startswith(("encoder.", "decoder."))})
-        view = torch.stack([dataset[i][0] for i in range(8)]).to(device)
+        view = augment.normalize(augment.center_crop(first_images(dataset, 8, device), img_size))
         save_image(pretrain_mae.reconstruction_grid(mae, view), os.path.join(cfg.out_dir, "recon.png"), nrow=6, padding=1)
 
     # --- save ---

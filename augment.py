@@ -1,97 +1,328 @@
-"""The fine-tuning RandAugment with timm's semantics (PAPER §3.1: `rand-m10-mstd0.5-inc1`), on PIL images.
+"""Batched augmentation on the training device: one code path for CPU and GPU, per-sample randomness.
 
-torchvision's RandAugment(magnitude=10) is bin 10 of 31, about a third of what the paper trained with. timm's
-policy, rebuilt here without timm:
-- 2 ops drawn uniformly (with replacement) from the 15-op "increasing" set below, each applied with probability 0.5;
-- magnitude M of 10 jittered per op by a normal of std 0.5 and clipped to [0, 10];
-- signed ops (rotate, shear, translate, the four enhancements) take a random sign;
-- at M = 10: rotate 30 deg, shear 0.3, translate 0.45 x side, enhance 1 +- 0.9, posterize to 0 bits,
-  solarize threshold 0, SolarizeAdd +110; geometric ops fill with the ImageNet mean colour and resample bicubic.
+Images arrive as uint8 (B, 3, H, W) batches, or lists of (3, H, W) images of different sizes (files), and leave as
+float (B, 3, S, S) in [0, 1]; `normalize` applies ImageNet's mean and std last. Every random draw is per sample and
+comes from torch's RNG on the images' device, which checkpoints save, so a resumed run draws the same augmentations.
+
+- random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback);
+  a same-size batch is cropped and resized by one affine grid_sample (bicubic), a list image by image.
+- center_crop: the eval transform, resize the shorter side to S / 0.875 then crop the centre (timm, PAPER §3.1).
+- byol_view: MoCo-v3 / DINO views: colour jitter in random order, grayscale, Gaussian blur, solarize.
+- rand_augment: timm's `rand-m10-mstd0.5-inc1` (PAPER §3.1), the paper's strength; torchvision's RandAugment(10)
+  is bin 10 of 31, a third of it. 2 ops of 15, each applied with p 0.5, magnitude ~ N(10, 0.5) clipped to [0, 10],
+  random sign; at 10: rotate 30 deg, shear 0.3, translate 0.45 x side, enhance 1 +- 0.9, posterize to 0 bits,
+  solarize threshold 0, SolarizeAdd +110; geometric ops fill with the ImageNet mean colour, bicubic. Samples are
+  grouped by the op they drew, so each op runs once per batch.
 """
-import random
+import math
 
-import torchvision.transforms.functional as TF
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FILL = tuple(round(255 * m) / 255 for m in IMAGENET_MEAN)  # timm's img_mean, (124, 116, 104) / 255
+GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision (PIL rounds 0.2989 to 0.299)
+
+
+def _rand(n, device, lo=0.0, hi=1.0):
+    return torch.rand(n, device=device) * (hi - lo) + lo
+
+
+def _bshape(v):
+    return v.view(-1, 1, 1, 1)
+
+
+# --- crops ---
+def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+    """(top, left, h, w) per sample (long tensors), by torchvision's RandomResizedCrop.get_params: 10 tries of
+    area ~ U(scale) x image area and log-uniform aspect ratio; the first that fits wins, else a centre crop."""
+    tries, area = 10, height * width
+    target = area * _rand(n * tries, device, *scale).view(n, tries)
+    aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]))).view(n, tries)
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.long().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long))
+    h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
+    top = (_rand(n, device) * (height - h + 1).float()).long().clamp(max=height - 1)
+    left = (_rand(n, device) * (width - w + 1).float()).long().clamp(max=width - 1)
+    # fallback (no try fitted): the largest centred crop whose ratio lies within `ratio`
+    in_ratio = width / height
+    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    none = ~ok.any(1)
+    h, w = torch.where(none, fh, h), torch.where(none, fw, w)
+    top, left = torch.where(none, (height - fh) // 2, top), torch.where(none, (width - fw) // 2, left)
+    return top, left, h, w
+
+
+def crop_resize(x, top, left, h, w, size, flip=None):
+    """Per-sample crop boxes of a same-size batch, resized to size x size by one bicubic grid_sample (sampling the
+    same points as interpolate(align_corners=False) on the crop); `flip` mirrors chosen samples in the same pass."""
+    B, _, H, W = x.shape
+    sx, sy = w.float() / W, h.float() / H
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0] = sx if flip is None else torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = (2 * left.float() + w.float()) / W - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top.float() + h.float()) / H - 1
+    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True):
+    """uint8 batch (B, 3, H, W) or list of (3, H, W) -> float (B, 3, size, size) in [0, 1], randomly flipped."""
+    if isinstance(images, torch.Tensor):
+        B, _, H, W = images.shape
+        top, left, h, w = rrc_params(B, H, W, scale, ratio, images.device)
+        flips = _rand(B, images.device) < 0.5 if flip else None
+        return (crop_resize(images, top, left, h, w, size, flips) / 255).clamp_(0, 1)
+    out = []
+    for img in images:  # files of different sizes: image by image (antialiased, as torchvision's tensor resize)
+        top, left, h, w = (int(v) for v in rrc_params(1, img.shape[1], img.shape[2], scale, ratio, img.device))
+        crop = img[None, :, top:top + h, left:left + w].float()
+        out.append(F.interpolate(crop, (size, size), mode="bicubic", antialias=True, align_corners=False))
+    x = (torch.cat(out) / 255).clamp_(0, 1)
+    return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
+
+
+def center_crop(images, size, crop_pct=0.875):
+    """Eval: resize the shorter side to size / crop_pct (bicubic, antialiased), crop the centre -> float [0, 1]."""
+    def one(x):  # (B, 3, H, W)
+        H, W = x.shape[-2:]
+        short = int(size / crop_pct)
+        nh, nw = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+        x = F.interpolate(x.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+        return x[..., top:top + size, left:left + size]
+    x = one(images) if isinstance(images, torch.Tensor) else torch.cat([one(img[None]) for img in images])
+    return (x / 255).clamp_(0, 1)
+
+
+def hflip(x, mask):
+    return torch.where(_bshape(mask), x.flip(-1), x)
+
+
+def normalize(x):
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --- colour ops on float [0, 1] batches, one factor per sample ---
+def grayscale(x):
+    g = torch.tensor(GRAY, device=x.device).view(1, 3, 1, 1)
+    return (x * g).sum(1, keepdim=True).expand_as(x)
+
+
+def blend(x, other, factor):
+    return (other + _bshape(factor) * (x - other)).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), f)
+
+
+def adjust_saturation(x, f):
+    return blend(x, grayscale(x), f)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by `shift` (fraction of a turn, per sample) through HSV, as torchvision's adjust_hue."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    v, delta = maxc, maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    d = delta.clamp(min=1e-12)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1
+    i = torch.floor(h * 6)
+    f, i = h * 6 - i, i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = [torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    return torch.stack([c.gather(1, i[:, None])[:, 0] for c in rgb], 1)
+
+
+def gaussian_blur(x, sigma, kernel):
+    """Per-sample sigma, separable, reflect padding (torchvision's GaussianBlur)."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, kernel)
+    y = F.pad(x.reshape(1, B * C, H, W), [kernel // 2] * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def solarize(x, threshold):
+    return torch.where(x >= _bshape(threshold), 1 - x, x)
+
+
+def _apply(x, mask, fn, *args):
+    """x with fn applied to the samples where mask is set (args indexed alike): each op runs once per batch."""
+    idx = mask.nonzero()[:, 0]
+    if len(idx):
+        x = x.clone()
+        x[idx] = fn(x[idx], *(a[idx] for a in args))
+    return x
+
+
+def byol_view(x, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
+    """BYOL's asymmetric view (MoCo-v3, DINO) after the crop and flip: colour jitter with p 0.8 in a random order
+    per sample, grayscale p 0.2, Gaussian blur (sigma 0.1-2, kernel ~10% of the side) with blur_p, solarize
+    (threshold 128) with solarize_p."""
+    B, dev = len(x), x.device
+    b, c, s, h = jitter
+    jitter_on = _rand(B, dev) < jitter_p
+    factors = [_rand(B, dev, 1 - b, 1 + b), _rand(B, dev, 1 - c, 1 + c), _rand(B, dev, 1 - s, 1 + s), _rand(B, dev, -h, h)]
+    order = torch.rand(B, 4, device=dev).argsort(1)  # a random permutation of the 4 jitters per sample
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for step in range(4):
+        for k, op in enumerate(ops):
+            x = _apply(x, jitter_on & (order[:, step] == k), op, factors[k])
+    x = torch.where(_bshape(_rand(B, dev) < gray_p), grayscale(x), x)
+    kernel = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)  # 23 at 224
+    x = _apply(x, _rand(B, dev) < blur_p, lambda y, sg: gaussian_blur(y, sg, kernel), _rand(B, dev, 0.1, 2.0))
+    return _apply(x, _rand(B, dev) < solarize_p, solarize, torch.full((B,), 128 / 255, device=dev))
+
+
+# --- RandAugment, timm's semantics ---
 MAX_LEVEL = 10.0
-FILL = (124, 116, 104)  # round(255 x ImageNet mean): timm's img_mean
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
-SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Brightness", "Sharpness"}
+SIGNED = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Brightness", "Sharpness")
+SCALE = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateX": 0.45, "TranslateY": 0.45, "Color": 0.9,
+         "Contrast": 0.9, "Brightness": 0.9, "Sharpness": 0.9}
 
 
 def op_arg(name, magnitude):
-    """The argument of op `name` at a magnitude in [0, 10] (timm's *_level_to_arg, 'increasing' variants)."""
+    """Per-sample arguments of op `name` at magnitudes (B,) in [0, 10] (timm's *_level_to_arg, 'increasing')."""
     t = magnitude / MAX_LEVEL
-    arg = {"Rotate": 30.0 * t, "ShearX": 0.3 * t, "ShearY": 0.3 * t, "TranslateX": 0.45 * t, "TranslateY": 0.45 * t,
-           "Color": 0.9 * t, "Contrast": 0.9 * t, "Brightness": 0.9 * t, "Sharpness": 0.9 * t,
-           "Posterize": 4 - int(4 * t),  # bits kept: 4 at magnitude 0, 0 (black) at 10
-           "Solarize": 256 - int(256 * t),  # invert pixels >= threshold: none at 0, all at 10
-           "SolarizeAdd": int(110 * t)}.get(name)  # add to pixels < 128
-    if name in SIGNED and random.random() > 0.5:
-        arg = -arg
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        arg = 1.0 + arg  # enhancement factor in [0.1, 1.9]
-    return arg
-
-
-def _affine(img, coeffs):
-    # PIL's inverse map (output (x, y) samples input (a x + b y + c, d x + e y + f)) about the top-left, as timm
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=FILL)
-
-
-def _lut(img, fn):
-    return img.point([fn(i) for i in range(256)] * len(img.getbands()))
-
-
-def apply_op(img, name, arg):
-    if name == "AutoContrast":
-        return TF.autocontrast(img)
-    if name == "Equalize":
-        return TF.equalize(img)
-    if name == "Invert":
-        return TF.invert(img)
-    if name == "Rotate":
-        return TF.rotate(img, arg, interpolation=TF.InterpolationMode.BICUBIC, fill=list(FILL))
-    if name == "Posterize":  # keep the top `arg` bits; 0 bits is black (a LUT: Pillow refuses bits=0)
-        return _lut(img, lambda i: i & (0xFF << (8 - arg)) & 0xFF)
+    if name in SCALE:
+        arg = SCALE[name] * t * torch.where(torch.rand_like(t) < 0.5, -1.0, 1.0)  # random sign
+        return 1.0 + arg if name in ("Color", "Contrast", "Brightness", "Sharpness") else arg  # factor 0.1-1.9
+    if name == "Posterize":
+        return 4 - (4 * t).floor()  # bits kept: 4 at 0, 0 (black) at 10
     if name == "Solarize":
-        return TF.solarize(img, arg)
+        return 256 - (256 * t).floor()  # invert pixels >= threshold: none at 0, all at 10
     if name == "SolarizeAdd":
-        return _lut(img, lambda i: min(255, i + arg) if i < 128 else i)
+        return (110 * t).floor()  # added to pixels < 128
+    return t  # no argument
+
+
+def _quantize(x):  # PIL's ops work on uint8 levels
+    return (x * 255).round()
+
+
+def autocontrast(x):
+    lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12), x)
+
+
+def equalize(x):
+    """PIL's per-channel histogram equalisation, batched: lut[i] = (cumulative count below i + step // 2) // step."""
+    B, C, H, W = x.shape
+    q = _quantize(x).long().view(B * C, H * W)
+    hist = torch.zeros(B * C, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
+    last = hist.gather(1, (hist > 0).long().cumsum(1).argmax(1, keepdim=True))  # count of the highest level present
+    step = torch.div(hist.sum(1, keepdim=True) - last, 255, rounding_mode="floor")
+    lut = torch.div(hist.cumsum(1) - hist + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1),
+                    rounding_mode="floor").clamp(0, 255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=x.device, dtype=lut.dtype).expand_as(lut))
+    return (lut.gather(1, q) / 255).view(B, C, H, W)
+
+
+def posterize(x, bits):
+    mask = (255 - (2 ** (8 - bits) - 1)).long()  # keep the top `bits` bits
+    return (_quantize(x).long() & _bshape(mask)) / 255
+
+
+def solarize_levels(x, threshold):
+    q = _quantize(x)
+    return torch.where(q >= _bshape(threshold), 255 - q, q) / 255
+
+
+def solarize_add(x, add):
+    q = _quantize(x)
+    return torch.where(q < 128, (q + _bshape(add)).clamp(max=255), q) / 255
+
+
+def sharpness(x, f):
+    """PIL's ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (3x3, centre 5, /13), borders unfiltered."""
+    k = torch.ones(3, 3, device=x.device)
+    k[1, 1] = 5
+    smooth = F.conv2d(x, (k / 13).expand(3, 1, 3, 3), groups=3)
+    degenerate = x.clone()
+    degenerate[..., 1:-1, 1:-1] = smooth
+    return blend(x, degenerate, f)
+
+
+def affine(x, matrix):
+    """Per-sample affine maps in pixel units (output pixel centre -> input point, PIL's convention), bicubic, the
+    area outside the image filled with the ImageNet mean colour."""
+    B, _, H, W = x.shape
+    to_px = torch.tensor([[W / 2, 0, W / 2], [0, H / 2, H / 2], [0, 0, 1]], device=x.device)
+    to_norm = torch.tensor([[2 / W, 0, -1], [0, 2 / H, -1], [0, 0, 1]], device=x.device)
+    m = torch.cat([matrix, torch.tensor([0, 0, 1.0], device=x.device).expand(B, 1, 3)], 1)
+    theta = (to_norm @ m @ to_px)[:, :2]
+    fill = torch.tensor(FILL, device=x.device).view(1, 3, 1, 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    return (F.grid_sample(x - fill, grid, mode="bicubic", padding_mode="zeros", align_corners=False) + fill).clamp(0, 1)
+
+
+def _matrix(name, arg, H, W):
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if name == "Rotate":  # counter-clockwise by arg degrees about the centre, as PIL's rotate
+        a = arg * math.pi / 180
+        cos, sin = torch.cos(a), torch.sin(a)
+        cx, cy = W / 2, H / 2
+        return torch.stack([torch.stack([cos, -sin, cx - cos * cx + sin * cy], 1),
+                            torch.stack([sin, cos, cy - sin * cx - cos * cy], 1)], 1)
+    rows = {"ShearX": ((one, arg, zero), (zero, one, zero)), "ShearY": ((one, zero, zero), (arg, one, zero)),
+            "TranslateX": ((one, zero, arg * W), (zero, one, zero)),
+            "TranslateY": ((one, zero, zero), (zero, one, arg * H))}[name]  # about the top-left corner, as timm
+    return torch.stack([torch.stack(r, 1) for r in rows], 1)
+
+
+def apply_op(x, name, arg):
+    """Op `name` on float batch x with per-sample args (B,)."""
+    if name == "AutoContrast":
+        return autocontrast(x)
+    if name == "Equalize":
+        return equalize(x)
+    if name == "Invert":
+        return 1 - x
+    if name == "Posterize":
+        return posterize(x, arg.long())
+    if name == "Solarize":
+        return solarize_levels(x, arg)
+    if name == "SolarizeAdd":
+        return solarize_add(x, arg)
     if name == "Color":
-        return TF.adjust_saturation(img, arg)
+        return adjust_saturation(x, arg)
     if name == "Contrast":
-        return TF.adjust_contrast(img, arg)
+        return adjust_contrast(x, arg)
     if name == "Brightness":
-        return TF.adjust_brightness(img, arg)
+        return adjust_brightness(x, arg)
     if name == "Sharpness":
-        return TF.adjust_sharpness(img, arg)
-    if name == "ShearX":
-        return _affine(img, (1, arg, 0, 0, 1, 0))
-    if name == "ShearY":
-        return _affine(img, (1, 0, 0, arg, 1, 0))
-    if name == "TranslateX":
-        return _affine(img, (1, 0, arg * img.size[0], 0, 1, 0))
-    if name == "TranslateY":
-        return _affine(img, (1, 0, 0, 0, 1, arg * img.size[1]))
-    raise ValueError(f"unknown RandAugment op {name!r}")
+        return sharpness(x, arg)
+    return affine(x, _matrix(name, arg, *x.shape[-2:]))
 
 
-class RandAugment:
-    """timm's `rand-m{magnitude}-mstd{magnitude_std}-inc1` on a PIL RGB image (python's `random`, which DataLoader
-    workers seed per worker and our checkpoints save, so a resumed run draws the same ops)."""
-
-    def __init__(self, magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=0.5, ops=OPS):
-        self.magnitude, self.magnitude_std, self.num_ops, self.prob, self.ops = magnitude, magnitude_std, num_ops, prob, ops
-
-    def __call__(self, img):
-        for name in random.choices(self.ops, k=self.num_ops):
-            if random.random() > self.prob:  # each drawn op is applied with probability 0.5
-                continue
-            m = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
-            img = apply_op(img, name, op_arg(name, min(MAX_LEVEL, max(0.0, m))))
-        return img
-
-    def __repr__(self):
-        return f"RandAugment(timm rand-m{self.magnitude}-mstd{self.magnitude_std}-inc1, {self.num_ops} ops, p {self.prob})"
+def rand_augment(x, magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=0.5, ops=OPS):
+    """timm's rand-m{magnitude}-mstd{magnitude_std}-inc1 on a float batch in [0, 1], per sample."""
+    B, dev = len(x), x.device
+    for _ in range(num_ops):
+        drawn = torch.randint(len(ops), (B,), device=dev)  # uniform, with replacement across the num_ops layers
+        on = _rand(B, dev) < prob
+        m = magnitude + magnitude_std * torch.randn(B, device=dev) if magnitude_std > 0 else torch.full((B,), magnitude, device=dev)
+        m = m.clamp(0, MAX_LEVEL)
+        for k, name in enumerate(ops):
+            x = _apply(x, on & (drawn == k), lambda y, a, n=name: apply_op(y, n, a), op_arg(name, m))
+    return x

@@ -1,13 +1,12 @@
-"""Plumbing shared by the stages: distributed setup, config flags, schedule, checkpoints, logs, data sources.
+"""Plumbing shared by the stages: errors, distributed setup, config flags, schedule, checkpoints, logs, the out_dir.
 
-Plain functions only. What a stage is *about* (masking, losses, EMA, the step) stays inline in that stage.
+Plain functions only; the data path is data.py and augment.py. What a stage is *about* (masking, losses, EMA, the step) stays inline in that stage.
 """
 import argparse
 import contextlib
 import dataclasses
 import errno
 import fcntl
-import gzip
 import inspect
 import io
 import json
@@ -22,13 +21,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HERE = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED_DIR = os.path.join(HERE, "data")  # the committed Fashion-MNIST slice (data/make_slice.py)
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
 
 # --- errors the user can fix: one line from cli(), never a traceback ---
@@ -391,166 +383,3 @@ def write_log(out_dir, rows):
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, path)
-
-
-# --- data ---
-def read_idx(path):
-    """Read an idx-ubyte(.gz) file (the MNIST format) into a uint8 tensor."""
-    if not os.path.isfile(path):
-        raise MissingFile(f"data file not found: {path}")
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:3] != b"\0\0\x08":
-        raise BadData(f"{path} is not a uint8 idx file")
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
-
-class TensorImages(Dataset):
-    """uint8 (N, H, W) grey images -> RGB PIL images, so every transform and model sees 3 channels."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = Image.fromarray(self.images[i].numpy(), mode="L").convert("RGB")
-        return self.transform(img), int(self.labels[i])
-
-
-def load_rgb(path):
-    """PIL loader for ImageFolder that names the file when it cannot be decoded (decompression bombs included).
-    16-bit grey images are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode.startswith("I"):  # I;16 / I: 0..65535
-                img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
-
-
-def check_headers(samples):
-    """Open every (path, label) image's header (cheap, no decoding), so a bad validation file stops the run
-    before training, not after the first epoch."""
-    for path, _ in samples:
-        try:
-            with Image.open(path):
-                pass
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
-
-
-def class_folders(path):
-    return sorted(e.name for e in os.scandir(path) if e.is_dir())
-
-
-def dataset_labels(ds):
-    """Every sample's label without decoding images, where the dataset exposes them (None otherwise)."""
-    if isinstance(ds, torch.utils.data.ConcatDataset):
-        parts = [dataset_labels(d) for d in ds.datasets]
-        return None if any(p is None for p in parts) else [y for p in parts for y in p]
-    for attr in ("labels", "targets", "_labels"):
-        if getattr(ds, attr, None) is not None:
-            return [int(y) for y in getattr(ds, attr)]
-    return None
-
-
-def balanced_subset(labels, n, seed=0):
-    """n indices drawn class by class in turn from each class's seeded shuffle: as balanced as n allows, the same
-    for every run (seed 0), sorted."""
-    g = torch.Generator().manual_seed(seed)
-    by_class = {}
-    for i in torch.randperm(len(labels), generator=g).tolist():
-        by_class.setdefault(labels[i], []).append(i)
-    queues, picked = [by_class[c] for c in sorted(by_class)], []
-    while len(picked) < n:
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return sorted(picked)
-
-
-def build_dataset(name, root, train, transform, subset=0):
-    """Returns (dataset, num_classes). See README 'Data' for the names; nothing is ever downloaded."""
-    import torchvision.datasets as D
-
-    if name in ("embedded", "fashion-mnist"):
-        folder, prefix = (EMBEDDED_DIR, "fmnist-") if name == "embedded" else (root or FASHION_MNIST_DIR, "")
-        split = "train" if train else "t10k"
-        images = read_idx(os.path.join(folder, f"{prefix}{split}-images-idx3-ubyte.gz"))
-        labels = read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz"))
-        ds, classes = TensorImages(images, labels, transform), 10
-    elif name == "imagefolder":  # ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG
-        path = os.path.join(root, "train" if train else "val")
-        if not os.path.isdir(path):
-            raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
-                              "per class)")
-        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-        if os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
-            only_train, only_val = (sorted(set(class_folders(a)) - set(class_folders(b)))[:10]
-                                    for a, b in ((train_dir, val_dir), (val_dir, train_dir)))
-            # labels are folder indices: a class missing from one split would shift every later label
-            raise BadData(f"train/ and val/ under {root} hold different classes (only in train: {only_train}, only in "
-                          f"val: {only_val}); the labels would not match: give both the same class folders")
-        ds = D.ImageFolder(path, transform=transform, loader=load_rgb)
-        classes = len(ds.classes)
-        if not train:
-            check_headers(ds.samples)
-    else:  # torchvision's small transfer datasets (PAPER §3.3), read from a local root
-        makers = {
-            "cifar10": (10, lambda: D.CIFAR10(root, train=train, transform=transform)),
-            "cifar100": (100, lambda: D.CIFAR100(root, train=train, transform=transform)),
-            "flowers102": (102, lambda: torch.utils.data.ConcatDataset(  # train+val for training, as the paper
-                [D.Flowers102(root, split=s, transform=transform) for s in ("train", "val")]) if train
-                else D.Flowers102(root, split="test", transform=transform)),
-            "pets": (37, lambda: D.OxfordIIITPet(root, split="trainval" if train else "test", transform=transform)),
-            "aircraft": (100, lambda: D.FGVCAircraft(root, split="trainval" if train else "test", transform=transform)),
-            "cars": (196, lambda: D.StanfordCars(root, split="train" if train else "test", transform=transform)),
-        }
-        if name not in makers:
-            raise BadValue(f"unknown dataset {name!r}; choose from embedded, fashion-mnist, imagefolder, "
-                             + ", ".join(makers))
-        if not root or not os.path.isdir(root):
-            raise MissingFile(f"data_root {root!r} for {name} does not exist")
-        classes, make = makers[name]
-        try:
-            ds = make()
-        except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-            raise MissingFile(f"{name} not found under {root}: {e}") from None
-    if subset and subset < len(ds):  # class-balanced and seeded: the first N files of a folder are one class
-        ds = Subset(ds, balanced_subset(dataset_labels(ds) or [0] * len(ds), subset))  # no labels: random
-    return ds, classes
-
-
-def make_loader(dataset, batch_size, train, num_workers, drop_last=None):
-    """DistributedSampler only under DDP; otherwise torch's global RNG shuffles, which resume restores."""
-    drop_last = train if drop_last is None else drop_last
-    if dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=train, drop_last=drop_last)
-        return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(),
-                          drop_last=drop_last)
-    if train and len(dataset) < batch_size and drop_last:
-        raise BadValue(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
-                       "--batch_size_per_gpu")
-    return DataLoader(dataset, batch_size, shuffle=train, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last)  # no persistent workers: fresh worker seeds each epoch come from the
-    # global RNG, so a resumed run draws the same augmentations as an uninterrupted one
-
-
-def set_epoch(loader, epoch):
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
-
-
-def eval_transform(img_size):
-    """timm's eval: resize to img_size/0.875, centre crop (PAPER §3.1)."""
-    import torchvision.transforms as T
-
-    return T.Compose([T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -12,22 +12,22 @@ Transfer to small datasets (PAPER §3.3) uses --optimizer=sgd --weight_decay=0 -
         --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=300 --warmup_epochs=5 \
         --batch_size_per_gpu=128 --num_workers=10    # the paper's 300-epoch recipe, global batch 1024
 """
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 import torchvision.transforms.v2 as v2
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from augment import RandAugment
-from common import (IMAGENET_MEAN, IMAGENET_STD, all_reduce_sum, autocast_ctx, build_dataset, check, check_finite,
-                    check_ranges, cli, cosine_value, eval_transform, gather_rng_states, load_ckpt, make_loader,
-                    make_scaler, param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr,
-                    setup_dist, try_resume, unlock_out_dir, write_log)
+import augment
+from common import (all_reduce_sum, autocast_ctx, check, check_finite, check_ranges, cli, cosine_value,
+                    gather_rng_states, load_ckpt, make_scaler, param_groups, prepare_out_dir, print0, save_ckpt,
+                    seed_everything, set_lr, setup_dist, try_resume, unlock_out_dir, write_log)
+from data import Loader, build_dataset
 from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, timm_init, vit_heads
 
 
@@ -52,7 +52,8 @@ class Config:
     # optimisation
     epochs: int = 10  # the paper: 300 on ImageNet
     warmup_epochs: int = 1  # the paper: 5
-    batch_size_per_gpu: int = 128  # global batch = this x world size; the paper: 1024
+    batch_size_per_gpu: int = 128  # global batch = this x world size x accum_steps; the paper: 1024
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation), to reach the paper's batch
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.9: the transfer recipe)
     base_lr: float = 1e-3  # lr = base_lr x global batch / 256
     min_lr: float = 1e-6  # cosine floor
@@ -73,7 +74,7 @@ class Config:
 
     def __post_init__(self):
         check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
-                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0",
+                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0",
                      base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]", clip_grad=">=0", mixup=">=0",
                      cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
                      crop_min_scale="(0,1]", seed=">=0")
@@ -96,23 +97,25 @@ def layer_id(name, depth):
 
 
 def train_transform(cfg):
-    """timm's fine-tuning train transform: bicubic RandomResizedCrop, flip, RandAugment with timm's semantics
-    (augment.py; the paper's rand-m10-mstd0.5-inc1), to tensor, ImageNet normalisation. No colour jitter: timm
-    ignores it when RandAugment is on; no random erasing in the impr. recipe."""
-    aug = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1), interpolation=T.InterpolationMode.BICUBIC),
-           T.RandomHorizontalFlip()]
-    if cfg.randaug_magnitude > 0:
-        aug.append(RandAugment(cfg.randaug_magnitude, cfg.randaug_std))
-    return T.Compose(aug + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """timm's fine-tuning train transform on a uint8 batch on the device: bicubic RandomResizedCrop, flip,
+    RandAugment with timm's semantics (the paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour
+    jitter (timm ignores it when RandAugment is on), no random erasing (the impr. recipe)."""
+    def transform(images):
+        x = augment.random_resized_crop(images, cfg.img_size, (cfg.crop_min_scale, 1.0))
+        if cfg.randaug_magnitude > 0:
+            x = augment.rand_augment(x, cfg.randaug_magnitude, cfg.randaug_std)
+        return augment.normalize(x)
+    return transform
 
 
 @torch.no_grad()
-def evaluate(model, loader, device):
-    """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks)."""
+def evaluate(model, loader, img_size, device):
+    """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks),
+    on timm's eval view: shorter side to img_size / 0.875, centre crop."""
     model.eval()
     counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
     for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        imgs = augment.normalize(augment.center_crop(imgs, img_size))
         with autocast_ctx(device):
             logits = model(imgs)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
@@ -134,11 +137,12 @@ def main(cfg):
         prepare_out_dir(cfg, __file__)
 
     # --- data --- (validation first: a bad val file stops the run before any training)
-    val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False, eval_transform(cfg.img_size))
-    val_loader = make_loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers)
-    if not cfg.eval_only:
-        train_set, _ = build_dataset(cfg.data, cfg.data_root, True, train_transform(cfg), cfg.subset)
-        loader = make_loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers)
+    val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False)
+    val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device)
+    if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
+        train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
+        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
+        transform = train_transform(cfg)
         mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
         mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
         mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
@@ -159,12 +163,12 @@ def main(cfg):
     raw_model.to(device)
 
     if cfg.eval_only:
-        top1, top5 = evaluate(raw_model, val_loader, device)
+        top1, top5 = evaluate(raw_model, val_loader, cfg.img_size, device)
         print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f} top-5 {top5:.2f}")
         return top1, top5
 
     # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world
+    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
     lr = cfg.base_lr * global_batch / 256
     depth = raw_model.depth
     groups = param_groups(raw_model, cfg.weight_decay,
@@ -174,7 +178,8 @@ def main(cfg):
     else:
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     scaler = make_scaler(device)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     print0(f"{cfg.mode}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
            f"global batch {global_batch}, lr {lr:.2e}, {num_classes} classes, {len(train_set)} train images")
@@ -187,37 +192,43 @@ def main(cfg):
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(loader, epoch)
+        loader.set_epoch(epoch)
         model.train()
-        t0, loss_sum = time.time(), 0.0
-        for it, (imgs, labels) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)):
-            step = epoch * steps_per_epoch + it
+        t0, loss_sum, micro_batches = time.time(), 0.0, steps_per_epoch * cfg.accum_steps
+        for it, (imgs, labels) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False,
+                                                 total=micro_batches)):
+            if it == micro_batches:
+                break
+            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
             lr_now = cosine_value(step, total_steps, warmup_steps, lr, cfg.min_lr)
             set_lr(optimizer, lr_now)
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            imgs = transform(imgs)
             if mix is not None:
                 imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
             else:
                 targets = F.one_hot(labels, num_classes).float()
-            with autocast_ctx(device):
-                logits = model(imgs)
-            # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            loss_sum += check_finite(loss, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
+            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
+                with autocast_ctx(device):
+                    logits = model(imgs)
+                # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                loss_sum += check_finite(loss, epoch, step)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            if last_micro:
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
 
         # --- eval ---
-        top1, top5 = evaluate(model, val_loader, device)
+        top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
         is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
         best_top1 = top1 if is_best else best_top1
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, top1=top1, top5=top5,
+        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / micro_batches, lr=lr_now, top1=top1, top5=top5,
                    best_top1=best_top1, imgs_per_s=imgs_per_s)
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} top-5 {top5:.2f} "
                f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")

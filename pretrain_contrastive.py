@@ -12,6 +12,7 @@ The backbone is saved under `encoder.` so finetune.py and analyze.py load it (DI
         --data=imagefolder --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=128 \
         --base_lr=1.5e-4 --head_hidden_dim=4096 --head_out_dim=256     # the paper's MoCo-v3-Tiny recipe
 """
+import contextlib
 import copy
 import math
 import os
@@ -22,14 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, all_gather_cat, all_reduce_mean, autocast_ctx, build_dataset, check,
-                    check_finite, check_ranges, cli, cosine_value, gather_rng_states, make_loader, make_scaler,
-                    param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist,
-                    try_resume, unlock_out_dir, write_log)
+import augment
+from common import (all_gather_cat, all_reduce_mean, autocast_ctx, check, check_finite, check_ranges, cli, cosine_value,
+                    gather_rng_states, make_scaler, param_groups, prepare_out_dir, print0, save_ckpt, seed_everything,
+                    set_lr, setup_dist, try_resume, unlock_out_dir, write_log)
+from data import Loader, build_dataset
 from model import VIT_SIZES, create_vit, vit_heads
 
 
@@ -69,7 +70,8 @@ class Config:
     # optimisation
     epochs: int = 10  # the paper: 400 (10 epochs: about 6 min for MoCo-v3, 10 for DINO on 2 CPU cores)
     warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
-    batch_size_per_gpu: int = 256  # global batch = this x world size; MoCo-v3-Tiny: 1024
+    batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; MoCo-v3-Tiny: 1024
+    accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
     base_lr: float = -1.0  # lr = base_lr x global batch / 256: 1e-3 (MoCo-v3 paper 1.5e-4; short CPU runs like more) / 5e-4
     weight_decay: float = -1.0  # MoCo-v3 0.1 on all weights / DINO 0.04, not on biases/norms, rising to weight_decay_end
     weight_decay_end: float = -1.0  # cosine target of the weight decay: constant / 0.4
@@ -90,8 +92,8 @@ class Config:
                      head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)", local_crops=">=0",
                      local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
                      teacher_temp_warmup_epochs=">=0", center_momentum="[0,1]", freeze_last_layer_epochs=">=0",
-                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", base_lr=">0", weight_decay=">=0",
-                     weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
+                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
+                     weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
         check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
@@ -99,24 +101,15 @@ class Config:
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
-# --- augmentation: BYOL-style asymmetric views (MoCo-v3, DINO) ---
-def view_transform(size, scale, blur_p, solarize_p):
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # blur kernel ~10% of the side, odd (23 at 224)
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p), T.RandomSolarize(128, p=solarize_p),
-        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class MultiView:
-    """One image -> a list of views, one per transform (the DataLoader batches each position)."""
-
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, img):
-        return [t(img) for t in self.transforms]
+# --- augmentation: BYOL-style asymmetric views (MoCo-v3, DINO), on the device, batched (augment.py) ---
+def make_views(images, cfg):
+    """One uint8 batch -> the list of normalised crops: MoCo-v3's two views (blur 1.0 / 0.1 + solarize 0.2), or
+    DINO's two global views plus cfg.local_crops small local ones (blur 0.5)."""
+    full = (0.08, 1.0) if cfg.method == "mocov3" else (cfg.global_crop_min_scale, 1.0)
+    specs = [(cfg.img_size, full, 1.0, 0.0), (cfg.img_size, full, 0.1, 0.2)]
+    specs += [(cfg.local_crop_size, (0.05, cfg.global_crop_min_scale), 0.5, 0.0)] * (cfg.local_crops if cfg.method == "dino" else 0)
+    return [augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale), blur_p, solarize_p))
+            for size, scale, blur_p, solarize_p in specs]
 
 
 # --- MoCo-v3 ---
@@ -219,14 +212,9 @@ def main(cfg):
     if master:
         prepare_out_dir(cfg, __file__)
 
-    # --- data ---
-    full = (cfg.img_size, (0.08, 1.0) if cfg.method == "mocov3" else (cfg.global_crop_min_scale, 1.0))
-    views = [view_transform(*full, blur_p=1.0, solarize_p=0.0), view_transform(*full, blur_p=0.1, solarize_p=0.2)]
-    if cfg.method == "dino":
-        local = view_transform(cfg.local_crop_size, (0.05, cfg.global_crop_min_scale), blur_p=0.5, solarize_p=0.0)
-        views += [local] * cfg.local_crops
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, MultiView(views), cfg.subset)
-    loader = make_loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers)
+    # --- data --- (uint8 batches on the device; make_views crops and colours them there)
+    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
 
     # --- model ---
     encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
@@ -244,14 +232,15 @@ def main(cfg):
     center = torch.zeros(1, cfg.head_out_dim, device=device)  # DINO
 
     # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world
+    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
     lr = cfg.base_lr * global_batch / 256
     if cfg.method == "mocov3":  # MoCo-v3 decays every weight
         optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr)
     scaler = make_scaler(device)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
@@ -265,12 +254,16 @@ def main(cfg):
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(loader, epoch)
+        loader.set_epoch(epoch)
         model.train()
         teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
         t0, loss_sum = time.time(), 0.0
-        for it, (crops, _) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)):
-            step = epoch * steps_per_epoch + it
+        micro_batches = steps_per_epoch * cfg.accum_steps
+        for it, (imgs, _) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False,
+                                            total=micro_batches)):
+            if it == micro_batches:
+                break
+            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
             lr_now = cosine_value(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now)
             if cfg.weight_decay_end != cfg.weight_decay:
@@ -278,33 +271,36 @@ def main(cfg):
                     if g["weight_decay"] > 0:
                         g["weight_decay"] = cosine_value(step, total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
             momentum = 1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2  # -> 1
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            with autocast_ctx(device):
-                if cfg.method == "mocov3":
-                    loss = model(crops[0], crops[1], teacher, cfg.temperature)
-                else:
-                    student_out = model(crops)
-                    with torch.no_grad():
-                        teacher_out = teacher(crops[:2]).float()
-                    warm = cfg.teacher_temp_warmup_epochs * steps_per_epoch
-                    t_temp = cfg.teacher_temp if step >= warm else \
-                        cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warm
-                    loss = dino_loss(student_out.float(), teacher_out, center, t_temp)
-            loss_sum += check_finite(loss, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            if cfg.method == "dino" and epoch < cfg.freeze_last_layer_epochs:
-                raw_model.last_layer.weight.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(teacher, raw_model, momentum)
+            crops = make_views(imgs, cfg)
+            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
+            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
+                with autocast_ctx(device):
+                    if cfg.method == "mocov3":
+                        loss = model(crops[0], crops[1], teacher, cfg.temperature)
+                    else:
+                        student_out = model(crops)
+                        with torch.no_grad():
+                            teacher_out = teacher(crops[:2]).float()
+                        warm = cfg.teacher_temp_warmup_epochs * steps_per_epoch
+                        t_temp = cfg.teacher_temp if step >= warm else \
+                            cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warm
+                        loss = dino_loss(student_out.float(), teacher_out, center, t_temp)
+                loss_sum += check_finite(loss, epoch, step)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            if last_micro:
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                if cfg.method == "dino" and epoch < cfg.freeze_last_layer_epochs:
+                    raw_model.last_layer.weight.grad = None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                ema_update(teacher, raw_model, momentum)
             if cfg.method == "dino":
                 center = update_center(center, teacher_out, cfg.center_momentum)
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / steps_per_epoch, lr=lr_now, momentum=momentum,
+        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / micro_batches, lr=lr_now, momentum=momentum,
                    imgs_per_s=imgs_per_s)
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} lr {lr_now:.1e} m {momentum:.4f} {imgs_per_s:.0f} img/s")
 

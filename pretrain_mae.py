@@ -10,21 +10,22 @@ against per-patch normalised pixels (norm-pix). After each epoch the master writ
         --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=512 --base_lr=1.5e-4 \
         --crop_min_scale=0.08 --num_workers=10      # the paper's recipe: global batch 4096, lr 2.4e-3
 """
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, autocast_ctx, build_dataset, check, check_finite, check_ranges, cli,
-                    cosine_value, eval_transform, gather_rng_states, make_loader, make_scaler, param_groups,
-                    prepare_out_dir, print0, save_ckpt, seed_everything, set_epoch, set_lr, setup_dist, try_resume,
+import augment
+from common import (autocast_ctx, check, check_finite, check_ranges, cli, cosine_value, gather_rng_states, make_scaler,
+                    param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_lr, setup_dist, try_resume,
                     unlock_out_dir, write_log)
+from data import Loader, build_dataset, first_images
 from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify, vit_heads
 
 
@@ -49,7 +50,8 @@ class Config:
     # optimisation
     epochs: int = 20  # the paper: 400
     warmup_epochs: int = 2  # linear lr warm-up; the paper: 40
-    batch_size_per_gpu: int = 256  # global batch = this x world size; the paper: 4096 in all
+    batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; the paper: 4096 in all
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation), to reach the paper's batch
     base_lr: float = 1.5e-3  # lr = base_lr x global batch / 256; the paper: 1.5e-4 (short CPU runs like more)
     weight_decay: float = 0.05  # AdamW, not on biases/norms/tokens
     # run
@@ -61,8 +63,8 @@ class Config:
     def __post_init__(self):
         check_ranges(self, subset=">=0", img_size=">0", crop_min_scale="(0,1]", num_workers=">=0", num_heads=">=0",
                      patch_size=">0", mask_ratio="(0,1)", decoder_dim=">0", decoder_depth=">=0", decoder_heads=">0",
-                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", base_lr=">0", weight_decay=">=0",
-                     seed=">=0")
+                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
+                     weight_decay=">=0", seed=">=0")
         check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -122,8 +124,8 @@ def reconstruction_grid(mae, imgs, seed=0):
     m = mask[..., None]  # (B, L, 1), 1 = removed
     masked = unpatchify(target * (1 - m), p, grid)
     recon = unpatchify(target * (1 - m) + pred * m, p, grid)
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=imgs.device)[:, None, None]
+    mean = torch.tensor(augment.IMAGENET_MEAN, device=imgs.device)[:, None, None]
+    std = torch.tensor(augment.IMAGENET_STD, device=imgs.device)[:, None, None]
     rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1) * std + mean
     return rows.clamp(0, 1)
 
@@ -137,14 +139,10 @@ def main(cfg, model=None):
     if master:
         prepare_out_dir(cfg, __file__)
 
-    # --- data ---
-    train_tf = T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1.0),
-                                              interpolation=T.InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, train_tf, cfg.subset)
-    loader = make_loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers)
-    view_set, _ = build_dataset(cfg.data, cfg.data_root, True, eval_transform(cfg.img_size), cfg.subset)
-    view_imgs = torch.stack([view_set[i][0] for i in range(min(8, len(view_set)))]).to(device)
+    # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
+    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
+    view_imgs = augment.normalize(augment.center_crop(first_images(dataset, 8, device), cfg.img_size))
 
     # --- model ---
     raw_model = (model or MAE(cfg)).to(device)
@@ -152,11 +150,12 @@ def main(cfg, model=None):
            f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
 
     # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world
+    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
     lr = cfg.base_lr * global_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
     scaler = make_scaler(device)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
@@ -169,22 +168,27 @@ def main(cfg, model=None):
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(loader, epoch)
+        loader.set_epoch(epoch)
         model.train()
-        t0, sums = time.time(), {}
-        pbar = tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False)
+        t0, sums, micro_batches = time.time(), {}, steps_per_epoch * cfg.accum_steps
+        pbar = tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False, total=micro_batches)
         for it, (imgs, _) in enumerate(pbar):
-            step = epoch * steps_per_epoch + it
+            if it == micro_batches:
+                break
+            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
             lr_now = cosine_value(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now)
-            imgs = imgs.to(device, non_blocking=True)
-            with autocast_ctx(device):
-                loss, extra = model(imgs)
-            loss_value = check_finite(loss, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            imgs = augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
+            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
+                with autocast_ctx(device):
+                    loss, extra = model(imgs)
+                loss_value = check_finite(loss, epoch, step)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            if last_micro:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             # epoch means of the loss and of its parts (distill.py returns parts in `extra`)
             sums["loss"] = sums.get("loss", 0.0) + loss_value
             for k, v in extra.items():
@@ -192,8 +196,8 @@ def main(cfg, model=None):
             pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e}")
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
         row = dict(epoch=epoch + 1, step=step + 1, lr=lr_now, imgs_per_s=imgs_per_s,
-                   **{k: v / steps_per_epoch for k, v in sums.items()})
-        parts = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items() if k != "loss")
+                   **{k: v / micro_batches for k, v in sums.items()})
+        parts = " ".join(f"{k} {v / micro_batches:.4f}" for k, v in sums.items() if k != "loss")
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {lr_now:.1e} {imgs_per_s:.0f} img/s")
 
         # --- eval: reconstructions (MAE has no accuracy to measure during pre-training) ---

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import read_idx, FASHION_MNIST_DIR  # noqa: E402
+from data import read_idx, FASHION_MNIST_DIR  # noqa: E402
 
 
 def write_idx(path, t):

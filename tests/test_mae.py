@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import pretrain_mae
-from common import build_dataset, eval_transform, load_ckpt, parse_config
+import augment
+from common import load_ckpt, parse_config
+from data import build_dataset, first_images
 from pretrain_mae import MAE, Config, main
 from tests.helpers import TINY, crash_then_resume, quiet
 
@@ -27,8 +29,8 @@ class TestMAE(unittest.TestCase):
     def test_loss_decreases_when_overfitting_a_batch(self):
         torch.manual_seed(0)
         cfg = Config(**{**TINY, "out_dir": self.dir})
-        data, _ = build_dataset("embedded", "", True, eval_transform(16), subset=8)
-        imgs = torch.stack([data[i][0] for i in range(8)])
+        data, _ = build_dataset("embedded", "", True, subset=8)
+        imgs = augment.normalize(augment.center_crop(first_images(data, 8, torch.device("cpu")), 16))
         mae = MAE(cfg)
         opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
         losses = []

@@ -1,0 +1,263 @@
+"""The data path: datasets as uint8 images, loaders that deliver them to the training device, nothing per-sample
+in Python on the hot path (augment.py works on whole batches there).
+
+- In-memory sets (the embedded slice, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
+  loader draws only indices, so an epoch is a few gathers.
+- File sets (ImageFolder = ImageNet, and the small transfer sets) are read by DataLoader workers: on a GPU the
+  workers read JPEG bytes and the GPU decodes them in batches (nvjpeg via torchvision.io.decode_jpeg); on CPU (and
+  for non-JPEG files) the workers decode with PIL. Workers do no random draws, so they can stay alive across epochs.
+Nothing is ever downloaded: a missing folder is an error naming it, an undecodable file is an error naming its path.
+"""
+import gzip
+import os
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common import BadData, BadValue, MissingFile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_DIR = os.path.join(HERE, "data")  # the committed Fashion-MNIST slice (data/make_slice.py)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
+
+
+# --- datasets ---
+def read_idx(path):
+    """Read an idx-ubyte(.gz) file (the MNIST format) into a uint8 tensor."""
+    if not os.path.isfile(path):
+        raise MissingFile(f"data file not found: {path}")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise BadData(f"{path} is not a uint8 idx file")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+class MemoryImages:
+    """uint8 images (N, H, W) grey or (N, H, W, 3) and int labels, held whole (and moved whole to the device)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.images)
+
+    def select(self, indices):
+        return MemoryImages(self.images[indices], self.labels[indices])
+
+
+def load_rgb(path):
+    """PIL decode that names the file when it cannot be decoded (decompression bombs included). 16-bit grey images
+    are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # I;16 / I: 0..65535
+                img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+            return img.convert("RGB")
+    except UNREADABLE as e:
+        raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
+
+
+class FileImages(Dataset):
+    """(path, label) samples. Returns (uint8 (3, H, W) decoded by PIL, label), or with raw=True (a GPU will decode)
+    (uint8 file bytes, label, index); non-JPEG files are always decoded here."""
+
+    def __init__(self, samples, raw=False):
+        self.samples, self.labels, self.raw = samples, [y for _, y in samples], raw
+
+    def __len__(self):
+        return len(self.samples)
+
+    def select(self, indices):
+        return FileImages([self.samples[i] for i in indices], self.raw)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        if self.raw:
+            with open(path, "rb") as f:
+                data = f.read()
+            if data[:2] == b"\xff\xd8":  # JPEG: left to the GPU's decoder
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i
+        return TF.pil_to_tensor(load_rgb(path)), label, i
+
+
+def check_headers(samples):
+    """Open every image's header (cheap, no decoding), so a bad validation file stops the run before training."""
+    for path, _ in samples:
+        try:
+            with Image.open(path):
+                pass
+        except UNREADABLE as e:
+            raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
+
+
+def class_folders(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
+def image_folder(root, train):
+    """ImageNet's layout, root/{train,val}/<class>/<image>; labels are the sorted class folders' indices."""
+    path = os.path.join(root, "train" if train else "val")
+    if not os.path.isdir(path):
+        raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
+                          "per class)")
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
+        only_train, only_val = (sorted(set(class_folders(a)) - set(class_folders(b)))[:10]
+                                for a, b in ((train_dir, val_dir), (val_dir, train_dir)))
+        # labels are folder indices: a class missing from one split would shift every later label
+        raise BadData(f"train/ and val/ under {root} hold different classes (only in train: {only_train}, only in "
+                      f"val: {only_val}); the labels would not match: give both the same class folders")
+    classes = class_folders(path)
+    samples = [(os.path.join(path, c, f), label) for label, c in enumerate(classes)
+               for f in sorted(os.listdir(os.path.join(path, c))) if not f.startswith(".")]
+    if not samples:
+        raise MissingFile(f"no images under {path}")
+    return samples, len(classes)
+
+
+def transfer_set(name, root, train):
+    """torchvision's small transfer sets (PAPER §3.3), read from a local root; never downloaded."""
+    import torchvision.datasets as D
+
+    split = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
+             "aircraft": ("trainval" if train else "test",), "cars": ("train" if train else "test",)}
+    if name not in ("cifar10", "cifar100", *split):
+        raise BadValue(f"unknown dataset {name!r}; choose from embedded, fashion-mnist, imagefolder, cifar10, "
+                       "cifar100, flowers102, pets, aircraft, cars")
+    if not root or not os.path.isdir(root):
+        raise MissingFile(f"data_root {root!r} for {name} does not exist")
+    try:
+        if name.startswith("cifar"):
+            ds = (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train)
+            return MemoryImages(torch.from_numpy(ds.data), ds.targets), len(ds.classes)
+        make = {"flowers102": lambda s: D.Flowers102(root, split=s), "pets": lambda s: D.OxfordIIITPet(root, split=s),
+                "aircraft": lambda s: D.FGVCAircraft(root, split=s), "cars": lambda s: D.StanfordCars(root, split=s)}
+        samples = []
+        for s in split[name]:  # flowers: train+val for training, as the paper
+            ds = make[name](s)
+            files = getattr(ds, "_image_files", None) or getattr(ds, "_images", None)
+            samples += list(zip(map(str, files), ds._labels)) if files else [(str(p), y) for p, y in ds._samples]
+        return FileImages(samples), {"flowers102": 102, "pets": 37, "aircraft": 100, "cars": 196}[name]
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise MissingFile(f"{name} not found under {root}: {e}") from None
+
+
+def balanced_subset(labels, n, seed=0):
+    """n indices drawn class by class in turn from each class's seeded shuffle: as balanced as n allows, the same
+    for every run (seed 0), sorted."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i in torch.randperm(len(labels), generator=g).tolist():
+        by_class.setdefault(int(labels[i]), []).append(i)
+    queues, picked = [by_class[c] for c in sorted(by_class)], []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
+def build_dataset(name, root, train, subset=0):
+    """(dataset, num_classes): MemoryImages or FileImages. See README 'Data' for the names."""
+    if name in ("embedded", "fashion-mnist"):
+        folder, prefix = (EMBEDDED_DIR, "fmnist-") if name == "embedded" else (root or FASHION_MNIST_DIR, "")
+        split = "train" if train else "t10k"
+        ds = MemoryImages(read_idx(os.path.join(folder, f"{prefix}{split}-images-idx3-ubyte.gz")),
+                          read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz")))
+        classes = 10
+    elif name == "imagefolder":
+        samples, classes = image_folder(root, train)
+        ds = FileImages(samples)
+        if not train:
+            check_headers(samples)
+    else:
+        ds, classes = transfer_set(name, root, train)
+    if subset and subset < len(ds):  # class-balanced and seeded: the first N files of a folder are one class
+        ds = ds.select(balanced_subset(ds.labels, subset))
+    return ds, classes
+
+
+def first_images(dataset, n, device):
+    """The first n training images, undecorated (uint8), for figures: a batch, or a list for files."""
+    if isinstance(dataset, MemoryImages):
+        x = dataset.images[:n]
+        x = x if x.dim() == 4 else x[..., None].expand(-1, -1, -1, 3)
+        return x.permute(0, 3, 1, 2).to(device)
+    return [TF.pil_to_tensor(load_rgb(p)).to(device) for p, _ in dataset.samples[:n]]
+
+
+# --- loaders ---
+def _collate(batch):
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+class Loader:
+    """Yields (images, labels) on `device` for one pass: images are a uint8 (B, 3, H, W) batch (in-memory sets) or
+    a list of uint8 (3, H, W) images (files). Shuffling draws from torch's global RNG (DistributedSampler under DDP),
+    which checkpoints save, so a resumed run sees the same order."""
+
+    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None):
+        drop_last = train if drop_last is None else drop_last
+        self.device, self.memory = device, isinstance(dataset, MemoryImages)
+        if torch.distributed.is_initialized():
+            self.sampler = DistributedSampler(range(len(dataset)), shuffle=train, drop_last=drop_last)
+        else:
+            if train and drop_last and len(dataset) < batch_size:
+                raise BadValue(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
+                               "--batch_size_per_gpu")
+            self.sampler = torch.utils.data.RandomSampler(range(len(dataset))) if train else None
+        if self.memory:  # the whole set moves to the device once; a batch is an index gather
+            images = dataset.images if dataset.images.dim() == 4 else dataset.images[..., None].expand(-1, -1, -1, 3)
+            self.images = images.permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, H, W) uint8
+            self.labels = dataset.labels.to(device)
+            self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
+        else:
+            self.files = dataset
+            dataset.raw = device.type == "cuda"  # JPEG bytes for the GPU's decoder
+            self.batches = DataLoader(dataset, batch_size, sampler=self.sampler, drop_last=drop_last,
+                                      num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_epoch(self, epoch):
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.memory:
+                idx = torch.as_tensor(batch).to(self.device, non_blocking=True)
+                yield self.images[idx], self.labels[idx]
+            else:
+                yield self._to_device(*batch)
+
+    def _to_device(self, items, labels, indices):
+        out = [None] * len(items)
+        jpeg = [i for i, x in enumerate(items) if x.dim() == 1]  # undecoded bytes: only when the device is a GPU
+        if jpeg:
+            from torchvision.io import ImageReadMode, decode_jpeg
+            try:  # one batched nvjpeg call
+                decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # a bad file in the batch: find it and name it
+                decoded = []
+                for i in jpeg:
+                    try:
+                        decoded.append(decode_jpeg(items[i], mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError as e:
+                        raise BadData(f"corrupt or unreadable image file: {self.files.samples[indices[i]][0]} "
+                                      f"({str(e).splitlines()[0][:100]})") from None
+            for i, img in zip(jpeg, decoded):
+                out[i] = img
+        for i, x in enumerate(items):
+            if out[i] is None:
+                out[i] = x.to(self.device, non_blocking=True)
+        return out, labels.to(self.device, non_blocking=True)
