@@ -35,24 +35,28 @@ def _bshape(v):
 # --- crops ---
 def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     """(top, left, h, w) per sample (long tensors), by torchvision's RandomResizedCrop.get_params: 10 tries of
-    area ~ U(scale) x image area and log-uniform aspect ratio; the first that fits wins, else a centre crop."""
-    tries, area = 10, height * width
-    target = area * _rand(n * tries, device, *scale).view(n, tries)
+    area ~ U(scale) x image area and log-uniform aspect ratio; the first that fits wins, else the largest centred
+    crop within `ratio`. height / width: ints, or (n,) tensors for images of different sizes."""
+    tries = 10
+    height, width = (torch.as_tensor(v, device=device).view(-1, 1).expand(n, 1) for v in (height, width))
+    target = (height * width) * _rand(n * tries, device, *scale).view(n, tries)
     aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]))).view(n, tries)
     w = torch.round(torch.sqrt(target * aspect)).long()
     h = torch.round(torch.sqrt(target / aspect)).long()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(ok.any(1), ok.long().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long))
-    h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
-    top = (_rand(n, device) * (height - h + 1).float()).long().clamp(max=height - 1)
-    left = (_rand(n, device) * (width - w + 1).float()).long().clamp(max=width - 1)
-    # fallback (no try fitted): the largest centred crop whose ratio lies within `ratio`
+    first = ok.long().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    height, width = height[:, 0], width[:, 0]
+    top = (_rand(n, device) * (height - h + 1)).long().clamp(min=0)
+    left = (_rand(n, device) * (width - w + 1)).long().clamp(min=0)
+    # fallback when no try fits: the whole image, trimmed to the nearest allowed ratio
     in_ratio = width / height
-    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]).long(), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]).long(), height)
     none = ~ok.any(1)
     h, w = torch.where(none, fh, h), torch.where(none, fw, w)
-    top, left = torch.where(none, (height - fh) // 2, top), torch.where(none, (width - fw) // 2, left)
+    top = torch.where(none, (height - fh) // 2, top)
+    left = torch.where(none, (width - fw) // 2, left)
     return top, left, h, w
 
 
@@ -77,12 +81,15 @@ def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True):
         top, left, h, w = rrc_params(B, H, W, scale, ratio, images.device)
         flips = _rand(B, images.device) < 0.5 if flip else None
         return (crop_resize(images, top, left, h, w, size, flips) / 255).clamp_(0, 1)
-    out = []
-    for img in images:  # files of different sizes: image by image (antialiased, as torchvision's tensor resize)
-        top, left, h, w = (int(v) for v in rrc_params(1, img.shape[1], img.shape[2], scale, ratio, img.device))
+    # files of different sizes: boxes drawn at once on the CPU (no device sync), then image by image
+    # (antialiased, as torchvision's tensor resize) into one preallocated batch
+    heights, widths = torch.tensor([img.shape[1:] for img in images]).T
+    boxes = torch.stack(rrc_params(len(images), heights, widths, scale, ratio), 1).tolist()
+    x = torch.empty(len(images), 3, size, size, device=images[0].device)
+    for img, (top, left, h, w), out in zip(images, boxes, x):
         crop = img[None, :, top:top + h, left:left + w].float()
-        out.append(F.interpolate(crop, (size, size), mode="bicubic", antialias=True, align_corners=False))
-    x = (torch.cat(out) / 255).clamp_(0, 1)
+        out.copy_(F.interpolate(crop, (size, size), mode="bicubic", antialias=True, align_corners=False)[0])
+    x = (x / 255).clamp_(0, 1)
     return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
 
 

@@ -1,46 +1,115 @@
-"""Training-step throughput (img/s) and peak memory of the shared ViT and of the MAE step.
+"""Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
 
-One optimizer step = forward + backward + AdamW update on random images, bf16 autocast on CUDA, fp32 on CPU.
-Measured after warm-up steps; CUDA timings are synchronised. timm's ViT-Tiny is measured beside ours when timm
-is installed (optional). Speed targets are checked here, never in the tests.
+End to end: each stage's own main() runs on real data in a temporary folder; the figure is its training loop's
+img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. The model-only
+figure times forward + backward + AdamW on random images. bf16 autocast on CUDA (synchronised timings), fp32 on
+CPU. timm's ViT-Tiny is measured beside ours when timm is installed (optional). Speed targets live here, never in
+the tests.
 
-    python bench.py                                  # CPU: cpu-sized ViT at 32 px, and ViT-Tiny at 224 px
-    python bench.py --model=tiny --img_size=224 --patch_size=16 --batch_size=256 --steps=20     # on a GPU
+    python bench.py                                  # CPU: the four stages on the embedded data, then model steps
+    python bench.py --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
+        --stage_model=tiny --stage_img_size=224 --stage_patch=16 --stage_batch=512 --num_workers=14   # GPU, JPEG
 """
 import json
+import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import finetune
+import pretrain_contrastive
+import pretrain_mae
 from common import autocast_ctx, check, check_ranges, cli
 from model import VIT_SIZES, create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
+STAGES = ("mae", "finetune", "mocov3", "dino")
+
 
 @dataclass
 class Config:
+    # end to end
+    stages: str = "mae,finetune,mocov3,dino"  # comma-separated, of mae | finetune | mocov3 | dino; "" = none
+    data: str = "embedded"  # as the stages' --data
+    data_root: str = ""  # as the stages' --data_root
+    make_jpegs: int = 0  # first write this many JPEGs at ImageNet's typical sizes into data_root (10 classes)
+    stage_model: str = "cpu"  # ViT size for the stages
+    stage_img_size: int = 32  # input side for the stages
+    stage_patch: int = 4  # patch side for the stages
+    stage_batch: int = 256  # batch_size_per_gpu for the stages
+    stage_epochs: int = 3  # epochs per stage; the last one is reported
+    num_workers: int = 2  # loader processes (file data only)
+    # model step alone
+    model_steps: bool = True  # also time the model step on random images
     model: str = ""  # one size to measure; empty = cpu at 32 px and tiny at 224 px
     img_size: int = 224  # input side, when model is given
     patch_size: int = 16  # patch side, when model is given
     num_heads: int = 0  # attention heads; 0 = the size's default (timm's vit_tiny has 3)
     batch_size: int = 0  # images per step; 0 = 256 on CUDA, 32 on CPU
     steps: int = 5  # timed steps after 2 warm-up steps
-    compile: bool = False  # torch.compile the model first (CUDA)
+    compile: bool = False  # torch.compile the model (stages and model steps; CUDA)
     out: str = ""  # also write the results to this JSON file
 
     def __post_init__(self):
-        check_ranges(self, img_size=">0", patch_size=">0", num_heads=">=0", batch_size=">=0", steps=">0")
+        check_ranges(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
+                     stage_epochs=">0", num_workers=">=0", img_size=">0", patch_size=">0", num_heads=">=0",
+                     batch_size=">=0", steps=">0")
         check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        check(all(s in STAGES for s in self.stage_list()), f"stages must be of {STAGES}, got {self.stages!r}")
+
+    def stage_list(self):
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide high-water mark (Linux: KiB)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
+def make_jpegs(root, n, classes=10, copies=10):
+    """n JPEGs (quality 90) at ImageNet's common sizes, smooth random content, under root/{train,val}/<class>/;
+    train/ links each file `copies` times so an epoch is long enough to time."""
+    from torchvision.io import encode_jpeg
+
+    sizes = [(375, 500), (333, 500), (500, 375), (480, 640), (500, 500)]
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        low = torch.rand(1, 3, 8, 8, generator=g) * 255
+        img = F.interpolate(low, (h, w), mode="bicubic") + torch.randn(1, 3, h, w, generator=g) * 8
+        path = os.path.join(root, "val", f"c{i % classes}", f"{i}.jpg")
+        with open(path, "wb") as f:
+            f.write(encode_jpeg(img[0].clamp(0, 255).to(torch.uint8), quality=90).numpy().tobytes())
+        for k in range(copies):
+            os.link(path, os.path.join(root, "train", f"c{i % classes}", f"{i}_{k}.jpg"))
+
+
+def run_stage(stage, cfg, tmp):
+    shared = dict(data=cfg.data, data_root=cfg.data_root, model=cfg.stage_model, img_size=cfg.stage_img_size,
+                  patch_size=cfg.stage_patch, batch_size_per_gpu=cfg.stage_batch, epochs=cfg.stage_epochs,
+                  warmup_epochs=0, num_workers=cfg.num_workers, compile=cfg.compile, out_dir=os.path.join(tmp, stage))
+    if stage == "mae":
+        pretrain_mae.main(pretrain_mae.Config(**shared))
+    elif stage == "finetune":  # from scratch: the same step as fine-tuning, with no checkpoint to load
+        finetune.main(finetune.Config(**shared, mode="scratch"))
+    else:
+        local = max(cfg.stage_patch, cfg.stage_img_size * 96 // 224 // cfg.stage_patch * cfg.stage_patch)
+        pretrain_contrastive.main(pretrain_contrastive.Config(**shared, method=stage, local_crop_size=local))
+    rows = [json.loads(line) for line in open(os.path.join(shared["out_dir"], "log.jsonl"))]
+    return rows[-1]["imgs_per_s"]
 
 
 def time_steps(model, step_fn, batch, img_size, steps, device, compile_):
@@ -75,10 +144,25 @@ def mae_step(model, imgs, labels):
 
 def main(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    if cfg.make_jpegs:
+        t0 = time.time()
+        make_jpegs(cfg.data_root, cfg.make_jpegs)
+        print(f"wrote {cfg.make_jpegs} JPEGs under {cfg.data_root} in {time.time() - t0:.0f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in cfg.stage_list():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ips = run_stage(stage, cfg, tmp)
+            row = dict(device=device_name(device), what=f"{stage} end to end ({cfg.data})", model=cfg.stage_model,
+                       img_size=cfg.stage_img_size, batch=cfg.stage_batch, imgs_per_s=round(ips, 1),
+                       peak_mem_mb=round(peak_memory_mb(device)))
+            results.append(row)
+            print(f"{row['device']:>24} {row['what']:>34} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
+                  f"{cfg.stage_batch}: {ips:9.1f} img/s, peak memory {row['peak_mem_mb']:7d} MB", flush=True)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     sizes = [(cfg.model, cfg.img_size, cfg.patch_size)] if cfg.model else [("cpu", 32, 4), ("tiny", 224, 16)]
-    results = []
-    for size, img, patch in sizes:
+    for size, img, patch in sizes if cfg.model_steps else []:
         vit = create_vit(size, cfg.num_heads, img_size=img, patch_size=patch).to(device)
         mae = MAE(MAEConfig(model=size, num_heads=cfg.num_heads, img_size=img, patch_size=patch)).to(device)
         runs = [("vit", vit, classify), ("mae", mae, mae_step)]
@@ -91,11 +175,11 @@ def main(cfg):
             pass
         for name, model, fn in runs:
             ips, mem = time_steps(model, fn, batch, img, cfg.steps, device, cfg.compile)
-            row = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-                       model=size, what=name, img_size=img, batch=batch, imgs_per_s=round(ips, 1), peak_mem_mb=round(mem))
+            row = dict(device=device_name(device), model=size, what=f"{name} model step", img_size=img, batch=batch,
+                       imgs_per_s=round(ips, 1), peak_mem_mb=round(mem))
             results.append(row)
-            print(f"{row['device']:>24} {size:>5} {name:>26} {img}px batch {batch}: {ips:8.1f} img/s, "
-                  f"peak memory {mem:7.0f} MB")
+            print(f"{row['device']:>24} {row['what']:>34} {size:>5} {img}px batch {batch}: {ips:9.1f} img/s, "
+                  f"peak memory {mem:7.0f} MB", flush=True)
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -71,6 +71,7 @@ class Config:
     out_dir: str = "out/finetune"  # ckpt.pt (latest), best.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
+    compile: bool = False  # torch.compile the model (CUDA)
 
     def __post_init__(self):
         check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
@@ -189,6 +190,8 @@ def main(cfg):
     start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
     best_top1 = ckpt["best_top1"] if ckpt else 0.0
     model = DDP(raw_model) if world > 1 else raw_model
+    if cfg.compile:
+        model = torch.compile(model)
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):

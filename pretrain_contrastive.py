@@ -80,6 +80,7 @@ class Config:
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
+    compile: bool = False  # torch.compile the student (CUDA)
 
     def __post_init__(self):
         check(self.method in ("mocov3", "dino"), f"method must be mocov3 or dino, got {self.method!r}")
@@ -251,6 +252,8 @@ def main(cfg):
         start_epoch, history = ckpt["epoch"], ckpt["log"]
         center.copy_(ckpt["center"])
     model = DDP(raw_model) if world > 1 else raw_model
+    if cfg.compile:
+        model = torch.compile(model)
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
