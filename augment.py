@@ -5,7 +5,8 @@ float (B, 3, S, S) in [0, 1]; `normalize` applies ImageNet's mean and std last. 
 comes from torch's RNG on the images' device, which checkpoints save, so a resumed run draws the same augmentations.
 
 - random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback);
-  a same-size batch is cropped and resized by one affine grid_sample (bicubic), a list image by image.
+  a same-size batch is cropped and resized by one affine grid_sample (bicubic); a list of files is padded into
+  chunks and resampled by one supersampled bilinear grid_sample per chunk (area-filtered when shrinking).
 - center_crop: the eval transform, resize the shorter side to S / 0.875 then crop the centre (timm, PAPER §3.1).
 - byol_view: MoCo-v3 / DINO views: colour jitter in random order, grayscale, Gaussian blur, solarize.
 - rand_augment: timm's `rand-m10-mstd0.5-inc1` (PAPER §3.1), the paper's strength; torchvision's RandAugment(10)
@@ -81,16 +82,38 @@ def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True):
         top, left, h, w = rrc_params(B, H, W, scale, ratio, images.device)
         flips = _rand(B, images.device) < 0.5 if flip else None
         return (crop_resize(images, top, left, h, w, size, flips) / 255).clamp_(0, 1)
-    # files of different sizes: boxes drawn at once on the CPU (no device sync), then image by image
-    # (antialiased, as torchvision's tensor resize) into one preallocated batch
-    heights, widths = torch.tensor([img.shape[1:] for img in images]).T
-    boxes = torch.stack(rrc_params(len(images), heights, widths, scale, ratio), 1).tolist()
-    x = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for img, (top, left, h, w), out in zip(images, boxes, x):
-        crop = img[None, :, top:top + h, left:left + w].float()
-        out.copy_(F.interpolate(crop, (size, size), mode="bicubic", antialias=True, align_corners=False)[0])
-    x = (x / 255).clamp_(0, 1)
+    x = _crop_files(images, size, scale, ratio)
     return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
+
+
+def _crop_files(images, size, scale, ratio, max_pixels=2 ** 26):
+    """Random crops of images of different sizes (decoded files). The boxes are drawn at once on the CPU (no device
+    sync); images are padded into chunks of at most max_pixels and each chunk is resampled by one bilinear
+    grid_sample, ss x ss points per output pixel averaged (an area filter when shrinking, like an antialiased
+    resize), the points clamped inside each image so padding never leaks in."""
+    n, dev = len(images), images[0].device
+    heights, widths = torch.tensor([img.shape[1:] for img in images]).T
+    top, left, h, w = rrc_params(n, heights, widths, scale, ratio)
+    ss = int(min(4, max(1, math.ceil(max(h.max().item(), w.max().item()) / size))))
+    u = (torch.arange(size * ss) + 0.5) / (size * ss)  # sample positions across the box, in [0, 1]
+    xs = (left[:, None] + u * w[:, None] - 0.5).clamp(min=0).minimum(widths[:, None] - 1)  # pixel-centre units
+    ys = (top[:, None] + u * h[:, None] - 0.5).clamp(min=0).minimum(heights[:, None] - 1)
+    out, start = torch.empty(n, 3, size, size, device=dev), 0
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * heights[start:end + 1].max() * widths[start:end + 1].max() <= max_pixels:
+            end += 1
+        hp, wp = int(heights[start:end].max()), int(widths[start:end].max())
+        padded = torch.zeros(end - start, 3, hp, wp, dtype=torch.uint8, device=dev)
+        for i in range(start, end):
+            padded[i - start, :, :images[i].shape[1], :images[i].shape[2]] = images[i]
+        gx = ((2 * xs[start:end] + 1) / wp - 1).to(dev)  # normalised, align_corners=False
+        gy = ((2 * ys[start:end] + 1) / hp - 1).to(dev)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # (b, S*ss, S*ss, [x, y])
+        y = F.grid_sample(padded.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out[start:end] = F.avg_pool2d(y, ss) if ss > 1 else y
+        start = end
+    return (out / 255).clamp_(0, 1)
 
 
 def center_crop(images, size, crop_pct=0.875):

@@ -108,8 +108,18 @@ class TestSampling(unittest.TestCase):
         a = augment.random_resized_crop(u8[:1], 48, (1.0, 1.0), flip=False)
         torch.manual_seed(1)
         b = augment.random_resized_crop([u8[0]], 48, (1.0, 1.0), flip=False)  # the list path (files)
-        # the same box; the list path resizes as torchvision's antialiased tensor resize (PIL's cubic, a = -0.5)
-        self.assertLess((a - b).abs().mean().item(), 0.03)
+        # the same box; the list path resamples bilinearly (supersampled), the batch path bicubically
+        self.assertLess((a - b).abs().mean().item(), 0.1)  # on pixel noise, where the two kernels differ most
+        sizes = [(20, 30), (33, 25), (40, 40), (17, 50)]
+        files = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in sizes]
+        torch.manual_seed(2)
+        crops = augment.random_resized_crop(files, 24, (0.08, 1.0), flip=False)
+        torch.manual_seed(2)
+        top, left, h, w = augment.rrc_params(4, torch.tensor([20, 33, 40, 17]), torch.tensor([30, 25, 40, 50]), (0.08, 1.0))
+        for img, crop, t, l, hh, ww in zip(files, crops, top, left, h, w):  # each box, resized on its own
+            ref = TF.resized_crop(img.float(), int(t), int(l), int(hh), int(ww), [24, 24],
+                                  TF.InterpolationMode.BILINEAR, antialias=True) / 255
+            self.assertLess((crop - ref).abs().mean().item(), 0.05)  # padding never leaks in, same content
         views = augment.byol_view(out, 1.0, 1.0)
         self.assertEqual(views.shape, out.shape)
         self.assertTrue(bool(((views >= 0) & (views <= 1)).all()))
