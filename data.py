@@ -1,7 +1,7 @@
 """The data path: datasets as uint8 images, loaders that deliver them to the training device, nothing per-sample
 in Python on the hot path (augment.py works on whole batches there).
 
-- In-memory sets (the embedded slice, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
+- In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
   loader draws only indices, so an epoch is a few gathers.
 - File sets (ImageFolder = ImageNet, and the small transfer sets) are read by DataLoader workers: on a GPU the
   workers read JPEG bytes and the GPU decodes them in batches (nvjpeg via torchvision.io.decode_jpeg); on CPU (and
@@ -129,7 +129,7 @@ def transfer_set(name, root, train):
     split = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
              "aircraft": ("trainval" if train else "test",), "cars": ("train" if train else "test",)}
     if name not in ("cifar10", "cifar100", *split):
-        raise BadValue(f"unknown dataset {name!r}; choose from embedded, fashion-mnist, imagefolder, cifar10, "
+        raise BadValue(f"unknown dataset {name!r}; choose from embedded, mnist, fashion-mnist, imagefolder, cifar10, "
                        "cifar100, flowers102, pets, aircraft, cars")
     if not root or not os.path.isdir(root):
         raise MissingFile(f"data_root {root!r} for {name} does not exist")
@@ -166,8 +166,9 @@ def balanced_subset(labels, n, seed=0):
 
 def build_dataset(name, root, train, subset=0):
     """(dataset, num_classes): MemoryImages or FileImages. See README 'Data' for the names."""
-    if name in ("embedded", "fashion-mnist"):
-        folder, prefix = (EMBEDDED_DIR, "fmnist-") if name == "embedded" else (root or FASHION_MNIST_DIR, "")
+    if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices (data/README.md), or Debian's 70k
+        folder, prefix = {"embedded": (EMBEDDED_DIR, "fmnist-"), "mnist": (EMBEDDED_DIR, "mnist-"),
+                          "fashion-mnist": (root or FASHION_MNIST_DIR, "")}[name]
         split = "train" if train else "t10k"
         ds = MemoryImages(read_idx(os.path.join(folder, f"{prefix}{split}-images-idx3-ubyte.gz")),
                           read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz")))

@@ -39,7 +39,7 @@ class Config:
     reinit_from_block: int = -1  # re-initialise blocks >= this index after loading (layer-importance study); -1 = off
     eval_only: bool = False  # only evaluate init_ckpt (a fine-tuned checkpoint) and exit
     # data
-    data: str = "embedded"  # embedded | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # use only the first N training images (0 = all); for quick checks and data-poor studies
     img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)

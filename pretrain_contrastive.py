@@ -45,7 +45,7 @@ METHOD_DEFAULTS = {
 class Config:
     method: str = "mocov3"  # mocov3 | dino
     # data
-    data: str = "embedded"  # embedded | fashion-mnist | imagefolder | cifar10 | ... (see README)
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | ... (see README)
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # use only the first N training images (0 = all)
     img_size: int = 32  # global view side in pixels; the paper: 224

@@ -32,7 +32,7 @@ from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, u
 @dataclass
 class Config:
     # data
-    data: str = "embedded"  # embedded | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
     data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
     subset: int = 0  # use only the first N training images (0 = all); for quick checks
     img_size: int = 32  # input side in pixels; the paper: 224
