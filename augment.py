@@ -195,19 +195,18 @@ def solarize(x, threshold):
 
 
 def _apply(x, mask, fn, *args):
-    """x with fn applied to the samples where mask is set (args indexed alike): each op runs once per batch."""
+    """fn applied in place to the samples of x where mask is set (args indexed alike): each op runs once per batch.
+    Callers own x (they copy their input once), so no per-op copy of the whole batch is needed."""
     idx = mask.nonzero()[:, 0]
     if len(idx):
-        x = x.clone()
         x[idx] = fn(x[idx], *(a[idx] for a in args))
-    return x
 
 
 def byol_view(x, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
     """BYOL's asymmetric view (MoCo-v3, DINO) after the crop and flip: colour jitter with p 0.8 in a random order
     per sample, grayscale p 0.2, Gaussian blur (sigma 0.1-2, kernel ~10% of the side) with blur_p, solarize
     (threshold 128) with solarize_p."""
-    B, dev = len(x), x.device
+    B, dev, x = len(x), x.device, x.clone()  # the ops below write into this copy
     b, c, s, h = jitter
     jitter_on = _rand(B, dev) < jitter_p
     factors = [_rand(B, dev, 1 - b, 1 + b), _rand(B, dev, 1 - c, 1 + c), _rand(B, dev, 1 - s, 1 + s), _rand(B, dev, -h, h)]
@@ -215,18 +214,18 @@ def byol_view(x, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, 
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for step in range(4):
         for k, op in enumerate(ops):
-            x = _apply(x, jitter_on & (order[:, step] == k), op, factors[k])
+            _apply(x, jitter_on & (order[:, step] == k), op, factors[k])
     x = torch.where(_bshape(_rand(B, dev) < gray_p), grayscale(x), x)
     kernel = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)  # 23 at 224
-    x = _apply(x, _rand(B, dev) < blur_p, lambda y, sg: gaussian_blur(y, sg, kernel), _rand(B, dev, 0.1, 2.0))
-    return _apply(x, _rand(B, dev) < solarize_p, solarize, torch.full((B,), 128 / 255, device=dev))
+    _apply(x, _rand(B, dev) < blur_p, lambda y, sg: gaussian_blur(y, sg, kernel), _rand(B, dev, 0.1, 2.0))
+    _apply(x, _rand(B, dev) < solarize_p, solarize, torch.full((B,), 128 / 255, device=dev))
+    return x
 
 
 # --- RandAugment, timm's semantics ---
 MAX_LEVEL = 10.0
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
-SIGNED = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Brightness", "Sharpness")
 SCALE = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateX": 0.45, "TranslateY": 0.45, "Color": 0.9,
          "Contrast": 0.9, "Brightness": 0.9, "Sharpness": 0.9}
 
@@ -347,12 +346,12 @@ def apply_op(x, name, arg):
 
 def rand_augment(x, magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=0.5, ops=OPS):
     """timm's rand-m{magnitude}-mstd{magnitude_std}-inc1 on a float batch in [0, 1], per sample."""
-    B, dev = len(x), x.device
+    B, dev, x = len(x), x.device, x.clone()  # the ops below write into this copy
     for _ in range(num_ops):
         drawn = torch.randint(len(ops), (B,), device=dev)  # uniform, with replacement across the num_ops layers
         on = _rand(B, dev) < prob
         m = magnitude + magnitude_std * torch.randn(B, device=dev) if magnitude_std > 0 else torch.full((B,), magnitude, device=dev)
         m = m.clamp(0, MAX_LEVEL)
         for k, name in enumerate(ops):
-            x = _apply(x, on & (drawn == k), lambda y, a, n=name: apply_op(y, n, a), op_arg(name, m))
+            _apply(x, on & (drawn == k), lambda y, a, n=name: apply_op(y, n, a), op_arg(name, m))
     return x

@@ -300,7 +300,7 @@ def try_resume(cfg, rank, **stateful):
     if "log" not in ckpt:  # a checkpoint from before the rows travelled in it: keep the log's rows up to its epoch
         ckpt["log"] = read_log(cfg.out_dir, ckpt["epoch"])
     if rank == 0:
-        write_log(cfg.out_dir, ckpt.get("log", []))  # a kill after the checkpoint but before the log loses no row
+        write_log(cfg.out_dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
         best = os.path.join(cfg.out_dir, "best.pt")
         if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
             save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint

@@ -50,6 +50,11 @@ class MemoryImages:
     def select(self, indices):
         return MemoryImages(self.images[indices], self.labels[indices])
 
+    def chw(self):
+        """The images as (N, 3, H, W) uint8, grey ones repeated to 3 channels (a view where possible)."""
+        x = self.images if self.images.dim() == 4 else self.images[..., None].expand(-1, -1, -1, 3)
+        return x.permute(0, 3, 1, 2)
+
 
 def load_rgb(path):
     """PIL decode that names the file when it cannot be decoded (decompression bombs included). 16-bit grey images
@@ -188,9 +193,7 @@ def build_dataset(name, root, train, subset=0):
 def first_images(dataset, n, device):
     """The first n training images, undecorated (uint8), for figures: a batch, or a list for files."""
     if isinstance(dataset, MemoryImages):
-        x = dataset.images[:n]
-        x = x if x.dim() == 4 else x[..., None].expand(-1, -1, -1, 3)
-        return x.permute(0, 3, 1, 2).to(device)
+        return dataset.chw()[:n].to(device)
     return [TF.pil_to_tensor(load_rgb(p)).to(device) for p, _ in dataset.samples[:n]]
 
 
@@ -215,8 +218,7 @@ class Loader:
                                "--batch_size_per_gpu")
             self.sampler = torch.utils.data.RandomSampler(range(len(dataset))) if train else None
         if self.memory:  # the whole set moves to the device once; a batch is an index gather
-            images = dataset.images if dataset.images.dim() == 4 else dataset.images[..., None].expand(-1, -1, -1, 3)
-            self.images = images.permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, H, W) uint8
+            self.images = dataset.chw().contiguous().to(device)  # (N, 3, H, W) uint8
             self.labels = dataset.labels.to(device)
             self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
         else:

@@ -132,7 +132,8 @@ def main(cfg):
     master = rank == 0
     seed_everything(cfg.seed + rank)
     init = load_ckpt(cfg.init_ckpt, "init_ckpt") if cfg.mode != "scratch" or cfg.eval_only else None
-    heads = checkpoint_heads(init, cfg.init_ckpt, cfg.model, cfg.num_heads, verbose=master) if init else cfg.num_heads
+    heads = checkpoint_heads(init, cfg.init_ckpt, cfg.model, cfg.num_heads, verbose=master) if init is not None \
+        else cfg.num_heads
     cfg = replace(cfg, num_heads=vit_heads(cfg.model, heads))  # the real count goes into config.json and checkpoints
     if master and not cfg.eval_only:  # --eval_only writes nothing, anywhere
         prepare_out_dir(cfg, __file__)
