@@ -6,7 +6,9 @@ r"""Look inside pre-trained ViTs (PAPER §5): layer similarity by CKA, attention
 - Attention: per layer and head, the cls row/column is dropped and the softmax re-taken over patches; the mean
   attention distance (pixels: patch-grid distance x patch size) and entropy (nats) are averaged over queries/images.
 - Reconstructions: when the checkpoint has an MAE decoder, a grid of original / masked / reconstructed images.
-Writes analysis.json and cka.png, attn_distance.png, attn_entropy.png, recon.png into out_dir.
+- Attention maps: the last layer's cls-to-patch attention, one panel per head, over the first test images.
+Writes analysis.json and cka.png, attn_distance.png, attn_entropy.png, recon.png, attn_maps.png (attn_maps2.png for
+ckpt2) into out_dir.
 
     python analyze.py                                     # analyse out/mae/ckpt.pt on the embedded test images
     python analyze.py --ckpt=out/mae/ckpt.pt --ckpt2=out/scratch/best.pt    # CKA between MAE and supervised layers
@@ -43,10 +45,11 @@ class Config:
     data_root: str = ""  # folder of the data; unused for embedded
     num_images: int = 512  # images for the averages (the paper: 1024)
     batch_size: int = 128  # CKA minibatch (the paper: 128); at least 4 for the unbiased estimator
+    num_map_images: int = 4  # test images in the per-head attention-map figure
     out_dir: str = "out/analyze"  # analysis.json and PNG figures
 
     def __post_init__(self):
-        check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0")
+        check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0", num_map_images=">0")
         check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
@@ -132,6 +135,40 @@ def save_plots(result, out_dir):
 
 
 @torch.no_grad()
+def save_attention_maps(vit, images, title, path):
+    """The last layer's cls-to-patch attention, one panel per head, over a few images (rows): each head's map (softmax
+    over all tokens, cls row, each map scaled to its own maximum) laid over the grey input, both upscaled with
+    nearest neighbour so every patch stays a visible square."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    crops = augment.center_crop(images, vit.patch_embed.img_size)  # uint8 (B, 3, S, S)
+    _, attns, _ = vit.forward_features(augment.normalize(crops), return_attn=True)
+    maps = attns[-1].float().softmax(-1)[:, :, 0, 1:]  # (B, H, L): where the cls token looks, per head
+    maps = (maps / maps.amax(-1, keepdim=True)).unflatten(-1, (vit.grid, vit.grid)).cpu()
+    grey = crops.float().mean(1).cpu()
+    n, heads = maps.shape[:2]
+    fig, axes = plt.subplots(n, heads + 1, figsize=(1.3 * (heads + 1), 1.3 * n + 0.6), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(grey[i], cmap="gray", interpolation="nearest")
+        axes[i, 0].set_ylabel(f"image {i + 1}", fontsize=8)
+        for h in range(heads):
+            ax = axes[i, h + 1]
+            ax.imshow(grey[i], cmap="gray", interpolation="nearest")
+            ax.imshow(maps[i, h], cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest",
+                      extent=(-0.5, grey.shape[-1] - 0.5, grey.shape[-2] - 0.5, -0.5))
+            if i == 0:
+                ax.set_title(f"head {h + 1}", fontsize=8)
+    axes[0, 0].set_title("input", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{title}: last layer, cls-to-patch attention per head (bright = most attended)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
 def main(cfg):
     # --- setup ---
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,6 +215,11 @@ def main(cfg):
         view = augment.normalize(augment.center_crop(first_images(dataset, 8, device), img_size))
         save_image(pretrain_mae.reconstruction_grid(mae, view), os.path.join(cfg.out_dir, "recon.png"), nrow=6, padding=1)
 
+    # --- per-head attention maps of each model on the first test images ---
+    for i, ((vit, *_), name) in enumerate(zip(models, names)):
+        save_attention_maps(vit, first_images(dataset, cfg.num_map_images, device), name,
+                            os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"))
+
     # --- save ---
     with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
         json.dump(result, f)
@@ -188,7 +230,7 @@ def main(cfg):
                + " | entropy (nats) " + " ".join(f"{sum(e) / len(e):.2f}" for e in ents))
     print0("CKA diagonal: " + " ".join(f"{result['cka'][i][i]:.2f}" for i in range(min(len(result['cka']),
                                                                                      len(result['cka'][0])))))
-    print0(f"wrote {cfg.out_dir}/analysis.json, cka.png, attn_distance.png, attn_entropy.png")
+    print0(f"wrote {cfg.out_dir}/analysis.json, cka.png, attn_distance.png, attn_entropy.png, attn_maps*.png")
     return result
 
 

@@ -137,8 +137,9 @@ def parse_config(cls, argv=None):
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         conv = _parse_bool if f.type is bool else f.type  # int("3.5") fails loudly, as it should
+        flag = dict(nargs="?", const=True) if f.type is bool else {}  # a bare --flag means --flag=true
         parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"{comments.get(f.name, '')} (default: {f.default})")
+                            help=f"{comments.get(f.name, '')} (default: {f.default})", **flag)
     args = parser.parse_args(argv)
     try:
         return cls(**vars(args))

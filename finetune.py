@@ -58,7 +58,7 @@ class Config:
     base_lr: float = 1e-3  # lr = base_lr x global batch / 256
     min_lr: float = 1e-6  # cosine floor
     weight_decay: float = 0.05  # not on biases/norms/tokens
-    layer_decay: float = 0.85  # lr scale decay^(depth+1-layer_id) per block; 0.75 for MoCo-v3; 1 = off
+    layer_decay: float = 0.85  # lr scale decay^(depth+1-layer_id) per block; 0.75 for MoCo-v3; 1 = off; off for scratch (DeiT)
     clip_grad: float = 0.0  # max grad norm; 0 = off (transfer recipe: 1.0)
     # regularisation
     mixup: float = 0.2  # mixup alpha; 0 = off (impr. recipe 0.2)
@@ -173,8 +173,8 @@ def main(cfg):
     global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
     lr = cfg.base_lr * global_batch / 256
     depth = raw_model.depth
-    groups = param_groups(raw_model, cfg.weight_decay,
-                          lambda name: cfg.layer_decay ** (depth + 1 - layer_id(name, depth)))
+    decay = 1.0 if cfg.mode == "scratch" else cfg.layer_decay  # DeiT's from-scratch recipe has no layer decay
+    groups = param_groups(raw_model, cfg.weight_decay, lambda name: decay ** (depth + 1 - layer_id(name, depth)))
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=lr)
     else:

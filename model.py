@@ -21,7 +21,8 @@ from common import BadValue, load_ckpt  # plumbing: weights_only loads and one-l
 # Head count changes no parameter shape: timm's 3-head vit_tiny loads into 12 heads silently and computes another
 # function, so every stage has --num_heads and checkpoints of ours carry it in their config.
 VIT_SIZES = {
-    "micro": dict(embed_dim=32, depth=2, num_heads=2),
+    "micro": dict(embed_dim=32, depth=2, num_heads=2),  # tests
+    "mini": dict(embed_dim=64, depth=4, num_heads=4),  # reproduce.py's study on 2 CPU cores
     "cpu": dict(embed_dim=96, depth=6, num_heads=6),
     "tiny": dict(embed_dim=192, depth=12, num_heads=12),
     "small": dict(embed_dim=384, depth=12, num_heads=12),
