@@ -371,7 +371,8 @@ def write_report(cfg, runs, results, wall):
       f"{'' if cfg.quick else ' (the defaults)'}; it skips runs whose result.json exists, so delete `{cfg.out_dir}/` "
       f"to start over. Seeds {cfg.seeds}; every table cell is mean ± sample std over them (n = seeds). Hardware: "
       f"{os.cpu_count()} CPU cores ({platform.machine()}), {cfg.jobs} runs at a time, {cfg.threads} thread each; "
-      f"{core_s / 60:.0f} run-minutes, {wall / 60:.0f} min wall-clock in the last invocation.\n")
+      f"{core_s / 60:.0f} run-minutes (the sum of every run's own time; {cfg.jobs} at a time take about 1/{cfg.jobs} of "
+      f"that), {wall / 60:.0f} min wall-clock in the invocation that wrote this report (finished runs are read back).\n")
     tr = [r for r in runs if r.name.startswith(f"mae_{cfg.transfer_data}") and r.name.endswith(f"_s{seeds[0]}")]
     w(f"Setting: data `{cfg.data}` ({len(build_dataset(cfg.data, cfg.data_root, True, cfg.subset)[0])} training "
       f"images), ViT `{cfg.model}` {VIT_SIZES[cfg.model]} at {cfg.img_size} px with {cfg.patch_size}-px patches; "
