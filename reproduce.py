@@ -240,7 +240,7 @@ def execute(run, threads):
     """In a worker: run the stage, then write result.json (atomically: its presence means done)."""
     import torch
     torch.set_num_threads(threads)
-    folder = os.path.dirname(run.cfg.out) if run.stage == "knn" else run.cfg.out_dir
+    folder = run_folder(run)
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     with output_to(os.path.join(folder, "output.log")):
@@ -261,8 +261,12 @@ def execute(run, threads):
     return result
 
 
+def run_folder(run):
+    return os.path.dirname(run.cfg.out) if run.stage == "knn" else run.cfg.out_dir  # knn.py writes a file, not a folder
+
+
 def result_path(run):
-    return os.path.join(os.path.dirname(run.cfg.out) if run.stage == "knn" else run.cfg.out_dir, "result.json")
+    return os.path.join(run_folder(run), "result.json")
 
 
 def finished(run):
@@ -285,7 +289,6 @@ def run_all(runs, cfg):
     print(f"{len(runs)} runs, {len(results)} already finished, {len(todo)} to go, {cfg.jobs} at a time "
           f"(outputs: {cfg.out_dir}/runs/<run>/output.log)", flush=True)
     start, spent, estimated = time.time(), 0.0, 0.0  # seconds and estimated cost of the runs finished here
-    by_name = {r.name: r for r in runs}
     with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn")) as pool:
         going = {}
         while todo or going:
@@ -306,7 +309,7 @@ def run_all(runs, cfg):
                                    f"(its output: {os.path.dirname(result_path(r))}/output.log); run reproduce.py "
                                    f"again to resume") from e
                 spent, estimated = spent + results[r.name]["seconds"], estimated + r.cost
-                left = sum(by_name[n].cost for n in [x.name for x in todo] + [x.name for x in going.values()])
+                left = sum(x.cost for x in todo + list(going.values()))
                 eta = left * spent / estimated / cfg.jobs
                 score = f" top-1 {results[r.name]['top1']:.1f}" if "top1" in results[r.name] else ""
                 print(f"[{len(results)}/{len(runs)}] {r.name} done in {results[r.name]['seconds']:.0f} s{score} | "
@@ -356,6 +359,14 @@ def write_report(cfg, runs, results, wall):
 
     figs = os.path.join(cfg.out_dir, "figures")
     os.makedirs(figs, exist_ok=True)
+
+    def save(fig, name):
+        fig.savefig(os.path.join(figs, name), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+    def mean_std_line(ax, xs, per_x, label):  # per_x: one list of seed values per x
+        st = [stats(v) for v in per_x]
+        ax.errorbar(xs, [m for m, _, _ in st], yerr=[sd for _, sd, _ in st], marker="o", capsize=3, label=label)
     seeds, depth = cfg.seed_list, VIT_SIZES[cfg.model]["depth"]
     get = lambda pattern, key="top1": [results[pattern.format(s=s)][key] for s in seeds  # noqa: E731
                                        if pattern.format(s=s) in results]
@@ -415,8 +426,7 @@ def write_report(cfg, runs, results, wall):
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"Fine-tuning on {dname}: test top-1 per epoch (mean of {len(seeds)} seeds)")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(figs, "curves.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "curves.png")
     dino_b = results.get(f"dino_b_knn_s{seeds[0]}", {}).get("top1")
     floor = get("random_knn_s{s}")
     w(f"DINO's k-NN against the random-initialised floor: {fmt(get('dino_knn_s{s}'))} vs {fmt(floor)} "
@@ -437,8 +447,7 @@ def write_report(cfg, runs, results, wall):
     ax.set_ylabel("DINO loss (nats)")
     ax.set_title("DINO pre-training loss; dotted: ln(prototypes), a uniform (collapsed) output")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(figs, "dino_loss.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "dino_loss.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = list(METHODS.values()) + [f"DINO (other settings, seed {seeds[0]})"]
     vals = [stats(get(m + "_knn_s{s}")) for m in METHODS] + [(dino_b, 0.0, 1)]
@@ -448,8 +457,7 @@ def write_report(cfg, runs, results, wall):
     ax.set_ylabel("k-NN test top-1 (%)")
     ax.set_title(f"k-NN on frozen features after pre-training ({dname})")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(figs, "knn.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "knn.png")
 
     # claim 2
     w("## Claim 2: the lower layers matter more\n")
@@ -477,14 +485,12 @@ def write_report(cfg, runs, results, wall):
                                           else "**mixed**") + ". ![layers](figures/layers.png)\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for m in ("mae", "mocov3"):
-        st = [stats(v) for v in layer[m]]
-        ax.errorbar(range(depth + 1), [x[0] for x in st], yerr=[x[1] for x in st], marker="o", capsize=3, label=METHODS[m])
+        mean_std_line(ax, range(depth + 1), layer[m], METHODS[m])
     ax.set_xlabel("pre-trained blocks kept (K), the rest re-initialised")
     ax.set_ylabel("fine-tuned test top-1 (%)")
     ax.set_title(f"Which pre-trained layers matter ({dname}, {cfg.layer_epochs} epochs, mean ± std)")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(figs, "layers.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "layers.png")
 
     # claim 3 and 4
     srcs = ("mae", "mocov3", "dmae", "supervised")
@@ -493,26 +499,23 @@ def write_report(cfg, runs, results, wall):
     w(f"Transfer to `{td}` (pre-trained on `{cfg.data}`), test top-1 after fine-tuning on the labelled images.\n")
     w("| labels per class | " + " | ".join(names[s] for s in srcs) + " | MAE vs supervised | MAE vs MoCo-v3 |")
     w("|---" * (len(srcs) + 3) + "|")
-    signs3, signs4 = [], []
+    signs3 = []
     for shots in cfg.shot_list:
         v = {src: get(f"{src}_{td}{shots}_s{{s}}") for src in srcs}
         c = [compare(v["mae"], v["supervised"]), compare(v["mae"], v["mocov3"])]
         signs3 += c
-        signs4.append(compare(v["dmae"], v["mae"]))
         w(f"| {shots} | " + " | ".join(fmt(v[s]) for s in srcs) + f" | {c[0]} | {c[1]} |")
     w(f"\nVerdict (MAE below both, at every size): {verdict(signs3, '<' * len(signs3))}. ![transfer](figures/transfer.png)\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for src in srcs:
-        st = [stats(get(f"{src}_{td}{shots}_s{{s}}")) for shots in cfg.shot_list]
-        ax.errorbar(cfg.shot_list, [x[0] for x in st], yerr=[x[1] for x in st], marker="o", capsize=3, label=names[src])
+        mean_std_line(ax, cfg.shot_list, [get(f"{src}_{td}{shots}_s{{s}}") for shots in cfg.shot_list], names[src])
     ax.set_xscale("log")
     ax.set_xticks(cfg.shot_list, [str(x) for x in cfg.shot_list])
     ax.set_xlabel("labelled images per class (log scale)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"Transfer {dname} -> {tname} with few labels (mean ± std)")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(figs, "transfer.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "transfer.png")
 
     w("## Claim 4: distilling a larger MAE's attention (D-MAE) helps, most on data-poor tasks\n")
     w("| evaluation | MAE | D-MAE | D-MAE vs MAE |")
@@ -553,8 +556,7 @@ def write_report(cfg, runs, results, wall):
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"Mean attention distance per head and layer ({dname} test images, {cfg.img_size} px, "
                  f"{cfg.patch_size}-px patches; seed {seeds[0]})", fontsize=10, y=1.04)
-    fig.savefig(os.path.join(figs, "attn_distance.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, "attn_distance.png")
     w("| model | mean attention distance per layer (pixels, mean over heads) |")
     w("|---|---|")
     for label, d in attn.items():
