@@ -1,8 +1,11 @@
 """Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
 
 End to end: each stage's own main() runs on real data in a temporary folder; the figure is its training loop's
-img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. The model-only
-figure times forward + backward + AdamW on random images. bf16 autocast on CUDA (synchronised timings), fp32 on
+img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. Beside it, the
+same stage's data path without the model (its loader alone, then with its augmentation call) and the share of a
+step's time that would be: the figures that say whether the data or the model is the limit, and for files how the
+reading + decoding and the crops divide it. The model-only figure times forward +
+backward + AdamW on random images. bf16 autocast on CUDA (synchronised timings), fp32 on
 CPU. timm's ViT-Tiny is measured beside ours when timm is installed (optional). Speed targets live here, never in
 the tests.
 
@@ -24,6 +27,7 @@ import finetune
 import pretrain_contrastive
 import pretrain_mae
 from common import autocast_ctx, check, check_ranges, cli
+from data import Loader, build_dataset
 from model import VIT_SIZES, create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
@@ -42,6 +46,7 @@ class Config:
     stage_patch: int = 4  # patch side for the stages
     stage_batch: int = 256  # batch_size_per_gpu for the stages
     stage_epochs: int = 3  # epochs per stage; the last one is reported
+    stage_subset: int = 0  # use only this many training images (0 = all)
     num_workers: int = 2  # loader processes (file data only)
     # model step alone
     model_steps: bool = True  # also time the model step on random images
@@ -52,12 +57,13 @@ class Config:
     batch_size: int = 0  # images per step; 0 = 256 on CUDA, 32 on CPU
     steps: int = 5  # timed steps after 2 warm-up steps
     compile: bool = False  # torch.compile the model (stages and model steps; CUDA)
+    threads: int = 0  # CPU threads for torch (0 = torch's default: one per core)
     out: str = ""  # also write the results to this JSON file
 
     def __post_init__(self):
         check_ranges(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
-                     stage_epochs=">0", num_workers=">=0", img_size=">0", patch_size=">0", num_heads=">=0",
-                     batch_size=">=0", steps=">0")
+                     stage_epochs=">0", stage_subset=">=0", num_workers=">=0", img_size=">0", patch_size=">0",
+                     num_heads=">=0", batch_size=">=0", steps=">0", threads=">=0")
         check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         check(all(s in STAGES for s in self.stage_list()), f"stages must be of {STAGES}, got {self.stages!r}")
@@ -97,19 +103,55 @@ def make_jpegs(root, n, classes=10, copies=10):
             os.link(path, os.path.join(root, "train", f"c{i % classes}", f"{i}_{k}.jpg"))
 
 
-def run_stage(stage, cfg, tmp):
+def stage_config(stage, cfg, tmp):
     shared = dict(data=cfg.data, data_root=cfg.data_root, model=cfg.stage_model, img_size=cfg.stage_img_size,
                   patch_size=cfg.stage_patch, batch_size_per_gpu=cfg.stage_batch, epochs=cfg.stage_epochs,
-                  warmup_epochs=0, num_workers=cfg.num_workers, compile=cfg.compile, out_dir=os.path.join(tmp, stage))
+                  warmup_epochs=0, subset=cfg.stage_subset, num_workers=cfg.num_workers, compile=cfg.compile,
+                  out_dir=os.path.join(tmp, stage))
     if stage == "mae":
-        pretrain_mae.main(pretrain_mae.Config(**shared))
-    elif stage == "finetune":  # from scratch: the same step as fine-tuning, with no checkpoint to load
-        finetune.main(finetune.Config(**shared, mode="scratch"))
-    else:
-        local = max(cfg.stage_patch, cfg.stage_img_size * 96 // 224 // cfg.stage_patch * cfg.stage_patch)
-        pretrain_contrastive.main(pretrain_contrastive.Config(**shared, method=stage, local_crop_size=local))
-    rows = [json.loads(line) for line in open(os.path.join(shared["out_dir"], "log.jsonl"))]
+        return pretrain_mae.Config(**shared)
+    if stage == "finetune":  # from scratch: the same step as fine-tuning, with no checkpoint to load
+        return finetune.Config(**shared, mode="scratch")
+    local = max(cfg.stage_patch, cfg.stage_img_size * 96 // 224 // cfg.stage_patch * cfg.stage_patch)
+    return pretrain_contrastive.Config(**shared, method=stage, local_crop_size=local)
+
+
+def run_stage(stage, stage_cfg):
+    """The stage's own training loop; its img/s on the last epoch."""
+    {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).main(stage_cfg)
+    rows = [json.loads(line) for line in open(os.path.join(stage_cfg.out_dir, "log.jsonl"))]
     return rows[-1]["imgs_per_s"]
+
+
+def time_data_path(stage, sc, device):
+    """The stage's data path without the model: (loading alone, loading + its own augmentation call), img/s on the
+    training device, each timed over a whole pass after a warm-up pass (which moves an in-memory set to the device
+    and starts the workers). Loading = index gathers for in-memory sets; reading + decoding for files."""
+    dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)
+    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device)
+    if stage == "mae":
+        augment = lambda x, y: pretrain_mae.augment_batch(x, sc)
+    elif stage == "finetune":
+        transform, mix = finetune.train_transform(sc), finetune.make_mixer(sc, classes)
+        augment = lambda x, y: mix(transform(x), y) if mix else transform(x)
+    else:
+        augment = lambda x, y: pretrain_contrastive.make_views(x, sc)
+    rates = []
+    for run_augment in (False, False, True):
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        for x, y in loader:
+            if run_augment:
+                augment(x, y)
+            n += len(y)
+        sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates[1], rates[2]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_steps(model, step_fn, batch, img_size, steps, device, compile_):
@@ -121,16 +163,14 @@ def time_steps(model, step_fn, batch, img_size, steps, device, compile_):
         torch.cuda.reset_peak_memory_stats()
     for i in range(2 + steps):
         if i == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
         with autocast_ctx(device):
             loss = step_fn(fn, imgs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return batch * steps / (time.perf_counter() - t0), peak_memory_mb(device)
 
 
@@ -144,6 +184,8 @@ def mae_step(model, imgs, labels):
 
 def main(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     results = []
     if cfg.make_jpegs:
         t0 = time.time()
@@ -151,15 +193,22 @@ def main(cfg):
         print(f"wrote {cfg.make_jpegs} JPEGs under {cfg.data_root} in {time.time() - t0:.0f} s")
     with tempfile.TemporaryDirectory() as tmp:
         for stage in cfg.stage_list():
+            sc = stage_config(stage, cfg, tmp)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ips = run_stage(stage, cfg, tmp)
-            row = dict(device=device_name(device), what=f"{stage} end to end ({cfg.data})", model=cfg.stage_model,
-                       img_size=cfg.stage_img_size, batch=cfg.stage_batch, imgs_per_s=round(ips, 1),
-                       peak_mem_mb=round(peak_memory_mb(device)))
-            results.append(row)
-            print(f"{row['device']:>24} {row['what']:>34} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
-                  f"{cfg.stage_batch}: {ips:9.1f} img/s, peak memory {row['peak_mem_mb']:7d} MB", flush=True)
+            ips = run_stage(stage, sc)
+            peak = round(peak_memory_mb(device))
+            load_ips, data_ips = time_data_path(stage, sc, device)
+            common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
+                          batch=cfg.stage_batch)
+            results += [dict(common, what=f"{stage} end to end ({cfg.data})", imgs_per_s=round(ips, 1), peak_mem_mb=peak),
+                        dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
+                        dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
+                             share_of_step=round(ips / data_ips, 3))]
+            print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
+                  f"{cfg.stage_batch}: end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone "
+                  f"{load_ips:9.1f}, + augmentation {data_ips:9.1f} img/s ({100 * ips / data_ips:.0f}% of a step's "
+                  "time)", flush=True)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     sizes = [(cfg.model, cfg.img_size, cfg.patch_size)] if cfg.model else [("cpu", 32, 4), ("tiny", 224, 16)]
     for size, img, patch in sizes if cfg.model_steps else []:

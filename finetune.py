@@ -109,6 +109,14 @@ def train_transform(cfg):
     return transform
 
 
+def make_mixer(cfg, num_classes):
+    """Mixup and / or CutMix on the batch, one of them per batch when both are on (timm's switch prob 0.5); None
+    when both are off. mix(images, labels) -> (mixed images, soft targets (B, classes))."""
+    mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
+    mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
+    return v2.RandomChoice(mixers) if mixers else None
+
+
 @torch.no_grad()
 def evaluate(model, loader, img_size, device):
     """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks),
@@ -145,9 +153,7 @@ def main(cfg):
         train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
         loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
         transform = train_transform(cfg)
-        mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
-        mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
-        mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch, each with prob. 1/len
+        mix = make_mixer(cfg, num_classes)
 
     # --- model ---
     raw_model = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,

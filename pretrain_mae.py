@@ -78,6 +78,12 @@ class Config:
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
 
 
+def augment_batch(imgs, cfg):
+    """MAE's only augmentation, on a uint8 batch on the device: RandomResizedCrop (scale crop_min_scale..1, bicubic),
+    horizontal flip, ImageNet normalisation."""
+    return augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+
+
 def mae_loss(imgs, pred, mask, patch_size, norm_pix):
     """MSE per patch against (optionally per-patch normalised) pixels, averaged over removed patches only (MAE §3)."""
     target = patchify(imgs, patch_size)
@@ -178,7 +184,7 @@ def main(cfg, model=None):
             step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
             lr_now = cosine_value(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now)
-            imgs = augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+            imgs = augment_batch(imgs, cfg)
             # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
             with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
                 with autocast_ctx(device):

@@ -4,10 +4,12 @@ results/REPORT.md with mean ± std tables, verdicts and figures.
 The study is a list of runs (built by `study()`, read it top to bottom); each run calls one stage's main(Config(...))
 in its own folder under results/runs/. A run that finished left a result.json there and is skipped, so a killed study
 resumes where it stopped (a half-done run continues from its own checkpoint). Runs go to `--jobs` worker processes,
-one thread each: on 2 cores two single-threaded runs do twice the work of one two-threaded run for models this small.
-A fixed thread count also keeps every run deterministic: the same seeds give the same report on any machine.
+one thread each: on 2 cores two single-threaded runs do 1.2 to 1.8 times the work of one two-threaded run for models
+this small (a second thread speeds one step up only 1.1 to 1.7 times).
+A fixed thread count also keeps every run deterministic: the same seeds give the same report on the same machine
+(another CPU's instruction set can change the last bits of its kernels).
 
-    python reproduce.py                        # the default study: 3 seeds on the embedded Fashion-MNIST (~75 min, 2 cores)
+    python reproduce.py                        # the default study: 3 seeds on the embedded Fashion-MNIST (~85 min, 2 cores)
     python reproduce.py --quick                # every step on micro sizes, under a minute (the tests run it)
     python reproduce.py --seeds=0,1,2,3,4 --jobs=16 --data=fashion-mnist      # 70k images (Debian's package), 16 cores
     python reproduce.py --model=tiny --teacher_model=base --img_size=224 --patch_size=16 --data=imagefolder \
