@@ -4,10 +4,9 @@ End to end: each stage's own main() runs on real data in a temporary folder; the
 img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. Beside it, the
 same stage's data path without the model (its loader alone, then with its augmentation call) and the share of a
 step's time that would be: the figures that say whether the data or the model is the limit, and for files how the
-reading + decoding and the crops divide it. The model-only figure times forward +
-backward + AdamW on random images. bf16 autocast on CUDA (synchronised timings), fp32 on
-CPU. timm's ViT-Tiny is measured beside ours when timm is installed (optional). Speed targets live here, never in
-the tests.
+reading + decoding and the crops divide it. The model-only figure times forward + backward + AdamW on random images.
+bf16 autocast on CUDA (synchronised timings), fp32 on CPU. timm's ViT-Tiny is measured beside ours when timm is
+installed (optional). Speed targets live here, never in the tests.
 
     python bench.py                                  # CPU: the four stages on the embedded data, then model steps
     python bench.py --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
@@ -201,14 +200,15 @@ def main(cfg):
             load_ips, data_ips = time_data_path(stage, sc, device)
             common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
                           batch=cfg.stage_batch)
+            share = ips / data_ips  # of an end-to-end step's time, if the data path ran alone
             results += [dict(common, what=f"{stage} end to end ({cfg.data})", imgs_per_s=round(ips, 1), peak_mem_mb=peak),
                         dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
                         dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
-                             share_of_step=round(ips / data_ips, 3))]
+                             share_of_step=round(share, 3))]
             print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
                   f"{cfg.stage_batch}: end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone "
-                  f"{load_ips:9.1f}, + augmentation {data_ips:9.1f} img/s ({100 * ips / data_ips:.0f}% of a step's "
-                  "time)", flush=True)
+                  f"{load_ips:9.1f}, + augmentation {data_ips:9.1f} img/s ({100 * share:.0f}% of a step's time)",
+                  flush=True)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     sizes = [(cfg.model, cfg.img_size, cfg.patch_size)] if cfg.model else [("cpu", 32, 4), ("tiny", 224, 16)]
     for size, img, patch in sizes if cfg.model_steps else []:

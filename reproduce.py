@@ -28,7 +28,7 @@ import platform
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 
 import distill
@@ -279,7 +279,7 @@ def finished(run):
         result = json.load(f)
     old, new = result["config"], settings(run)
     changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
-    check(not changed, f"{os.path.dirname(result_path(run))} holds a run with other settings ({', '.join(changed)}); "
+    check(not changed, f"{run_folder(run)} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --out_dir, or delete that folder to redo it")
     return result
 
@@ -308,7 +308,7 @@ def run_all(runs, cfg):
                     for f in going:
                         f.cancel()
                     raise RunError(f"run {r.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                                   f"(its output: {os.path.dirname(result_path(r))}/output.log); run reproduce.py "
+                                   f"(its output: {run_folder(r)}/output.log); run reproduce.py "
                                    f"again to resume") from e
                 spent, estimated = spent + results[r.name]["seconds"], estimated + r.cost
                 left = sum(x.cost for x in todo + list(going.values()))
@@ -435,12 +435,13 @@ def write_report(cfg, runs, results, wall):
       f"({compare(get('dino_knn_s{s}'), floor)}). Other settings (seed {seeds[0]}: teacher momentum 0.99, teacher "
       f"temperature 0.04 throughout, 1024 prototypes, lr 1e-3): {dino_b:.1f} vs the floor's "
       f"{results[f'random_knn_s{seeds[0]}']['top1']:.1f}. ![k-NN](figures/knn.png)\n")
+    dino_runs = [f"dino_s{s}" for s in seeds] + [f"dino_b_s{seeds[0]}"]
     w("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
       + ", ".join(f"{name} {results[name]['loss']:.2f} vs {math.log(runs_by[name].cfg.head_out_dim):.2f}"
-                  for name in [f"dino_s{s}" for s in seeds] + [f"dino_b_s{seeds[0]}"] if name in results)
+                  for name in dino_runs if name in results)
       + ". ![DINO loss](figures/dino_loss.png)\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, name in enumerate([f"dino_s{s}" for s in seeds] + [f"dino_b_s{seeds[0]}"]):
+    for i, name in enumerate(dino_runs):
         color = "C1" if "_b_" in name else "C0"
         ax.plot(range(1, len(results[name]["losses"]) + 1), results[name]["losses"], color=color,
                 label=("other settings" if "_b_" in name else "defaults") if i in (0, len(seeds)) else None)
@@ -497,7 +498,7 @@ def write_report(cfg, runs, results, wall):
     # claim 3 and 4
     srcs = ("mae", "mocov3", "dmae", "supervised")
     td = cfg.transfer_data
-    w(f"## Claim 3: on a data-poor task of another domain, MAE is worse than supervised and contrastive pre-training\n")
+    w("## Claim 3: on a data-poor task of another domain, MAE is worse than supervised and contrastive pre-training\n")
     w(f"Transfer to `{td}` (pre-trained on `{cfg.data}`), test top-1 after fine-tuning on the labelled images.\n")
     w("| labels per class | " + " | ".join(names[s] for s in srcs) + " | MAE vs supervised | MAE vs MoCo-v3 |")
     w("|---" * (len(srcs) + 3) + "|")

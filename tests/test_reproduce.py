@@ -39,7 +39,7 @@ class TestReproduce(unittest.TestCase):
         self.assertIn("Verdict", report)
         for fig in FIGURES:
             self.assertGreater(os.path.getsize(os.path.join(self.tmp, "figures", fig)), 1000, fig)
-        # every fine-tuning run logged one top-1 per epoch; the layer study covers K = 0 .. depth - 1
+        # every fine-tuning run logged one top-1 per epoch; the layer study covers K = 0 .. depth
         self.assertEqual(len(self.results["scratch_s0"]["curve"]), 1)
         self.assertEqual(len(self.results["scratch_long_s0"]["curve"]), 2)
         self.assertEqual([r.cfg.reinit_from_block for r in runs if r.name.startswith("mae_keep")], [0, 1, -1])  # depth 2
