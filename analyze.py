@@ -6,27 +6,33 @@ r"""Look inside pre-trained ViTs (PAPER §5): layer similarity by CKA, attention
 - Attention: per layer and head, the cls row/column is dropped and the softmax re-taken over patches; the mean
   attention distance (pixels: patch-grid distance x patch size) and entropy (nats) are averaged over queries/images.
 - Reconstructions: when the checkpoint has an MAE decoder, a grid of original / masked / reconstructed images.
-- Attention maps: the last layer's cls-to-patch attention, one panel per head, over the first test images.
+- Attention maps: the last layer's cls-to-patch attention, one panel per head and their mean, over test images
+  drawn class-balanced (one per class first); one colour scale for every map unless --shared_scale=false.
+Layers are numbered alike everywhere: block k = 1..depth; CKA's representations are "after block k", 0 = embedding.
 Writes analysis.json and cka.png, attn_distance.png, attn_entropy.png, recon.png, attn_maps.png (attn_maps2.png for
-ckpt2) into out_dir.
+ckpt2) into out_dir. With --image (repeatable): one figure per image file, nothing else.
 
     python analyze.py                                     # analyse out/mae/ckpt.pt on the embedded test images
     python analyze.py --ckpt=out/mae/ckpt.pt --ckpt2=out/scratch/best.pt    # CKA between MAE and supervised layers
+    python analyze.py --image=data/grace_hopper.jpg       # attention and reconstruction of your own image
     python analyze.py --ckpt=mae_tiny.pth --model=tiny --img_size=224 --patch_size=16 --data=imagefolder \
         --data_root=/imagenet --num_images=1024           # the paper's setting (ImageNet val, 1024 images)
 """
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 
 import torch
-from torchvision.utils import save_image
+import torchvision.transforms.functional as TF
 
 import augment
+import figures
 import pretrain_mae
-from common import check, check_ranges, cli, load_ckpt, print0
-from data import Loader, build_dataset, first_images
-from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, read_state_dict, vit_heads
+from checkpoint import config_of, load_ckpt
+from common import check, check_ranges, cli, print0
+from data import Loader, build_dataset, figure_images, figure_indices, load_rgb
+from model import VIT_SIZES, pretrained_vit, read_state_dict, vit_heads
 
 
 @dataclass
@@ -36,7 +42,7 @@ class Config:
     key: str = "model"  # which weights in ckpt (teacher: DINO's EMA teacher)
     key2: str = "model"  # which weights in ckpt2
     # used only when a checkpoint carries no config of its own
-    model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = read off the weights
     num_heads: int = 0  # attention heads; 0 = the size's default (timm/DeiT vit_tiny: 3, vit_small: 6)
     img_size: int = 32  # input side in pixels
     patch_size: int = 4  # patch side in pixels
@@ -45,15 +51,19 @@ class Config:
     data_root: str = ""  # folder of the data; unused for embedded
     num_images: int = 512  # images for the averages (the paper: 1024)
     batch_size: int = 128  # CKA minibatch (the paper: 128); at least 4 for the unbiased estimator
-    num_map_images: int = 4  # test images in the per-head attention-map figure
+    num_map_images: int = 4  # test images in the per-head attention-map figure (class-balanced)
+    shared_scale: bool = True  # one colour scale for every attention map of a figure; false: each to its own max
+    image: list = None  # an image file of your own (repeat the flag for more): its figure alone, no dataset
+    mask_seed: int = 0  # the masks of the reconstruction figures
     out_dir: str = "out/analyze"  # analysis.json and PNG figures
 
     def __post_init__(self):
         check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0", num_map_images=">0")
         check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
-        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model, self.num_heads)
+        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        vit_heads(self.model or "cpu", self.num_heads)
+        self.image = self.image or []
         check(self.num_images >= self.batch_size, "num_images must be at least one batch")
 
 
@@ -95,77 +105,92 @@ def attention_entropy(probs):
 
 
 def load_model(path, key, cfg, device):
-    """A headless ViT built from the checkpoint's own config (or the flags), with its weights; and that config."""
+    """A headless ViT that fits the checkpoint (size, heads, input and patch size from its config, else its
+    weights, else the flags), with its weights; and the checkpoint's config and the checkpoint."""
     ckpt = load_ckpt(path)
-    ccfg = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
-    sd = read_state_dict(ckpt, key)
-    size = ccfg.get("model", cfg.model)
-    vit = create_vit(size, checkpoint_heads(ckpt, path, size, cfg.num_heads), img_size=ccfg.get("img_size", cfg.img_size),
-                     patch_size=ccfg.get("patch_size", cfg.patch_size), num_classes=0,
-                     global_pool=any(k.startswith("fc_norm.") for k in sd))  # fine-tuned models end in fc_norm
-    load_backbone(vit, sd, verbose=False)
+    ccfg = config_of(ckpt)
+    fine_tuned = any(k.startswith("fc_norm.") for k in read_state_dict(ckpt, key, path))  # ends in fc_norm
+    vit, _ = pretrained_vit(path, key, cfg.model, cfg.num_heads, ckpt=ckpt, img_size=ccfg.get("img_size", cfg.img_size),
+                            num_classes=0, global_pool=fine_tuned)
     return vit.to(device).eval(), ccfg, ckpt
 
 
-def save_plots(result, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def mae_of(vit, ccfg, ckpt, key, device):
+    """The MAE (encoder + decoder) of a pretrain_mae.py / distill.py checkpoint; None for other checkpoints."""
+    if not any(k.startswith("decoder.") for k in ckpt.get(key, {})):
+        return None
+    names = {f.name for f in fields(pretrain_mae.Config)}
+    mae = pretrain_mae.MAE(pretrain_mae.Config(**{**{k: v for k, v in ccfg.items() if k in names},
+                                                  "num_heads": vit.num_heads})).to(device).eval()
+    mae.load_state_dict({k: v for k, v in ckpt[key].items() if k.startswith(("encoder.", "decoder."))})
+    return mae
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    im = ax.imshow(torch.tensor(result["cka"]).T.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
-    ax.set_xlabel(f"layer ({result['names'][0]})")
-    ax.set_ylabel(f"layer ({result['names'][-1]})")
-    ax.set_title("linear CKA (0 = embedding, last = final norm)")
-    fig.colorbar(im)
+
+@torch.no_grad()
+def last_layer_maps(vit, crops):
+    """crops in [0, 1] -> (B, H + 1, g, g): the last layer's cls-to-patch attention per head (softmax over every token,
+    the cls row), then the mean over heads."""
+    _, attns, _ = vit.forward_features(augment.normalize(crops), return_attn=True)
+    maps = attns[-1].float().softmax(-1)[:, :, 0, 1:]  # (B, H, L): where the cls token looks
+    maps = torch.cat([maps, maps.mean(1, keepdim=True)], 1)
+    return maps.unflatten(-1, (vit.grid, vit.grid)).cpu()
+
+
+def uniform_values(grid, patch_size):
+    """Attention distance (px) and entropy (nats) of uniform attention over the grid: the 'looks everywhere' line."""
+    return patch_distances(grid, patch_size).mean().item(), math.log(grid * grid)
+
+
+def save_plots(result, out_dir, grid, patch_size):
+    pyplot = figures.plt()
+    names = [os.path.basename(os.path.dirname(n)) + "/" + os.path.basename(n) for n in result["names"]]
+    cka_vals = torch.tensor(result["cka"]).T
+    lo = math.floor(cka_vals.min().item() * 20) / 20  # fitted to the data: a 0-1 scale hides 0.84 vs 1.0
+    fig, ax = pyplot.subplots(figsize=(5, 4))
+    im = ax.imshow(cka_vals.numpy(), origin="lower", cmap="magma", vmin=lo, vmax=1)
+    ax.set_xlabel(f"after block k ({names[0]}; 0 = embedding)")
+    ax.set_ylabel(f"after block k ({names[-1]})")
+    ax.set_title(f"Linear CKA between layers ({result['num_images']} test images)", fontsize=9)
+    fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
     fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    for metric, unit in (("attn_distance", "pixels"), ("attn_entropy", "nats")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, color, per_layer in zip(result["names"], ("C0", "C1"), result[metric]):
+    pyplot.close(fig)
+    uniform = dict(zip(("attn_distance", "attn_entropy"), uniform_values(grid, patch_size)))
+    for metric, unit, top in (("attn_distance", "pixels", None), ("attn_entropy", "nats", uniform["attn_entropy"])):
+        fig, ax = pyplot.subplots(figsize=(6, 4))
+        for name, color, per_layer in zip(names, ("C0", "C1"), result[metric]):
             v = torch.tensor(per_layer)  # (depth, H)
             layers = torch.arange(1, len(v) + 1)[:, None].expand_as(v)
             ax.scatter(layers.flatten().numpy(), v.flatten().numpy(), s=8, color=color, alpha=0.5)
             ax.plot(layers[:, 0].numpy(), v.mean(1).numpy(), color=color, label=f"{name} (mean over heads)")
-        ax.set_xlabel("layer")
+        ax.axhline(uniform[metric], color="k", ls="--", lw=1, label=f"uniform attention ({uniform[metric]:.2f})")
+        ax.set_ylim(0, max(top or 0, ax.get_ylim()[1]))  # from 0: a zoomed axis makes 1 px look dramatic
+        ax.set_xticks(range(1, len(result[metric][0]) + 1))
+        ax.set_xlabel("block")
         ax.set_ylabel(f"{metric.replace('_', ' ')} ({unit})")
-        ax.legend()
+        ax.set_title(f"{metric.replace('attn_', 'Attention ')} per head and block, over patches "
+                     f"({grid}x{grid} grid of {patch_size}-px patches)", fontsize=9)
+        ax.legend(fontsize=7)
         fig.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        pyplot.close(fig)
 
 
-@torch.no_grad()
-def save_attention_maps(vit, images, title, path):
-    """The last layer's cls-to-patch attention, one panel per head, over a few images (rows): each head's map (softmax
-    over all tokens, cls row, each map scaled to its own maximum) laid over the grey input, both upscaled with
-    nearest neighbour so every patch stays a visible square."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    crops = augment.center_crop(images, vit.patch_embed.img_size)  # uint8 (B, 3, S, S)
-    _, attns, _ = vit.forward_features(augment.normalize(crops), return_attn=True)
-    maps = attns[-1].float().softmax(-1)[:, :, 0, 1:]  # (B, H, L): where the cls token looks, per head
-    maps = (maps / maps.amax(-1, keepdim=True)).unflatten(-1, (vit.grid, vit.grid)).cpu()
-    grey = crops.float().mean(1).cpu()
-    n, heads = maps.shape[:2]
-    fig, axes = plt.subplots(n, heads + 1, figsize=(1.3 * (heads + 1), 1.3 * n + 0.6), squeeze=False)
-    for i in range(n):
-        axes[i, 0].imshow(grey[i], cmap="gray", interpolation="nearest")
-        axes[i, 0].set_ylabel(f"image {i + 1}", fontsize=8)
-        for h in range(heads):
-            ax = axes[i, h + 1]
-            ax.imshow(grey[i], cmap="gray", interpolation="nearest")
-            ax.imshow(maps[i, h], cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest",
-                      extent=(-0.5, grey.shape[-1] - 0.5, grey.shape[-2] - 0.5, -0.5))
-            if i == 0:
-                ax.set_title(f"head {h + 1}", fontsize=8)
-    axes[0, 0].set_title("input", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{title}: last layer, cls-to-patch attention per head (bright = most attended)", fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+def image_figures(cfg, vit, ccfg, ckpt, device):
+    """--image: per file, its attention maps and (with a decoder) its masked input and reconstruction."""
+    mae, written = mae_of(vit, ccfg, ckpt, cfg.key, device), []
+    for path in cfg.image:
+        img = TF.pil_to_tensor(load_rgb(path)).to(device)
+        crop = augment.center_crop(img[None], vit.patch_embed.img_size)  # the eval view: resize, centre crop
+        stem = os.path.join(cfg.out_dir, os.path.splitext(os.path.basename(path))[0])
+        figures.attention_panels(crop, last_layer_maps(vit, crop),
+                                 f"{os.path.basename(path)} through {cfg.ckpt}", f"{stem}_attention.png",
+                                 [os.path.basename(path)], cfg.shared_scale)
+        written.append(f"{stem}_attention.png")
+        if mae is not None:
+            pretrain_mae.save_reconstructions(mae, augment.normalize(crop), f"{os.path.basename(path)}"
+                                              f" through {cfg.ckpt}", f"{stem}_recon.png", cfg.mask_seed)
+            written.append(f"{stem}_recon.png")
+    print0("wrote " + ", ".join(written))
+    return written
 
 
 @torch.no_grad()
@@ -176,6 +201,8 @@ def main(cfg):
     paths = [(cfg.ckpt, cfg.key)] + ([(cfg.ckpt2, cfg.key2)] if cfg.ckpt2 else [])
     models = [load_model(p, k, cfg, device) for p, k in paths]
     names = [p for p, _ in paths]
+    if cfg.image:
+        return image_figures(cfg, *models[0], device)
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size
@@ -206,31 +233,34 @@ def main(cfg):
                   attn_distance=[(s / n).tolist() for s in dist_sum], attn_entropy=[(s / n).tolist() for s in ent_sum])
 
     # --- reconstructions --- (checkpoints of pretrain_mae.py / distill.py carry the decoder)
-    vit, ccfg, ckpt = models[0]
-    if any(k.startswith("decoder.") for k in ckpt.get(cfg.key, {})):
-        mae_cfg = pretrain_mae.Config(**{**{f.name: ccfg[f.name] for f in fields(pretrain_mae.Config) if f.name in ccfg},
-                                         "num_heads": vit.num_heads})
-        mae = pretrain_mae.MAE(mae_cfg).to(device).eval()
-        mae.load_state_dict({k: v for k, v in ckpt[cfg.key].items() if k.startswith(("encoder.", "decoder."))})
-        view = augment.normalize(augment.center_crop(first_images(dataset, 8, device), img_size))
-        save_image(pretrain_mae.reconstruction_grid(mae, view), os.path.join(cfg.out_dir, "recon.png"), nrow=6, padding=1)
+    written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
+    mae = mae_of(*models[0], cfg.key, device)
+    if mae is not None:
+        view = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), img_size))
+        pretrain_mae.save_reconstructions(mae, view, f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
+                                          os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
+        written.append("recon.png")
 
-    # --- per-head attention maps of each model on the first test images ---
+    # --- per-head attention maps of each model on test images, one per class first ---
+    labels = [f"class {dataset.labels[j]}" for j in figure_indices(dataset.labels, cfg.num_map_images)]
     for i, ((vit, *_), name) in enumerate(zip(models, names)):
-        save_attention_maps(vit, first_images(dataset, cfg.num_map_images, device), name,
-                            os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"))
+        crops = augment.center_crop(figure_images(dataset, cfg.num_map_images, device), vit.patch_embed.img_size)
+        figures.attention_panels(crops, last_layer_maps(vit, crops), name,
+                                 os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"), labels,
+                                 cfg.shared_scale)
+        written.append(f"attn_maps{i + 1 if i else ''}.png")
 
     # --- save ---
     with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
         json.dump(result, f)
-    save_plots(result, cfg.out_dir)
+    save_plots(result, cfg.out_dir, models[0][0].grid, models[0][0].patch_embed.patch_size)
     for name, dists, ents in zip(names, result["attn_distance"], result["attn_entropy"]):
         print0(f"{name}: attention distance per layer (px) "
                + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)
                + " | entropy (nats) " + " ".join(f"{sum(e) / len(e):.2f}" for e in ents))
     print0("CKA diagonal: " + " ".join(f"{result['cka'][i][i]:.2f}" for i in range(min(len(result['cka']),
                                                                                      len(result['cka'][0])))))
-    print0(f"wrote {cfg.out_dir}/analysis.json, cka.png, attn_distance.png, attn_entropy.png, attn_maps*.png")
+    print0(f"wrote {cfg.out_dir}/" + ", ".join(written))
     return result
 
 

@@ -134,7 +134,7 @@ def time_data_path(stage, sc, device):
         transform, mix = finetune.train_transform(sc), finetune.make_mixer(sc, classes)
         augment = lambda x, y: mix(transform(x), y) if mix else transform(x)
     else:
-        augment = lambda x, y: pretrain_contrastive.make_views(x, sc)
+        augment = lambda x, y: pretrain_contrastive.METHODS[sc.method].views(x, sc)
     rates = []
     for run_augment in (False, False, True):
         sync(device)

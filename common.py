@@ -1,26 +1,21 @@
-"""Plumbing shared by the stages: errors, distributed setup, config flags, schedule, checkpoints, logs, the out_dir.
-
-Plain functions only; the data path is data.py and augment.py. What a stage is *about* (masking, losses, EMA, the step) stays inline in that stage.
+"""Plumbing shared by the stages: errors, distributed setup and precision, config flags, schedules, the steps of an
+epoch. What a run leaves on disk (checkpoints, logs, the out_dir) is checkpoint.py; the data path is data.py and
+augment.py. What a stage is *about* (masking, losses, EMA, the step) stays inline in that stage.
 """
 import argparse
 import contextlib
 import dataclasses
-import errno
-import fcntl
+import difflib
 import inspect
-import io
-import json
 import math
 import os
-import pickle
 import random
 import re
-import shutil
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 # --- errors the user can fix: one line from cli(), never a traceback ---
@@ -46,6 +41,8 @@ def cli(main, cls):
     try:
         main(cfg)
     except (RunError, FloatingPointError) as e:
+        import checkpoint  # a run that failed before its first step leaves its out_dir as it found it
+        checkpoint.discard_unstarted_runs()
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -136,10 +133,11 @@ def parse_config(cls, argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        conv = _parse_bool if f.type is bool else f.type  # int("3.5") fails loudly, as it should
-        flag = dict(nargs="?", const=True) if f.type is bool else {}  # a bare --flag means --flag=true
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"{comments.get(f.name, '')} (default: {f.default})", **flag)
+        conv = _parse_bool if f.type is bool else str if f.type is list else f.type  # int("3.5") fails loudly
+        flag = dict(nargs="?", const=True) if f.type is bool else dict(action="append") if f.type is list else {}
+        shown = getattr(cls, "shown_default", lambda name: None)(f.name) or f.default  # method-dependent ones
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar="PATH" if f.type is list else f.type.__name__.upper(),
+                            help=f"{comments.get(f.name, '')} (default: {shown})", **flag)
     args = parser.parse_args(argv)
     try:
         return cls(**vars(args))
@@ -149,6 +147,15 @@ def parse_config(cls, argv=None):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag, not argparse's whole usage block
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:  # --mask-ratio=0.9 -> did you mean --mask_ratio?
+            flags = [a for a in self._option_string_actions if a.startswith("--")]
+            hints = []
+            for arg in unknown.group(1).split():
+                name = arg.split("=")[0]
+                close = difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), flags, 1, 0.6)
+                hints += [f"{name}: did you mean {close[0]}?"] if close and name.startswith("--") else []
+            message += "; " + "; ".join(hints) if hints else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -182,13 +189,26 @@ def check_ranges(cfg, **ranges):
             check(v >= bound if spec.startswith(">=") else v > bound, f"--{name} must be {spec}, got {v}")
 
 
-# --- schedule & optimizer groups ---
+def clamp_warmup(cfg):
+    """A warm-up longer than the run (--epochs=1 with the default 2 warm-up epochs) becomes half the run, said once."""
+    if cfg.warmup_epochs > cfg.epochs:
+        print(f"note: --warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
+              f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)", file=sys.stderr)
+        cfg.warmup_epochs = cfg.epochs // 2
+
+
+# --- schedules & optimizer groups ---
 def cosine_value(step, total_steps, warmup_steps, peak, final=0.0, start=0.0):
     """Linear warm-up from `start` to `peak`, then half-cosine down to `final` (per-iteration, as MAE)."""
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def cosine_schedule(total_steps, warmup_steps, peak, final=0.0, start=0.0):
+    """One value per optimizer step (DINO's schedule arrays): computed once, read as schedule[step] in the loop."""
+    return [cosine_value(s, total_steps, warmup_steps, peak, final, start) for s in range(total_steps)]
 
 
 def param_groups(model, weight_decay, lr_scale=None):
@@ -200,7 +220,7 @@ def param_groups(model, weight_decay, lr_scale=None):
         no_wd = p.ndim == 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))
         scale = lr_scale(name) if lr_scale else 1.0
         g = groups.setdefault((no_wd, scale), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                               "lr_scale": scale})
+                                               "lr_scale": scale, "decays": not no_wd})
         g["params"].append(p)
     return list(groups.values())
 
@@ -210,103 +230,54 @@ def set_lr(optimizer, lr):
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-# --- checkpoints, RNG & logs ---
-# Fields that may differ when a run resumes (logged); any other difference is another run, refused.
-RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir")
+def set_weight_decay(optimizer, weight_decay):
+    """The groups that decay at all (not biases, norms, tokens) take the scheduled value, even from 0."""
+    for g in optimizer.param_groups:
+        if g.get("decays", True):
+            g["weight_decay"] = weight_decay
 
 
-def save_ckpt(obj, path):
-    """Atomic: serialise in memory, write a temporary file unique to this process, fsync, then rename over the old
-    one. A crash or a full disk never leaves half a checkpoint, and the previous one stays."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise BadData(f"no space left on device while writing {path} ({len(buf.getbuffer()) / 2**20:.0f} MB); "
-                          "the previous checkpoint is kept: free some space and re-run to resume") from None
-        raise BadData(f"cannot write {path}: {e.strerror or e}") from None
+def optimizer_step(optimizer, scaler, model, clip_grad=0.0, before_step=None):
+    """Unscale, clip the gradient norm (0 = off), let the method edit the gradients (DINO's frozen last layer), step
+    through the scaler (a no-op without fp16), clear the gradients."""
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if before_step:
+        before_step()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def load_ckpt(path, what="checkpoint"):
-    """torch.load with weights_only=True: a checkpoint is data, never code. Ours are plain dicts; the one class
-    allowed beyond that is argparse.Namespace, which facebookresearch/mae stores under 'args'. A missing, empty,
-    truncated or foreign file ends in one line naming it."""
-    if not os.path.isfile(path):
-        raise MissingFile(f"{what} not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a class: say which, never "set weights_only=False"
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        raise BadData(f"{what} {path} holds a Python object that is not plain data"
-                      f" ({found.group(1) if found else 'unknown class'}); it is refused for safety. Re-save its "
-                      "tensors as a plain dict (torch.save(state_dict, path))") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, OSError, KeyError... for a damaged file
-        size = os.path.getsize(path)
-        why = "an empty file" if size == 0 else f"{size} bytes, truncated or not a PyTorch checkpoint"
-        detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise BadData(f"{what} {path} cannot be read ({why}: {detail}); delete it or point to another file") from None
+# --- the steps of an epoch ---
+class EpochSteps:
+    """One epoch of a loader as (step, sync, batch): `step` counts optimizer steps over the run; `sync` is True on
+    the last micro-batch of each step, where the optimizer steps (gradient accumulation: DDP all-reduces only then,
+    nanoGPT's require_backward_grad_sync; at accum_steps=1 every batch syncs). A last incomplete group is skipped.
+    The progress bar shows on a terminal only; a redirected run writes the stage's one line per epoch."""
 
+    def __init__(self, loader, epoch, steps_per_epoch, cfg, ddp_model=None):
+        self.loader, self.epoch, self.steps_per_epoch, self.accum = loader, epoch, steps_per_epoch, cfg.accum_steps
+        self.ddp = ddp_model if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel) else None
+        master = not dist.is_initialized() or dist.get_rank() == 0
+        self.bar = tqdm(total=steps_per_epoch * self.accum, desc=f"ep {epoch + 1}/{cfg.epochs}", leave=False,
+                        disable=not (master and sys.stderr.isatty()))
 
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    def __iter__(self):
+        self.loader.set_epoch(self.epoch)
+        for it, batch in enumerate(self.loader):
+            if it == self.steps_per_epoch * self.accum:
+                break
+            sync = it % self.accum == self.accum - 1
+            if self.ddp is not None:
+                self.ddp.require_backward_grad_sync = sync  # what DDP's no_sync() sets
+            yield self.epoch * self.steps_per_epoch + it // self.accum, sync, batch
+            self.bar.update()
+        self.bar.close()
 
-
-def gather_rng_states():
-    """Every rank's RNG state (a list indexed by rank), so a resumed DDP run continues each rank's stream."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, rng_state())
-    return out
-
-
-def restore_rng(states, rank):
-    if len(states) <= rank:
-        print0(f"resume: checkpoint has RNG state for {len(states)} ranks; rank {rank} keeps its fresh seed")
-        return
-    s = states[rank]
-    torch.set_rng_state(s["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def try_resume(cfg, rank, **stateful):
-    """If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=, optimizer=, ...) and this rank's
-    RNG, re-derive log.jsonl (and best.pt) from it on the master, and return the checkpoint; otherwise None."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not (cfg.resume and os.path.exists(path)):
-        return None
-    ckpt = load_ckpt(path, "out_dir's checkpoint")
-    for name, obj in stateful.items():
-        try:
-            obj.load_state_dict(ckpt[name])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise BadData(f"{path} does not fit this run's {name} ({str(e).splitlines()[0][:100]}); use another "
-                          "--out_dir, or --resume=false to start over") from None
-    restore_rng(ckpt["rng"], rank)
-    if "log" not in ckpt:  # a checkpoint from before the rows travelled in it: keep the log's rows up to its epoch
-        ckpt["log"] = read_log(cfg.out_dir, ckpt["epoch"])
-    if rank == 0:
-        write_log(cfg.out_dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
-        best = os.path.join(cfg.out_dir, "best.pt")
-        if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
-            save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt
+    def show(self, text):
+        self.bar.set_postfix_str(text)
 
 
 def seed_everything(seed):
@@ -314,73 +285,3 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-_LOCKS = {}  # out_dir -> open lock file held by this process
-
-
-def lock_out_dir(out_dir):
-    """One run per out_dir: an flock on out_dir/.lock held for the process's life (the OS drops it on any exit,
-    kill -9 included, so a stale lock never blocks). A second process is refused at once."""
-    os.makedirs(out_dir, exist_ok=True)
-    key = os.path.realpath(out_dir)
-    if key in _LOCKS:  # this process already holds it (distill.py, then pretrain_mae.main; or a notebook re-run)
-        return
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunError(f"out_dir {out_dir} is in use by {holder}; wait for it to finish, or pass another "
-                       "--out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _LOCKS[key] = f
-
-
-def unlock_out_dir(out_dir):
-    f = _LOCKS.pop(os.path.realpath(out_dir), None)
-    if f is not None:
-        f.close()  # closing the file releases the flock
-
-
-def prepare_out_dir(cfg, script_path):
-    """Master only, before anything is written: lock the folder; if it holds a checkpoint to resume, refuse a
-    different run (one message, every difference, the two ways out); then config.json and a copy of the script."""
-    lock_out_dir(cfg.out_dir)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(path):
-        saved, new = load_ckpt(path, "out_dir's checkpoint").get("config", {}), dataclasses.asdict(cfg)
-        diffs = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
-        allowed = {k: d for k, d in diffs.items() if k in RESUMABLE and not (k == "epochs" and d[1] < d[0])}
-        refused = {k: d for k, d in diffs.items() if k not in allowed}
-        if refused:
-            raise RunError(f"{cfg.out_dir} holds a run with other settings: "
-                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                           + "; pass another --out_dir, or --resume=false to start over there")
-        for k, (a, b) in allowed.items():
-            print0(f"resume: {k} changed from {a!r} to {b!r}")
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    shutil.copy(script_path, os.path.join(cfg.out_dir, os.path.basename(script_path)))
-
-
-def read_log(out_dir, last_epoch):
-    rows, path = {}, os.path.join(out_dir, "log.jsonl")
-    for line in open(path) if os.path.exists(path) else []:
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if row.get("epoch", 0) <= last_epoch:
-                rows[row["epoch"]] = row  # one row per epoch, the last written
-    return [rows[e] for e in sorted(rows)]
-
-
-def write_log(out_dir, rows):
-    """log.jsonl rewritten whole from the rows the checkpoint carries: every epoch exactly once, whatever the kill."""
-    path = os.path.join(out_dir, "log.jsonl")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)

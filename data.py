@@ -108,6 +108,9 @@ def class_folders(path):
 
 def image_folder(root, train):
     """ImageNet's layout, root/{train,val}/<class>/<image>; labels are the sorted class folders' indices."""
+    if not root:
+        raise MissingFile("--data=imagefolder needs --data_root: a folder holding train/ and val/, one sub-folder per "
+                          "class (ImageNet's layout)")
     path = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(path):
         raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
@@ -190,11 +193,22 @@ def build_dataset(name, root, train, subset=0):
     return ds, classes
 
 
-def first_images(dataset, n, device):
-    """The first n training images, undecorated (uint8), for figures: a batch, or a list for files."""
+def figure_indices(labels, n):
+    """n images for a figure, class-balanced: the first image of each class in turn, then each class's second, ...
+    (the first files of a folder are all of one class)."""
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    order = [q[r] for r in range(max(map(len, by_class.values()))) for _, q in sorted(by_class.items()) if r < len(q)]
+    return order[:n]
+
+
+def figure_images(dataset, n, device):
+    """n images for figures (class-balanced, always the same), undecorated (uint8): a batch, or a list for files."""
+    idx = figure_indices(dataset.labels, n)
     if isinstance(dataset, MemoryImages):
-        return dataset.chw()[:n].to(device)
-    return [TF.pil_to_tensor(load_rgb(p)).to(device) for p, _ in dataset.samples[:n]]
+        return dataset.chw()[idx].to(device)
+    return [TF.pil_to_tensor(load_rgb(dataset.samples[i][0])).to(device) for i in idx]
 
 
 # --- loaders ---

@@ -19,14 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrain_mae
-from common import BadValue, check, check_ranges, cli, load_ckpt, prepare_out_dir, seed_everything, setup_dist
-from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone
+from checkpoint import load_ckpt, prepare_out_dir
+from common import check, check_ranges, cli, print0, seed_everything, setup_dist
+from model import VIT_SIZES, pretrained_vit
 
 
 @dataclass
 class Config(pretrain_mae.Config):
     teacher_ckpt: str = ""  # frozen teacher checkpoint (required): ours, or an MAE/timm ViT state dict
-    teacher_model: str = ""  # teacher ViT size; empty = read from the teacher checkpoint's config
+    teacher_model: str = ""  # teacher ViT size; empty = the teacher checkpoint's own (its config, or its weights)
     teacher_num_heads: int = 0  # teacher heads; 0 = from its checkpoint's config, else the size's default (MAE-Base 12)
     teacher_key: str = "model"  # which weights in the teacher checkpoint
     attn_layers: str = "-1"  # comma-separated block indices whose attention is distilled (-1 = last); "" = none
@@ -54,15 +55,14 @@ class Config(pretrain_mae.Config):
 
 
 def load_teacher(cfg, device, verbose=True):
-    ckpt = load_ckpt(cfg.teacher_ckpt, "teacher checkpoint")
-    ccfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    size = cfg.teacher_model or ccfg.get("model")
-    if size not in VIT_SIZES:
-        raise BadValue(f"{cfg.teacher_ckpt} has no config naming its size; pass --teacher_model")
-    heads = checkpoint_heads(ckpt, cfg.teacher_ckpt, size, cfg.teacher_num_heads, "--teacher_num_heads", verbose)
-    # same patch grid as the student, so both see the same visible patches; a mismatch fails loudly in load_backbone
-    teacher = create_vit(size, heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
-    load_backbone(teacher, ckpt, cfg.teacher_key, verbose=False)
+    """The frozen teacher: its size and heads from its checkpoint (or --teacher_model / --teacher_num_heads), on the
+    student's patch grid, so both see the same visible patches (another patch size fails loudly)."""
+    teacher, _ = pretrained_vit(cfg.teacher_ckpt, cfg.teacher_key, cfg.teacher_model, cfg.teacher_num_heads,
+                                ("--teacher_model", "--teacher_num_heads"), verbose,
+                                load_ckpt(cfg.teacher_ckpt, "teacher checkpoint"), img_size=cfg.img_size,
+                                patch_size=cfg.patch_size, num_classes=0)
+    if verbose:
+        print0(f"teacher {cfg.teacher_ckpt}: {teacher.embed_dim} wide, {teacher.depth} deep, {teacher.num_heads} heads")
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -102,7 +102,7 @@ def main(cfg):
     rank, _, device = setup_dist()
     seed_everything(cfg.seed + rank)  # the student's init, as pretrain_mae.main would seed it
     if rank == 0:
-        prepare_out_dir(cfg, __file__)  # keep distill.py beside the copy of pretrain_mae.py
+        prepare_out_dir(cfg, inputs=[cfg.teacher_ckpt])  # never write over the teacher
     teacher = load_teacher(cfg, device, verbose=rank == 0)
     return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))
 

@@ -12,23 +12,22 @@ Transfer to small datasets (PAPER §3.3) uses --optimizer=sgd --weight_decay=0 -
         --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=300 --warmup_epochs=5 \
         --batch_size_per_gpu=128 --num_workers=10    # the paper's 300-epoch recipe, global batch 1024
 """
-import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as v2
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import augment
-from common import (all_reduce_sum, autocast_ctx, check, check_finite, check_ranges, cli, cosine_value,
-                    gather_rng_states, load_ckpt, make_scaler, param_groups, prepare_out_dir, print0, save_ckpt,
-                    seed_everything, set_lr, setup_dist, try_resume, unlock_out_dir, write_log)
+from checkpoint import load_ckpt, prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from common import (EpochSteps, all_reduce_sum, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli,
+                    cosine_schedule, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
+                    setup_dist)
 from data import Loader, build_dataset
-from model import VIT_SIZES, checkpoint_heads, create_vit, load_backbone, timm_init, vit_heads
+from model import VIT_SIZES, create_vit, pretrained_vit, vit_heads, vit_spec
 
 
 @dataclass
@@ -41,11 +40,11 @@ class Config:
     # data
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
     data_root: str = ""  # folder of the data; unused for embedded
-    subset: int = 0  # use only the first N training images (0 = all); for quick checks and data-poor studies
+    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); quick checks, data-poor studies
     img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)
     num_workers: int = 2  # data-loading processes per GPU
     # model
-    model: str = "cpu"  # ViT size: cpu | tiny | small | base (must match the checkpoint)
+    model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = init_ckpt's own (scratch: cpu)
     num_heads: int = 0  # attention heads; 0 = from init_ckpt's config (ours), else the size's default: timm/DeiT vit_tiny needs 3, vit_small 6
     patch_size: int = 4  # patch side in pixels; the paper: 16
     drop_path: float = 0.0  # stochastic depth at the last block; impr. recipe 0.0, MAE-default 0.1
@@ -79,11 +78,11 @@ class Config:
                      base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]", clip_grad=">=0", mixup=">=0",
                      cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
                      crop_min_scale="(0,1]", seed=">=0")
-        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        clamp_warmup(self)
         check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode!r}")
         check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model, self.num_heads)  # a count that does not split the width fails here
+        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        vit_heads(self.model or "cpu", self.num_heads)  # a count that does not split the width fails here
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
 
@@ -95,6 +94,25 @@ def layer_id(name, depth):
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
     return depth + 1
+
+
+def timm_init(vit):
+    """DeiT / timm 0.4.12 initialisation, for the from-scratch baseline (the paper's 75.8 is DeiT-Tiny trained with
+    that code): trunc_normal(0.02) Linear weights (the head too), zero biases, trunc_normal(0.02) cls token and a
+    learned position embedding drawn the same way, PyTorch's default for the patch conv."""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    vit.patch_embed.proj.reset_parameters()
+    with torch.no_grad():
+        nn.init.trunc_normal_(vit.cls_token, std=0.02)
+        nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    return vit
 
 
 def train_transform(cfg):
@@ -122,7 +140,7 @@ def evaluate(model, loader, img_size, device):
     """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks),
     on timm's eval view: shorter side to img_size / 0.875, centre crop."""
     model.eval()
-    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5 (top-5 of more than 5 classes only), seen
     for imgs, labels in loader:
         imgs = augment.normalize(augment.center_crop(imgs, img_size))
         with autocast_ctx(device):
@@ -140,11 +158,14 @@ def main(cfg):
     master = rank == 0
     seed_everything(cfg.seed + rank)
     init = load_ckpt(cfg.init_ckpt, "init_ckpt") if cfg.mode != "scratch" or cfg.eval_only else None
-    heads = checkpoint_heads(init, cfg.init_ckpt, cfg.model, cfg.num_heads, verbose=master) if init is not None \
-        else cfg.num_heads
-    cfg = replace(cfg, num_heads=vit_heads(cfg.model, heads))  # the real count goes into config.json and checkpoints
+    if init is not None:  # the size and heads the checkpoint records (ours), or what its weights say (others)
+        size, heads, _ = vit_spec(init, cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads, verbose=master)
+        if master and size != cfg.model:
+            print(f"init_ckpt {cfg.init_ckpt} holds a {size} ViT: --model={size}")
+        cfg = replace(cfg, model=size, num_heads=heads)
+    cfg = replace(cfg, model=cfg.model or "cpu", num_heads=vit_heads(cfg.model or "cpu", cfg.num_heads))
     if master and not cfg.eval_only:  # --eval_only writes nothing, anywhere
-        prepare_out_dir(cfg, __file__)
+        prepare_out_dir(cfg, inputs=[cfg.init_ckpt if init is not None else ""])
 
     # --- data --- (validation first: a bad val file stops the run before any training)
     val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False)
@@ -156,12 +177,13 @@ def main(cfg):
         mix = make_mixer(cfg, num_classes)
 
     # --- model ---
-    raw_model = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                           num_classes=num_classes, drop_path=cfg.drop_path, global_pool=True, learn_pos_embed=True)
+    shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes, drop_path=cfg.drop_path,
+                 global_pool=True, learn_pos_embed=True)
     if init is not None:
-        load_backbone(raw_model, init, cfg.init_key, verbose=master)
+        raw_model, _ = pretrained_vit(cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads, verbose=master,
+                                      ckpt=init, **shape)
     else:  # the from-scratch baseline is DeiT-Tiny trained with timm's code: timm's init, learned pos_embed
-        timm_init(raw_model)
+        raw_model = timm_init(create_vit(cfg.model, cfg.num_heads, **shape))
     if cfg.reinit_from_block >= 0:  # keep only the lower layers' pre-training ("lower layers matter more")
         for blk in raw_model.blocks[cfg.reinit_from_block:]:
             blk.apply(raw_model._init_weights)
@@ -172,7 +194,7 @@ def main(cfg):
 
     if cfg.eval_only:
         top1, top5 = evaluate(raw_model, val_loader, cfg.img_size, device)
-        print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f} top-5 {top5:.2f}")
+        print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f}" + (f" top-5 {top5:.2f}" if num_classes > 5 else ""))
         return top1, top5
 
     # --- optimizer & schedule ---
@@ -188,74 +210,56 @@ def main(cfg):
     scaler = make_scaler(device)
     steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
     check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    lr_schedule = cosine_schedule(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr)
     print0(f"{cfg.mode}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
            f"global batch {global_batch}, lr {lr:.2e}, {num_classes} classes, {len(train_set)} train images")
 
     # --- resume ---
-    ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+    ckpt = start_run(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
     start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
     best_top1 = ckpt["best_top1"] if ckpt else 0.0
-    model = DDP(raw_model) if world > 1 else raw_model
+    model = ddp_model = DDP(raw_model) if world > 1 else raw_model
     if cfg.compile:
         model = torch.compile(model)
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
         model.train()
-        t0, loss_sum, micro_batches = time.time(), 0.0, steps_per_epoch * cfg.accum_steps
-        for it, (imgs, labels) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False,
-                                                 total=micro_batches)):
-            if it == micro_batches:
-                break
-            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
-            lr_now = cosine_value(step, total_steps, warmup_steps, lr, cfg.min_lr)
-            set_lr(optimizer, lr_now)
+        t0, loss_sum, steps = time.time(), 0.0, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        for step, sync, (imgs, labels) in steps:
+            set_lr(optimizer, lr_schedule[step])
             imgs = transform(imgs)
             if mix is not None:
                 imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
             else:
                 targets = F.one_hot(labels, num_classes).float()
-            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
-            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
-                with autocast_ctx(device):
-                    logits = model(imgs)
-                # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-                loss_sum += check_finite(loss, epoch, step)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            if last_micro:
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            with autocast_ctx(device):
+                logits = model(imgs)
+            # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss_sum += check_finite(loss, epoch, step)
+            scaler.scale(loss / cfg.accum_steps).backward()
+            if sync:
+                optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad)
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
 
         # --- eval ---
         top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
         is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
         best_top1 = top1 if is_best else best_top1
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / micro_batches, lr=lr_now, top1=top1, top5=top5,
+        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / (steps_per_epoch * cfg.accum_steps),
+                   lr=lr_schedule[step], top1=top1, **({"top5": top5} if num_classes > 5 else {}),  # else says nothing
                    best_top1=best_top1, imgs_per_s=imgs_per_s)
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} top-5 {top5:.2f} "
-               f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} "
+               + (f"top-5 {top5:.2f} " if num_classes > 5 else "") + f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
 
-        # --- save --- best.pt, then ckpt.pt (holding the best weights and every log row), then log.jsonl: after a
-        # kill at any point the checkpoint and log never claim a best that best.pt lacks, and resume re-derives both
-        rng = gather_rng_states()
-        history.append(row)
-        if master:
-            if is_best:
-                best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
-                            epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
-                save_ckpt(best, os.path.join(cfg.out_dir, "best.pt"))
-            save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           epoch=epoch + 1, step=step + 1, best_top1=best_top1, best=best, config=asdict(cfg), rng=rng,
-                           log=history), os.path.join(cfg.out_dir, "ckpt.pt"))
-            write_log(cfg.out_dir, history)
+        # --- save --- best.pt, then ckpt.pt (with the best weights and every log row), then log.jsonl: after a kill
+        # at any point the checkpoint and log never claim a best that best.pt lacks, and resume re-derives both
+        if is_best:
+            best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
+                        epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
+        save_epoch(cfg, history, row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                   scaler=scaler.state_dict(), best_top1=best_top1)
     if master:
         unlock_out_dir(cfg.out_dir)
     return best_top1

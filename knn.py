@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import augment
-from analyze import load_model
+from checkpoint import config_of, load_ckpt
 from common import autocast_ctx, check, check_ranges, cli, print0
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, vit_heads
+from model import VIT_SIZES, create_vit, pretrained_vit, vit_heads
 
 
 @dataclass
@@ -27,14 +27,14 @@ class Config:
     ckpt: str = "out/mae/ckpt.pt"  # a checkpoint of any stage, a timm / MAE / MAE-Lite file, or "random" (the floor)
     key: str = "model"  # which weights in ckpt (teacher: DINO's EMA teacher)
     # used for "random" and for files that carry no config of their own
-    model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = the checkpoint's (random: cpu)
     num_heads: int = 0  # attention heads; 0 = the size's default
     img_size: int = 32  # input side in pixels
     patch_size: int = 4  # patch side in pixels
     # data
     data: str = "embedded"  # its train split is the memory bank, its test split is evaluated
     data_root: str = ""  # folder of the data; unused for the embedded slices
-    subset: int = 0  # class-balanced training images in the bank (0 = all)
+    subset: int = 0  # a seeded, class-balanced subset of N training images in the bank (0 = all)
     # k-NN
     k: int = 20  # neighbours (DINO: 20)
     temperature: float = 0.07  # vote weight exp(similarity / T) (DINO: 0.07)
@@ -47,8 +47,8 @@ class Config:
     def __post_init__(self):
         check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", subset=">=0", k=">0", temperature=">0",
                      batch_size=">0", num_workers=">=0", seed=">=0")
-        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model, self.num_heads)
+        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        vit_heads(self.model or "cpu", self.num_heads)
         check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.pool in ("cls", "mean"), f"pool must be cls or mean, got {self.pool!r}")
 
@@ -81,10 +81,13 @@ def main(cfg):
     # --- model ---
     if cfg.ckpt == "random":
         torch.manual_seed(cfg.seed)
-        vit = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                         num_classes=0).to(device).eval()
-    else:
-        vit = load_model(cfg.ckpt, cfg.key, cfg, device)[0]
+        vit = create_vit(cfg.model or "cpu", cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                         num_classes=0)
+    else:  # the checkpoint's size, heads and patch size, and its own input size when it records one
+        ckpt = load_ckpt(cfg.ckpt)
+        vit, _ = pretrained_vit(cfg.ckpt, cfg.key, cfg.model, cfg.num_heads, ckpt=ckpt, num_classes=0,
+                                img_size=config_of(ckpt).get("img_size", cfg.img_size))
+    vit = vit.to(device).eval()
     img_size = vit.patch_embed.img_size
 
     # --- data ---

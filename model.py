@@ -1,10 +1,8 @@
-"""The one ViT every stage shares, plus the MAE decoder and the checkpoint hand-off.
+"""The one ViT every stage shares, and the one way to build a ViT from a weights file (ours, timm, MAE, MAE-Lite).
 
-Parameter names follow timm / MAE (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.i.attn.qkv`, ...),
-so published ViT weights load and ours load elsewhere. Attention runs PyTorch's fused SDPA by default; with
-`return_attn=True` it computes the scores explicitly and hands back every layer's pre-softmax scores
-(B, H, N, N), with gradients: `.softmax(-1)` gives the attention maps. Pre-softmax, because that is what the
-paper distils (§4: scaled q·kᵀ before the softmax) and what its analysis re-normalises over patches (§5.2).
+Parameter names follow timm / MAE, so published ViT weights load and ours load elsewhere. Attention runs SDPA; with
+`return_attn=True` it hands back every layer's pre-softmax scores (B, H, N, N), with gradients (`.softmax(-1)` gives
+the maps): what the paper distils (§4, scaled q·kᵀ) and what its analysis re-normalises over patches (§5.2).
 """
 import math
 
@@ -13,13 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import BadValue, load_ckpt  # plumbing: weights_only loads and one-line errors
+from checkpoint import config_of, load_ckpt  # plumbing: weights_only loads and one-line errors
+from common import BadValue
 
-# Width / depth / heads. Tiny and Small use 12 heads, as in MAE-Lite (PAPER §1.1: "changed to 12 from 3").
-# "cpu" is sized for the embedded 32x32 data on a laptop CPU (0.68M parameters) and keeps MAE-Lite's head width of
-# 16 (6 heads at width 96: more, narrower heads is MAE-Lite's point); "micro" is for tests.
-# Head count changes no parameter shape: timm's 3-head vit_tiny loads into 12 heads silently and computes another
-# function, so every stage has --num_heads and checkpoints of ours carry it in their config.
+# Tiny and Small use 12 heads, as MAE-Lite (PAPER §1.1: "changed to 12 from 3"); "cpu" (0.68M parameters, for the
+# embedded 32-px data) keeps MAE-Lite's head width of 16. Heads change no parameter shape (timm's 3-head vit_tiny
+# loads into 12 heads silently and computes another function), so our checkpoints carry the count in their config.
 VIT_SIZES = {
     "micro": dict(embed_dim=32, depth=2, num_heads=2),  # tests
     "mini": dict(embed_dim=64, depth=4, num_heads=4),  # reproduce.py's study on 2 CPU cores
@@ -44,7 +41,7 @@ def sincos_pos_embed(dim, grid, cls_token=True):
     """Fixed 2-D sin-cos position embedding (MAE): half the channels encode the row, half the column."""
     assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
     out = [f(pos.flatten()[:, None] * omega) for pos in (xs, ys) for f in (torch.sin, torch.cos)]
     emb = torch.cat(out, dim=1).float()  # (L, D)
     if cls_token:  # MAE gives the cls slot a zero vector
@@ -55,29 +52,11 @@ def sincos_pos_embed(dim, grid, cls_token=True):
 def resize_pos_embed(pos_embed, grid):
     """Bicubic-resize the patch part of a (1, 1+L, D) embedding to grid x grid (DeiT/MAE fine-tune at new sizes)."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.isqrt(patches.shape[1]))
-    if old == grid:
+    if patches.shape[1] == grid * grid:
         return pos_embed
-    patches = rearrange(patches, "1 (h w) D -> 1 D h w", h=old)
+    patches = rearrange(patches, "1 (h w) D -> 1 D h w", h=math.isqrt(patches.shape[1]))
     patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat([cls, rearrange(patches, "1 D h w -> 1 (h w) D").to(pos_embed.dtype)], dim=1)
-
-
-def random_masking(batch, num_patches, mask_ratio, device, generator=None):
-    """MAE §3 per-sample random masking by argsort of uniform noise; every sample keeps exactly the same count.
-
-    Returns ids_keep (B, K) of the visible patches, mask (B, L) with 1 = removed, and ids_restore (B, L)
-    that puts [visible, removed] tokens back in raster order.
-    """
-    num_keep = int(num_patches * (1 - mask_ratio))  # int(), as MAE: 58 of 196 at 0.7 (round() would keep 59)
-    if not 0 < num_keep < num_patches:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {num_patches} patches; it must keep some and drop some")
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
-    ids_shuffle = noise.argsort(dim=1)  # ascending: the lowest-noise patches are kept
-    ids_restore = ids_shuffle.argsort(dim=1)
-    mask = torch.ones(batch, num_patches, device=device)
-    mask[:, :num_keep] = 0
-    return ids_shuffle[:, :num_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
 def drop_path(x, p, training):
@@ -115,9 +94,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block (eps 1e-6, as timm/MAE)."""
-
+class Block(nn.Module):  # pre-LN, eps 1e-6 (timm / MAE)
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -172,21 +149,18 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
 
     @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):  # MAE: xavier-uniform Linear, zero bias (timm's ViT would use trunc_normal)
+    def _init_weights(m):  # MAE: xavier-uniform Linear, zero bias (timm's ViT would use trunc_normal); unit norms
+        if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
+        if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
             nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
 
     def forward_features(self, imgs, ids_keep=None, return_attn=False, return_hidden=False):
-        """Tokens after the final norm (B, 1+K, D), per-layer attention scores, per-layer hidden states.
-
-        ids_keep (B, K) keeps only those patches (MAE). Hidden states are what each block's norm1 sees,
-        plus the normalised output: depth+1 tensors, the representations compared by CKA (PAPER §5.1).
-        """
+        """Tokens after the final norm (B, 1+K, D), per-layer attention scores, per-layer hidden states. ids_keep
+        (B, K) keeps only those patches (MAE). Hidden states are what each block's norm1 sees, plus the normalised
+        output: depth+1 tensors, the representations compared by CKA (PAPER §5.1)."""
         x = self.patch_embed(imgs)  # (B, L, D)
         pos = self.pos_embed if x.shape[1] + 1 == self.pos_embed.shape[1] else \
             resize_pos_embed(self.pos_embed, int(math.isqrt(x.shape[1])))  # DINO's small local crops
@@ -215,8 +189,7 @@ class ViT(nn.Module):
         return (logits, attns, hiddens) if (return_attn or return_hidden) else logits
 
 
-def vit_heads(size, num_heads=0):
-    """The head count of a `size` ViT: num_heads, or the size's default when 0; it must divide the width."""
+def vit_heads(size, num_heads=0):  # num_heads, or the size's default when 0; it must divide the width
     if size not in VIT_SIZES:
         raise BadValue(f"unknown model size {size!r}; choose from {sorted(VIT_SIZES)}")
     heads, width = num_heads or VIT_SIZES[size]["num_heads"], VIT_SIZES[size]["embed_dim"]
@@ -225,153 +198,104 @@ def vit_heads(size, num_heads=0):
     return heads
 
 
-def create_vit(size, num_heads=0, **kwargs):
-    """A ViT of a named size; num_heads=0 keeps the size's default (timm's vit_tiny weights need num_heads=3)."""
+def create_vit(size, num_heads=0, **kwargs):  # num_heads=0: the size's default
     return ViT(**dict(VIT_SIZES[size], num_heads=vit_heads(size, num_heads)), **kwargs)
 
 
-def timm_init(vit):
-    """DeiT / timm 0.4.12 initialisation, for the from-scratch baseline (the paper's 75.8 is DeiT-Tiny trained with
-    that code): trunc_normal(0.02) Linear weights (the head too), zero biases, trunc_normal(0.02) cls token and a
-    learned position embedding drawn the same way, PyTorch's default for the patch conv."""
-    for m in vit.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    vit.patch_embed.proj.reset_parameters()
-    with torch.no_grad():
-        nn.init.trunc_normal_(vit.cls_token, std=0.02)
-        nn.init.trunc_normal_(vit.pos_embed, std=0.02)
-    return vit
+# --- a pre-trained ViT from a weights file ---
+PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, MAE-Lite's exp wrapper (`module.model.`)
+SKIPPED, RPE_KEYS = ("tch_model.", "attn_adapter."), ("relative_position", "q_bias", "v_bias", "gamma_1")
 
 
-class MAEDecoder(nn.Module):
-    """MAE decoder. MAE-Lite (PAPER §1.2): 1 block of width 96 with 3 heads; the original MAE: 8 x 512, 16 heads."""
-
-    def __init__(self, grid, patch_size, in_chans, encoder_dim, dim=96, depth=1, num_heads=3, mlp_ratio=4.0):
-        super().__init__()
-        self.embed = nn.Linear(encoder_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)  # fixed, as in MAE
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, patch_size ** 2 * in_chans)
-        self.apply(ViT._init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def forward(self, latent, ids_restore):
-        """latent (B, 1+K, De) from the encoder -> per-patch pixel predictions (B, L, p*p*C)."""
-        x = self.embed(latent)
-        B, L = ids_restore.shape
-        masks = self.mask_token.expand(B, L - (x.shape[1] - 1), -1)
-        x_ = torch.cat([x[:, 1:], masks], dim=1)  # [visible, removed] without cls
-        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # back to raster order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed  # cls back at index 0
-        for blk in self.blocks:
-            x, _ = blk(x)
-        return self.pred(self.norm(x))[:, 1:]  # drop the cls prediction
-
-
-# --- checkpoint hand-off between stages ---
-# Wrapper prefixes stripped from every key: DDP, torch.compile, and MAE-Lite's exp wrapper (`module.model.`).
-PREFIXES = ("module.", "_orig_mod.", "model.")
-# MAE-Lite's D-MAE checkpoints also hold the frozen teacher and the head mixer: never part of the student ViT.
-SKIPPED = ("tch_model.", "attn_adapter.")
-RPE_KEYS = ("relative_position", "q_bias", "v_bias", "gamma_1")  # MAE-Lite's RPE / layer-scale fine-tune variant
-# Head counts of checkpoints of ours saved before num_heads was a flag (their config lacks it).
-LEGACY_HEADS = {"cpu": 3}
-
-
-def checkpoint_weights(ckpt, key="model", source="checkpoint"):
-    """The weights dict inside a loaded checkpoint: ckpt[key] (ours, MAE, MAE-Lite), ckpt['state_dict'], or the
-    checkpoint itself when it is a flat state dict (timm)."""
-    if not isinstance(ckpt, dict):
-        raise BadValue(f"{source} is not a state dict or a checkpoint dict")
-    if isinstance(ckpt.get(key), dict):
-        return ckpt[key]
-    if isinstance(ckpt.get("state_dict"), dict):
-        return ckpt["state_dict"]
-    if all(torch.is_tensor(v) for v in ckpt.values()):
-        return ckpt
-    raise BadValue(f"{source} has no {key!r} weights (it holds {sorted(ckpt)[:8]}); choose one with the key flag")
-
-
-def backbone_state_dict(sd, verbose=False):
-    """Normalise any known layout to our ViT's names: ours (ViT under `encoder.`), timm, facebookresearch/mae,
-    MoCo-v3 (`base_encoder.`), MAE-Lite (`module.model.` / `model.` then `encoder.` or the ViT names). MAE decoder
-    keys and D-MAE teacher / adapter keys are dropped; the RPE variant is refused."""
-    out, skipped = {}, []
+def read_state_dict(ckpt, key="model", source="checkpoint", verbose=False):  # ckpt: loaded, or a path
+    """The backbone weights inside a loaded checkpoint, in our names: ckpt[key] (ours, MAE, MAE-Lite),
+    ckpt['state_dict'] or a flat state dict (timm); under `encoder.` (ours), `base_encoder.` (MoCo-v3) or not.
+    MAE's decoder and D-MAE's teacher / adapter keys (SKIPPED) are dropped; MAE-Lite's RPE variant is refused."""
+    ckpt, source = (load_ckpt(ckpt), ckpt) if isinstance(ckpt, str) else (ckpt, source)
+    sd = next((ckpt[k] for k in (key, "state_dict") if isinstance(ckpt.get(k), dict)), ckpt) if isinstance(ckpt, dict) \
+        else {"": ckpt}
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        raise BadValue(f"{source} has no {key!r} weights (it holds {sorted(sd)[:8]}); choose them with the key flag")
+    out = {}
     for k, v in sd.items():
         while k.startswith(PREFIXES):
             k = k[k.index(".") + 1:]
-        if k.startswith(SKIPPED):
-            skipped.append(k)
-        else:
-            out[k] = v
-    for wrapper in ("encoder.", "base_encoder."):  # our MAE / MoCo / DINO wrappers, MAE-Lite pre-training; MoCo-v3
+        out[k] = v
+    skipped = [k for k in out if k.startswith(SKIPPED)]
+    out = {k: v for k, v in out.items() if k not in skipped}
+    for wrapper in ("encoder.", "base_encoder."):
         if any(k.startswith(wrapper) for k in out):
             out = {k[len(wrapper):]: v for k, v in out.items() if k.startswith(wrapper)}
             break
-    rpe = [k for k in out if any(r in k for r in RPE_KEYS)]
-    if rpe:
-        raise BadValue(f"checkpoint is MAE-Lite's RPE / layer-scale variant ({rpe[0]}, ...): a different architecture "
-                         "from the plain ViT, not supported here; use the plain (non-RPE) checkpoints")
+    for k in (k for k in out if any(r in k for r in RPE_KEYS)):
+        raise BadValue(f"{source} is MAE-Lite's RPE / layer-scale variant ({k}, ...): not the plain ViT, not "
+                       "supported here; use the plain (non-RPE) checkpoints")
     if verbose and skipped:
-        print(f"load_backbone: skipped {len(skipped)} D-MAE keys that are not the student "
-              f"(frozen teacher tch_model.*, head mixer attn_adapter.*)")
+        print(f"load_backbone: skipped {len(skipped)} D-MAE keys, not the student (tch_model.*, attn_adapter.*)")
     return {k: v for k, v in out.items() if not k.startswith(("decoder", "mask_token"))}  # MAE's decoder
 
 
-def read_state_dict(path_or_ckpt, key="model", verbose=False):
-    """The backbone weights of a checkpoint file or an already loaded checkpoint / state dict, in our names."""
-    ckpt = load_ckpt(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
-    source = path_or_ckpt if isinstance(path_or_ckpt, str) else "state dict"
-    return backbone_state_dict(checkpoint_weights(ckpt, key, source), verbose)
+def describe_weights(sd):
+    """(size name or None, patch size, 'tiny ViT (width 192, depth 12, 16-px patches)') of a state dict."""
+    width = sd["cls_token"].shape[-1] if "cls_token" in sd else 0
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    patch = sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else 0
+    size = next((n for n, s in VIT_SIZES.items() if (s["embed_dim"], s["depth"]) == (width, depth)), None)
+    return size, patch, f"{size or 'a'} ViT (width {width}, depth {depth}, {patch}-px patches)"
 
 
-def checkpoint_heads(ckpt, path, size, asked, flag="--num_heads", verbose=True):
-    """Head count for loading a checkpoint into a `size` ViT. Ours carry it in their config; timm / MAE / MAE-Lite
-    files carry none, so the flag or the size's default is assumed, and said. A contradiction is an error."""
-    ccfg = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else {}
-    saved = ccfg.get("num_heads") or (ccfg.get("model") in VIT_SIZES and
-                                      LEGACY_HEADS.get(ccfg["model"], VIT_SIZES[ccfg["model"]]["num_heads"]))
-    if saved:
-        if asked and asked != saved:
-            raise BadValue(f"{path} was trained with {saved} heads but {flag}={asked}; drop the flag or set it to {saved}")
-        return saved
-    heads = asked or VIT_SIZES[size]["num_heads"]
-    if verbose:
-        print(f"{path} carries no config: assuming {heads} heads" + ("" if asked else f" ({size}'s default)")
-              + f"; pass {flag}=N if it was trained with another count (timm/DeiT vit_tiny: 3, vit_small: 6)")
-    return heads
+def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "--num_heads"), verbose=True):
+    """(size, heads, patch size) of a checkpoint's ViT. Ours carry them in their config; timm / MAE / MAE-Lite files
+    do not: the size is read off the weights' shapes and the heads are the flag's or the size's default (said). A flag
+    that contradicts the checkpoint is one line naming what to pass."""
+    ccfg = config_of(ckpt)
+    found, patch, what = describe_weights(read_state_dict(ckpt, key, path))
+    size, heads = ccfg.get("model") or found, ccfg.get("num_heads")
+    if model and size and model != size:
+        raise BadValue(f"{path} holds a {what}, not {model}: drop {flags[0]} or pass {flags[0]}={size}")
+    size = model or size
+    if size not in VIT_SIZES:
+        raise BadValue(f"{path} holds {what}, none of the sizes {sorted(VIT_SIZES)}: pass {flags[0]}")
+    if heads and num_heads and num_heads != heads:
+        raise BadValue(f"{path} was trained with {heads} heads but {flags[1]}={num_heads}; drop the flag or set it")
+    if not heads:
+        heads = num_heads or VIT_SIZES[size]["num_heads"]
+        if verbose:
+            print(f"{path} carries no config: a {size} ViT (read off its weights) with {heads} heads"
+                  + ("" if num_heads else f" ({size}'s default)") + f"; pass {flags[1]}=N if it was trained with "
+                  "another count (timm/DeiT vit_tiny: 3, vit_small: 6)")
+    return size, heads, ccfg.get("patch_size") or patch
 
 
-def load_backbone(model, path_or_sd, key="model", verbose=True):
-    """Load ViT weights strictly, except that head/fc_norm may be new and a final norm may be left over.
-
-    path_or_sd: a checkpoint path, a loaded checkpoint, or a state dict, in any layout backbone_state_dict knows.
-    The pos_embed is resized when the image size differs; a head of another shape is dropped (new task).
-    Any other missing, unexpected or mis-shaped key is an architecture mismatch and raises.
-    """
-    sd = read_state_dict(path_or_sd, key, verbose)
-    own = model.state_dict()
+def load_backbone(model, ckpt, key="model", verbose=True):
+    """Load a checkpoint's ViT weights (read_state_dict) strictly, except that head / fc_norm may be new and a final norm left over;
+    the pos_embed is resized to the model's grid and a head of another shape dropped (a new task). Anything else
+    that does not fit is an architecture mismatch: one line naming both sizes and the flags to pass."""
+    own, sd = model.state_dict(), read_state_dict(ckpt, key, verbose=verbose)
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid)
-    for k in [k for k in sd if k.startswith("head.") and (k not in own or sd[k].shape != own[k].shape)]:
-        del sd[k]
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = wrong + [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
+    sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and (k not in own or v.shape != own[k].shape))}
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape] \
+        + [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
         + [f"unexpected {k}" for k in unexpected if not k.startswith(("norm.", "fc_norm.", "head."))]
     if bad:
-        raise BadValue("checkpoint does not fit this model (architecture mismatch?):\n  " + "\n  ".join(bad[:20]))
+        (size, patch, theirs), (_, _, ours) = describe_weights(sd), describe_weights(own)
+        raise BadValue(f"checkpoint does not fit this model (architecture mismatch): it holds a {theirs}, this model "
+                       f"is a {ours} ({len(bad)} keys differ, first: {bad[0]}); "
+                       + (f"pass --model={size} --patch_size={patch}" if size else "build a ViT of its width and depth"))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if verbose and (missing or unexpected):
         print(f"load_backbone: new (missing) keys {missing}; ignored (unexpected) keys {unexpected}")
     return missing, unexpected
+
+
+def pretrained_vit(path, key="model", model="", num_heads=0, flags=("--model", "--num_heads"), verbose=True,
+                   ckpt=None, **vit_kwargs):
+    """A ViT that fits the weights in `path` (ours, timm, MAE, MAE-Lite) with them loaded, and the checkpoint: size,
+    heads and patch size from vit_spec; vit_kwargs (img_size, num_classes, global_pool, ...) build the rest."""
+    ckpt = load_ckpt(path) if ckpt is None else ckpt
+    size, heads, patch = vit_spec(ckpt, path, key, model, num_heads, flags, verbose)
+    vit = create_vit(size, heads, **{"patch_size": patch, **vit_kwargs})
+    load_backbone(vit, ckpt, key, verbose)
+    return vit, ckpt

@@ -1,5 +1,8 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
+Each method is one class below with the same small interface, so the train loop reads the same for both:
+`DEFAULTS` (its own recipe), `views(images, cfg)` (its augmentation), `forward(crops, teacher, step)` (its loss),
+`make_teacher()` (what the EMA follows), `param_groups()` and `before_step(epoch)`. A third method is a third class.
 MoCo-v3: two BYOL-style views; query = predictor(projector(encoder(view))), key = momentum projector(encoder(other
 view)); InfoNCE against every rank's keys at temperature 0.2, scaled by 2T; the momentum rises from 0.99 to 1.
 DINO: 2 global + N local crops; the student sees all, the EMA teacher only the global ones; the teacher's output
@@ -12,53 +15,48 @@ The backbone is saved under `encoder.` so finetune.py and analyze.py load it (DI
         --data=imagefolder --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=128 \
         --base_lr=1.5e-4 --head_hidden_dim=4096 --head_out_dim=256     # the paper's MoCo-v3-Tiny recipe
 """
-import contextlib
 import copy
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import augment
-from common import (all_gather_cat, all_reduce_mean, autocast_ctx, check, check_finite, check_ranges, cli, cosine_value,
-                    gather_rng_states, make_scaler, param_groups, prepare_out_dir, print0, save_ckpt, seed_everything,
-                    set_lr, setup_dist, try_resume, unlock_out_dir, write_log)
+from checkpoint import prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check, check_finite, check_ranges,
+                    clamp_warmup, cli, cosine_schedule, make_scaler, optimizer_step, param_groups, print0,
+                    seed_everything, set_lr, set_weight_decay, setup_dist)
 from data import Loader, build_dataset
 from model import VIT_SIZES, create_vit, vit_heads
 
 
-# Where MoCo-v3 and DINO differ, each gets its own recipe (MoCo-v3's CPU lr is raised for short runs).
-METHOD_DEFAULTS = {
-    "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, clip_grad=0.0),
-    "dino": dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0),
-}
-
-
 @dataclass
 class Config:
-    method: str = "mocov3"  # mocov3 | dino
+    method: str = "mocov3"  # mocov3 | dino; the flags shown as "MoCo-v3 x / DINO y" take the method's value
     # data
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | ... (see README)
     data_root: str = ""  # folder of the data; unused for embedded
-    subset: int = 0  # use only the first N training images (0 = all)
+    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all)
     img_size: int = 32  # global view side in pixels; the paper: 224
     num_workers: int = 2  # data-loading processes per GPU
     # model
-    model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
     patch_size: int = 4  # patch side in pixels; the paper: 16
-    head_hidden_dim: int = 1024  # MoCo-v3 MLPs: 4096; DINO head: 2048
-    head_out_dim: int = 256  # MoCo-v3 embedding: 256; DINO prototypes: 65536
-    # method (-1 = the method's default, listed as MoCo-v3 / DINO; each is DINO's or MoCo-v3's own value)
+    head_hidden_dim: int = None  # MoCo-v3's MLPs (the paper: 4096) / DINO's head MLP (DINO: 2048)
+    head_out_dim: int = None  # MoCo-v3's embedding / DINO's prototypes (DINO's ViT recipe: 65536)
+    # the method's recipe
+    ema_momentum: float = None  # teacher EMA momentum at the start, rising to 1 by cosine
+    base_lr: float = None  # lr = base_lr x global batch / 256 (MoCo-v3 paper: 1.5e-4; short CPU runs like more)
+    weight_decay: float = None  # MoCo-v3 decays every weight; DINO not biases/norms, and rises to weight_decay_end
+    weight_decay_end: float = None  # cosine target of the weight decay (MoCo-v3: constant)
+    clip_grad: float = None  # max grad norm, 0 = off
     temperature: float = 0.2  # MoCo-v3 InfoNCE temperature
-    ema_momentum: float = -1.0  # teacher EMA momentum at the start, rising to 1 by cosine: 0.99 / 0.996
     local_crops: int = 4  # DINO local crops per image (DINO: 8)
     local_crop_size: int = 16  # DINO local crop side; 96 at 224
     global_crop_min_scale: float = 0.4  # DINO: global crops cover (0.4, 1) of the image, local ones (0.05, 0.4)
@@ -72,45 +70,47 @@ class Config:
     warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
     batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; MoCo-v3-Tiny: 1024
     accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
-    base_lr: float = -1.0  # lr = base_lr x global batch / 256: 1e-3 (MoCo-v3 paper 1.5e-4; short CPU runs like more) / 5e-4
-    weight_decay: float = -1.0  # MoCo-v3 0.1 on all weights / DINO 0.04, not on biases/norms, rising to weight_decay_end
-    weight_decay_end: float = -1.0  # cosine target of the weight decay: constant / 0.4
-    clip_grad: float = -1.0  # max grad norm, 0 = off: 0 / 3.0
     # run
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
     compile: bool = False  # torch.compile the student (CUDA)
 
+    @classmethod
+    def shown_default(cls, name):  # --help: "MoCo-v3 0.99 / DINO 0.996"
+        if name in MoCoV3.DEFAULTS:
+            return f"MoCo-v3 {MoCoV3.DEFAULTS[name] or 'constant'} / DINO {DINO.DEFAULTS[name]}"
+
     def __post_init__(self):
-        check(self.method in ("mocov3", "dino"), f"method must be mocov3 or dino, got {self.method!r}")
-        for name, value in METHOD_DEFAULTS[self.method].items():  # -1: the method's own default
-            if getattr(self, name) == -1:
-                setattr(self, name, value)
-        if self.weight_decay_end == -1:  # MoCo-v3: a constant weight decay
-            self.weight_decay_end = self.weight_decay
+        check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        for name, value in METHODS[self.method].DEFAULTS.items():  # unset: the method's own value
+            if getattr(self, name) is None:
+                setattr(self, name, self.weight_decay if name == "weight_decay_end" and value is None else value)
         check_ranges(self, subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0", patch_size=">0",
-                     head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)", local_crops=">=0",
-                     local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
-                     teacher_temp_warmup_epochs=">=0", center_momentum="[0,1]", freeze_last_layer_epochs=">=0",
-                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
-                     weight_decay=">=0", weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
-        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+                     head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
+                     local_crops=">=0", local_crop_size=">0", global_crop_min_scale="(0,1)",
+                     warmup_teacher_temp=">0", teacher_temp=">0", teacher_temp_warmup_epochs=">=0",
+                     center_momentum="[0,1]", freeze_last_layer_epochs=">=0", epochs=">0", warmup_epochs=">=0",
+                     batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0", weight_decay=">=0",
+                     weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
+        clamp_warmup(self)
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
         for size in (self.img_size, self.local_crop_size):
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
-# --- augmentation: BYOL-style asymmetric views (MoCo-v3, DINO), on the device, batched (augment.py) ---
-def make_views(images, cfg):
-    """One uint8 batch -> the list of normalised crops: MoCo-v3's two views (blur 1.0 / 0.1 + solarize 0.2), or
-    DINO's two global views plus cfg.local_crops small local ones (blur 0.5)."""
-    full = (0.08, 1.0) if cfg.method == "mocov3" else (cfg.global_crop_min_scale, 1.0)
-    specs = [(cfg.img_size, full, 1.0, 0.0), (cfg.img_size, full, 0.1, 0.2)]
-    specs += [(cfg.local_crop_size, (0.05, cfg.global_crop_min_scale), 0.5, 0.0)] * (cfg.local_crops if cfg.method == "dino" else 0)
-    return [augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale), blur_p, solarize_p))
-            for size, scale, blur_p, solarize_p in specs]
+def view(images, size, scale, blur_p, solarize_p):
+    """One BYOL-style view of a uint8 batch on the device (augment.py): crop, colour, blur, solarize, normalise."""
+    return augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale), blur_p, solarize_p))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- m * teacher + (1 - m) * student, matched by parameter name (MoCo's momentum encoder, DINO's teacher)."""
+    student_params = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():
+        p.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
 
 
 # --- MoCo-v3 ---
@@ -138,50 +138,42 @@ def info_nce(q, k, temperature):
     return F.cross_entropy(logits, labels) * 2 * temperature  # MoCo-v3 scales by 2T
 
 
-class MoCo(nn.Module):
-    def __init__(self, encoder, hidden_dim, out_dim):
-        super().__init__()
-        self.encoder = encoder
-        self.projector = mlp(3, encoder.embed_dim, hidden_dim, out_dim, last_bn=True)
-        self.predictor = mlp(2, out_dim, hidden_dim, out_dim, last_bn=True)  # the ViT predictor ends in BN too (MoCo-v3)
+class MoCoV3(nn.Module):
+    # MoCo-v3's recipe (its CPU lr raised for short runs; weight_decay_end None = constant)
+    DEFAULTS = dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
+                    head_hidden_dim=1024, head_out_dim=256)
 
-    def forward(self, x1, x2, teacher, temperature):
-        """Symmetrised loss; `teacher` is the momentum encoder + projector (no predictor), without grads."""
-        q1, q2 = (self.predictor(self.projector(self.encoder(x))) for x in (x1, x2))
+    def __init__(self, encoder, cfg):
+        super().__init__()
+        self.cfg, self.encoder = cfg, encoder
+        self.projector = mlp(3, encoder.embed_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=True)
+        self.predictor = mlp(2, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=True)  # BN: ViTs
+
+    def make_teacher(self):  # the momentum encoder + projector (no predictor)
+        return nn.ModuleDict(dict(encoder=copy.deepcopy(self.encoder), projector=copy.deepcopy(self.projector)))
+
+    def param_groups(self):  # MoCo-v3 decays every weight
+        return [{"params": list(self.parameters()), "weight_decay": self.cfg.weight_decay}]
+
+    @staticmethod
+    def views(images, cfg):  # BYOL's asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2
+        return [view(images, cfg.img_size, (0.08, 1.0), 1.0, 0.0), view(images, cfg.img_size, (0.08, 1.0), 0.1, 0.2)]
+
+    def forward(self, crops, teacher, step):
+        """Symmetrised InfoNCE; the teacher runs without grads. Returns the loss and extra numbers to log."""
+        q1, q2 = (self.predictor(self.projector(self.encoder(x))) for x in crops)
         with torch.no_grad():
-            k1, k2 = (teacher.projector(teacher.encoder(x)) for x in (x1, x2))
-        return info_nce(q1, k2, temperature) + info_nce(q2, k1, temperature)
+            k1, k2 = (teacher.projector(teacher.encoder(x)) for x in crops)
+        return info_nce(q1, k2, self.cfg.temperature) + info_nce(q2, k1, self.cfg.temperature), {}
+
+    def schedule(self, total_steps, steps_per_epoch):  # nothing of its own beyond the shared lr / wd / momentum
+        pass
+
+    def before_step(self, epoch):
+        pass
 
 
 # --- DINO ---
-class DINO(nn.Module):
-    """encoder + DINO head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes."""
-
-    def __init__(self, encoder, hidden_dim, out_dim, bottleneck_dim=256):
-        super().__init__()
-        self.encoder = encoder
-        self.mlp = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
-        for m in [*self.mlp, self.last_layer]:
-            if isinstance(m, nn.Linear):  # DINO: trunc_normal(0.02), zero bias
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, crops):
-        """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
-        sizes = [c.shape[-1] for c in crops]
-        feats, start = [], 0
-        for size in dict.fromkeys(sizes):  # one encoder pass per resolution (DINO's multi-crop wrapper)
-            n = sizes.count(size)
-            feats.append(self.encoder(torch.cat(crops[start:start + n])))
-            start += n
-        x = F.normalize(self.mlp(torch.cat(feats)), dim=-1)
-        # weight norm with g fixed at 1 (DINO's norm_last_layer) = unit-length prototype rows
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
-
-
 def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1, n_global=2):
     """Cross-entropy between the sharpened, centred teacher on each global crop and the student on every other crop."""
     s = (student_out / student_temp).chunk(len(student_out) // (len(teacher_out) // n_global))
@@ -197,12 +189,71 @@ def update_center(center, teacher_out, momentum):
     return center * momentum + batch_center * (1 - momentum)
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- m * teacher + (1 - m) * student, matched by parameter name (MoCo's momentum encoder, DINO's teacher)."""
-    student_params = dict(student.named_parameters())
-    for name, p in teacher.named_parameters():
-        p.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
+class DINO(nn.Module):
+    """encoder + DINO head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes. The centre
+    is a buffer, so it travels in the checkpoint with the weights (the teacher's copy of it is unused)."""
+    DEFAULTS = dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+                    head_hidden_dim=1024, head_out_dim=256)
+
+    def __init__(self, encoder, cfg, bottleneck_dim=256):
+        super().__init__()
+        self.cfg, self.encoder = cfg, encoder
+        hidden = cfg.head_hidden_dim
+        self.mlp = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck_dim))
+        self.last_layer = nn.Linear(bottleneck_dim, cfg.head_out_dim, bias=False)
+        for m in [*self.mlp, self.last_layer]:
+            if isinstance(m, nn.Linear):  # DINO: trunc_normal(0.02), zero bias
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.register_buffer("center", torch.zeros(1, cfg.head_out_dim))
+        self.teacher_temps = []  # per step, set by schedule()
+
+    def make_teacher(self):  # the whole student, heads included
+        return copy.deepcopy(self)
+
+    def param_groups(self):  # no weight decay on biases and norms (DINO's get_params_groups)
+        return param_groups(self, self.cfg.weight_decay)
+
+    def schedule(self, total_steps, steps_per_epoch):  # the teacher temperature: linear warm-up, then constant
+        c = self.cfg
+        self.teacher_temps = cosine_schedule(total_steps, c.teacher_temp_warmup_epochs * steps_per_epoch,
+                                             c.teacher_temp, c.teacher_temp, start=c.warmup_teacher_temp)
+
+    @staticmethod
+    def views(images, c):  # 2 global views (blur 1.0 / 0.1, solarize 0 / 0.2), then the local ones (blur 0.5)
+        full = (c.global_crop_min_scale, 1.0)
+        return [view(images, c.img_size, full, 1.0, 0.0), view(images, c.img_size, full, 0.1, 0.2)] + \
+            [view(images, c.local_crop_size, (0.05, c.global_crop_min_scale), 0.5, 0.0) for _ in range(c.local_crops)]
+
+    def embed(self, crops):
+        """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
+        sizes = [c.shape[-1] for c in crops]
+        feats, start = [], 0
+        for size in dict.fromkeys(sizes):  # one encoder pass per resolution (DINO's multi-crop wrapper)
+            n = sizes.count(size)
+            feats.append(self.encoder(torch.cat(crops[start:start + n])))
+            start += n
+        x = F.normalize(self.mlp(torch.cat(feats)), dim=-1)
+        # weight norm with g fixed at 1 (DINO's norm_last_layer) = unit-length prototype rows
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+
+    def forward(self, crops, teacher, step):
+        """The student sees every crop, the teacher the global ones; then the centre follows the teacher."""
+        student_out = self.embed(crops)
+        with torch.no_grad():
+            teacher_out = teacher.embed(crops[:2]).float()
+        loss = dino_loss(student_out.float(), teacher_out, self.center, self.teacher_temps[step])
+        self.center.copy_(update_center(self.center, teacher_out, self.cfg.center_momentum))
+        return loss, {}
+
+    def before_step(self, epoch):  # DINO keeps the prototypes fixed for the first epochs
+        if epoch < self.cfg.freeze_last_layer_epochs:
+            self.last_layer.weight.grad = None
+
+
+METHODS = {"mocov3": MoCoV3, "dino": DINO}
 
 
 def main(cfg):
@@ -211,110 +262,73 @@ def main(cfg):
     master = rank == 0
     seed_everything(cfg.seed + rank)
     if master:
-        prepare_out_dir(cfg, __file__)
+        prepare_out_dir(cfg)
 
-    # --- data --- (uint8 batches on the device; make_views crops and colours them there)
+    # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
     loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
 
     # --- model ---
     encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
-    if cfg.method == "mocov3":
-        raw_model = MoCo(encoder, cfg.head_hidden_dim, cfg.head_out_dim)
-        teacher = nn.ModuleDict(dict(encoder=copy.deepcopy(raw_model.encoder), projector=copy.deepcopy(raw_model.projector)))
-    else:
-        raw_model = DINO(encoder, cfg.head_hidden_dim, cfg.head_out_dim)
-        teacher = copy.deepcopy(raw_model)
+    raw_model = METHODS[cfg.method](encoder, cfg)
+    teacher = raw_model.make_teacher()
     if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     raw_model.to(device)
     teacher.to(device).requires_grad_(False)  # updated only by EMA
-    center = torch.zeros(1, cfg.head_out_dim, device=device)  # DINO
 
     # --- optimizer & schedule ---
     global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
     lr = cfg.base_lr * global_batch / 256
-    if cfg.method == "mocov3":  # MoCo-v3 decays every weight
-        optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(raw_model.param_groups(), lr=lr)
     scaler = make_scaler(device)
     steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
     check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
+    wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
+    # the EMA momentum rises from ema_momentum to 1 by a half cosine (written as MoCo-v3 / DINO write it)
+    momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
+                         for s in range(total_steps)]
+    raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
     print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
     # --- resume ---
-    ckpt = try_resume(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
-    start_epoch, history = 0, []
-    if ckpt:
-        start_epoch, history = ckpt["epoch"], ckpt["log"]
-        center.copy_(ckpt["center"])
-    model = DDP(raw_model) if world > 1 else raw_model
+    ckpt = start_run(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
+    model = ddp_model = DDP(raw_model) if world > 1 else raw_model
     if cfg.compile:
         model = torch.compile(model)
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
         model.train()
         teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
-        t0, loss_sum = time.time(), 0.0
-        micro_batches = steps_per_epoch * cfg.accum_steps
-        for it, (imgs, _) in enumerate(tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False,
-                                            total=micro_batches)):
-            if it == micro_batches:
-                break
-            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
-            lr_now = cosine_value(step, total_steps, warmup_steps, lr)
-            set_lr(optimizer, lr_now)
-            if cfg.weight_decay_end != cfg.weight_decay:
-                for g in optimizer.param_groups:
-                    if g["weight_decay"] > 0:
-                        g["weight_decay"] = cosine_value(step, total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
-            momentum = 1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2  # -> 1
-            crops = make_views(imgs, cfg)
-            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
-            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
-                with autocast_ctx(device):
-                    if cfg.method == "mocov3":
-                        loss = model(crops[0], crops[1], teacher, cfg.temperature)
-                    else:
-                        student_out = model(crops)
-                        with torch.no_grad():
-                            teacher_out = teacher(crops[:2]).float()
-                        warm = cfg.teacher_temp_warmup_epochs * steps_per_epoch
-                        t_temp = cfg.teacher_temp if step >= warm else \
-                            cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warm
-                        loss = dino_loss(student_out.float(), teacher_out, center, t_temp)
-                loss_sum += check_finite(loss, epoch, step)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            if last_micro:
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-                if cfg.method == "dino" and epoch < cfg.freeze_last_layer_epochs:
-                    raw_model.last_layer.weight.grad = None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                ema_update(teacher, raw_model, momentum)
-            if cfg.method == "dino":
-                center = update_center(center, teacher_out, cfg.center_momentum)
+        t0, sums, steps = time.time(), {}, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        for step, sync, (imgs, _) in steps:
+            set_lr(optimizer, lr_schedule[step])
+            set_weight_decay(optimizer, wd_schedule[step])
+            crops = raw_model.views(imgs, cfg)
+            with autocast_ctx(device):
+                loss, extra = model(crops, teacher, step)
+            loss_value = check_finite(loss, epoch, step)
+            scaler.scale(loss / cfg.accum_steps).backward()
+            if sync:
+                optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch))
+                ema_update(teacher, raw_model, momentum_schedule[step])
+            for k, v in dict(loss=loss_value, **extra).items():
+                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and of what the method logs
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / micro_batches, lr=lr_now, momentum=momentum,
-                   imgs_per_s=imgs_per_s)
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} lr {lr_now:.1e} m {momentum:.4f} {imgs_per_s:.0f} img/s")
+        means = {k: v / (steps_per_epoch * cfg.accum_steps) for k, v in sums.items()}
+        row = dict(epoch=epoch + 1, step=step + 1, loss=means.pop("loss"), lr=lr_schedule[step],
+                   momentum=momentum_schedule[step], imgs_per_s=imgs_per_s, **means)
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} " + "".join(f"{k} {v:.4f} " for k, v in
+               means.items()) + f"lr {row['lr']:.1e} m {row['momentum']:.4f} {imgs_per_s:.0f} img/s")
 
         # --- save ---
-        rng = gather_rng_states()
-        history.append(row)
-        if master:  # the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind
-            save_ckpt(dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                           scaler=scaler.state_dict(), center=center, epoch=epoch + 1, step=step + 1,
-                           config=asdict(cfg), rng=rng, log=history), os.path.join(cfg.out_dir, "ckpt.pt"))
-            write_log(cfg.out_dir, history)
+        save_epoch(cfg, history, row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
+                   optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     if master:
         unlock_out_dir(cfg.out_dir)
     return raw_model, teacher

@@ -10,23 +10,21 @@ against per-patch normalised pixels (norm-pix). After each epoch the master writ
         --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=512 --base_lr=1.5e-4 \
         --crop_min_scale=0.08 --num_workers=10      # the paper's recipe: global batch 4096, lr 2.4e-3
 """
-import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
-from tqdm import tqdm
 
 import augment
-from common import (autocast_ctx, check, check_finite, check_ranges, cli, cosine_value, gather_rng_states, make_scaler,
-                    param_groups, prepare_out_dir, print0, save_ckpt, seed_everything, set_lr, setup_dist, try_resume,
-                    unlock_out_dir, write_log)
-from data import Loader, build_dataset, first_images
-from model import VIT_SIZES, MAEDecoder, create_vit, patchify, random_masking, unpatchify, vit_heads
+import figures
+from checkpoint import prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from common import (EpochSteps, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli, cosine_schedule,
+                    make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist)
+from data import Loader, build_dataset, figure_images
+from model import VIT_SIZES, Block, ViT, create_vit, patchify, sincos_pos_embed, unpatchify, vit_heads
 
 
 @dataclass
@@ -34,19 +32,19 @@ class Config:
     # data
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
     data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
-    subset: int = 0  # use only the first N training images (0 = all); for quick checks
+    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); for quick checks
     img_size: int = 32  # input side in pixels; the paper: 224
     crop_min_scale: float = 0.2  # RandomResizedCrop lower area bound; MAE-Lite: 0.08, MAE: 0.2
     num_workers: int = 2  # data-loading processes per GPU
     # model
-    model: str = "cpu"  # ViT size: cpu | tiny | small | base
+    model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite)
     patch_size: int = 4  # patch side in pixels; the paper: 16
     mask_ratio: float = 0.75  # fraction of patches removed, in (0, 1)
     decoder_dim: int = 96  # MAE-Lite: 96 (original MAE: 512)
     decoder_depth: int = 1  # MAE-Lite: 1 (original MAE: 8)
     decoder_heads: int = 3  # MAE-Lite: 3 (original MAE: 16)
-    norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE §4, on in MAE-Lite)
+    norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE §4, on in MAE-Lite); see recon figures
     # optimisation
     epochs: int = 20  # the paper: 400
     warmup_epochs: int = 2  # linear lr warm-up; the paper: 40
@@ -65,7 +63,7 @@ class Config:
                      patch_size=">0", mask_ratio="(0,1)", decoder_dim=">0", decoder_depth=">=0", decoder_heads=">0",
                      epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
                      weight_decay=">=0", seed=">=0")
-        check(self.warmup_epochs <= self.epochs, f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        clamp_warmup(self)
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         num_patches = (self.img_size // self.patch_size) ** 2
@@ -78,10 +76,52 @@ class Config:
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
 
 
-def augment_batch(imgs, cfg):
-    """MAE's only augmentation, on a uint8 batch on the device: RandomResizedCrop (scale crop_min_scale..1, bicubic),
-    horizontal flip, ImageNet normalisation."""
-    return augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+
+
+# --- MAE: masking -> encoder (visible patches only) -> decoder -> loss on the removed patches (models_mae.py's order) ---
+def random_masking(batch, num_patches, mask_ratio, device, generator=None):
+    """MAE §3 per-sample random masking by argsort of uniform noise; every sample keeps exactly the same count.
+
+    Returns ids_keep (B, K) of the visible patches, mask (B, L) with 1 = removed, and ids_restore (B, L)
+    that puts [visible, removed] tokens back in raster order.
+    """
+    num_keep = int(num_patches * (1 - mask_ratio))  # int(), as MAE: 58 of 196 at 0.7 (round() would keep 59)
+    if not 0 < num_keep < num_patches:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {num_patches} patches; it must keep some and "
+                         "drop some")
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    ids_shuffle = noise.argsort(dim=1)  # ascending: the lowest-noise patches are kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :num_keep] = 0
+    return ids_shuffle[:, :num_keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+
+class MAEDecoder(nn.Module):
+    """MAE decoder. MAE-Lite (PAPER §1.2): 1 block of width 96 with 3 heads; the original MAE: 8 x 512, 16 heads."""
+
+    def __init__(self, grid, patch_size, in_chans, encoder_dim, dim=96, depth=1, num_heads=3, mlp_ratio=4.0):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)  # fixed, as in MAE
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_size ** 2 * in_chans)
+        self.apply(ViT._init_weights)  # MAE initialises the decoder as the encoder
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent, ids_restore):
+        """latent (B, 1+K, De) from the encoder -> per-patch pixel predictions (B, L, p*p*C)."""
+        x = self.embed(latent)
+        B, L = ids_restore.shape
+        masks = self.mask_token.expand(B, L - (x.shape[1] - 1), -1)
+        x_ = torch.cat([x[:, 1:], masks], dim=1)  # [visible, removed] without cls
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # back to raster order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed  # cls back at index 0
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.pred(self.norm(x))[:, 1:]  # drop the cls prediction
 
 
 def mae_loss(imgs, pred, mask, patch_size, norm_pix):
@@ -118,22 +158,38 @@ class MAE(nn.Module):
         return mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss), {}
 
 
+def augment_batch(imgs, cfg):
+    """MAE's only augmentation, on a uint8 batch on the device: RandomResizedCrop (scale crop_min_scale..1, bicubic),
+    horizontal flip, ImageNet normalisation."""
+    return augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+
+
 @torch.no_grad()
-def reconstruction_grid(mae, imgs, seed=0):
-    """Rows of (original, masked input, reconstruction with the visible patches pasted in), in [0, 1] pixels."""
+def reconstruction_rows(mae, imgs, seed=0):
+    """(row label, images in [0, 1]) for a figure: the original, the masked input, the reconstruction with the
+    visible patches pasted in, and with norm-pix the prediction and the target in normalised-patch units (what the
+    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches grey)."""
     p, grid = mae.cfg.patch_size, mae.encoder.grid
     g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
     pred, mask, *_ = mae.encode_decode(imgs, generator=g)
-    target = patchify(imgs, p)
-    if mae.cfg.norm_pix_loss:  # predictions are in normalised-patch units: undo with the true patch statistics
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    m = mask[..., None]  # (B, L, 1), 1 = removed
-    masked = unpatchify(target * (1 - m), p, grid)
-    recon = unpatchify(target * (1 - m) + pred * m, p, grid)
-    mean = torch.tensor(augment.IMAGENET_MEAN, device=imgs.device)[:, None, None]
-    std = torch.tensor(augment.IMAGENET_STD, device=imgs.device)[:, None, None]
-    rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1) * std + mean
-    return rows.clamp(0, 1)
+    target, m = patchify(imgs, p), mask[..., None]  # m: (B, L, 1), 1 = removed
+    mean, std = target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    pixels = pred * std + mean if mae.cfg.norm_pix_loss else pred  # de-normalised with the TRUE patch's mean, std
+    rows = [("original", imgs), ("masked input", unpatchify(target * (1 - m), p, grid)),
+            ("reconstruction", unpatchify(target * (1 - m) + pixels * m, p, grid))]
+    rows = [(label, figures.to_pixels(x)) for label, x in rows]
+    if mae.cfg.norm_pix_loss:
+        units = lambda x: unpatchify(((0.5 + x / 4) * m + 0.5 * (1 - m)).clamp(0, 1), p, grid)  # noqa: E731
+        rows += [("prediction\n(patch units)", units(pred)), ("target\n(patch units)", units((target - mean) / std))]
+    return rows
+
+
+def save_reconstructions(mae, imgs, title, path, seed=0):
+    rows = reconstruction_rows(mae, imgs, seed)
+    how = ("each predicted patch drawn with the true patch's mean and std (norm-pix): judge the prediction by the "
+           "patch-unit rows" if mae.cfg.norm_pix_loss else "predicted pixels as they are (no norm-pix)")
+    figures.image_grid([x for _, x in rows], [label for label, _ in rows], f"{title}\nmask ratio "
+                       f"{mae.cfg.mask_ratio:g}, fixed masks (seed {seed}); reconstruction: {how}", path)
 
 
 def main(cfg, model=None):
@@ -143,12 +199,12 @@ def main(cfg, model=None):
     master = rank == 0
     seed_everything(cfg.seed + rank)
     if master:
-        prepare_out_dir(cfg, __file__)
+        prepare_out_dir(cfg, inputs=[getattr(cfg, "teacher_ckpt", "")])
 
     # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
     loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
-    view_imgs = augment.normalize(augment.center_crop(first_images(dataset, 8, device), cfg.img_size))
+    view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
 
     # --- model ---
     raw_model = (model or MAE(cfg)).to(device)
@@ -162,63 +218,49 @@ def main(cfg, model=None):
     scaler = make_scaler(device)
     steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
     check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
     print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # --- resume ---
-    ckpt = try_resume(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+    ckpt = start_run(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
     start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
     model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
+    ddp_model = model
     if cfg.compile:
         model = torch.compile(model)
 
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
         model.train()
-        t0, sums, micro_batches = time.time(), {}, steps_per_epoch * cfg.accum_steps
-        pbar = tqdm(loader, disable=not master, desc=f"ep {epoch}", leave=False, total=micro_batches)
-        for it, (imgs, _) in enumerate(pbar):
-            if it == micro_batches:
-                break
-            step, last_micro = epoch * steps_per_epoch + it // cfg.accum_steps, it % cfg.accum_steps == cfg.accum_steps - 1
-            lr_now = cosine_value(step, total_steps, warmup_steps, lr)
-            set_lr(optimizer, lr_now)
+        t0, sums, steps = time.time(), {}, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        for step, sync, (imgs, _) in steps:
+            set_lr(optimizer, lr_schedule[step])
             imgs = augment_batch(imgs, cfg)
-            # gradient accumulation: DDP all-reduces only on the last micro-batch of each optimizer step
-            with contextlib.nullcontext() if last_micro or world == 1 else model.no_sync():
-                with autocast_ctx(device):
-                    loss, extra = model(imgs)
-                loss_value = check_finite(loss, epoch, step)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            if last_micro:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            # epoch means of the loss and of its parts (distill.py returns parts in `extra`)
-            sums["loss"] = sums.get("loss", 0.0) + loss_value
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            pbar.set_postfix_str(f"loss {loss_value:.4f} lr {lr_now:.1e}")
+            with autocast_ctx(device):
+                loss, extra = model(imgs)
+            loss_value = check_finite(loss, epoch, step)
+            scaler.scale(loss / cfg.accum_steps).backward()
+            if sync:
+                optimizer_step(optimizer, scaler, raw_model)
+            for k, v in dict(loss=loss_value, **{k: v.item() for k, v in extra.items()}).items():
+                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and its parts (distill.py's `extra`)
+            steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
         imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        row = dict(epoch=epoch + 1, step=step + 1, lr=lr_now, imgs_per_s=imgs_per_s,
-                   **{k: v / micro_batches for k, v in sums.items()})
-        parts = " ".join(f"{k} {v / micro_batches:.4f}" for k, v in sums.items() if k != "loss")
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {lr_now:.1e} {imgs_per_s:.0f} img/s")
+        means = {k: v / (steps_per_epoch * cfg.accum_steps) for k, v in sums.items()}
+        row = dict(epoch=epoch + 1, step=step + 1, lr=lr_schedule[step], imgs_per_s=imgs_per_s, **means)
+        parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {row['lr']:.1e} {imgs_per_s:.0f} img/s")
 
         # --- eval: reconstructions (MAE has no accuracy to measure during pre-training) ---
-        rng = gather_rng_states()  # collective: every rank calls it
         if master:
             raw_model.eval()
-            save_image(reconstruction_grid(raw_model, view_imgs), os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"),
-                       nrow=6, padding=1)
+            save_reconstructions(raw_model, view_imgs, f"{type(raw_model).__name__} reconstructions, {cfg.out_dir} "
+                                 f"epoch {epoch + 1}", os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
 
-            # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
-            history.append(row)
-            save_ckpt(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           epoch=epoch + 1, step=step + 1, config=asdict(cfg), rng=rng, log=history),
-                      os.path.join(cfg.out_dir, "ckpt.pt"))
-            write_log(cfg.out_dir, history)
+        # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
+        save_epoch(cfg, history, row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                   scaler=scaler.state_dict())
     if master:
         unlock_out_dir(cfg.out_dir)
     return raw_model

@@ -37,7 +37,8 @@ import knn
 import pretrain_contrastive
 import pretrain_mae
 import analyze
-from common import BadValue, RunError, check, check_ranges, cli, read_log
+from checkpoint import read_log
+from common import BadValue, RunError, check, check_ranges, cli
 from data import build_dataset
 from model import VIT_SIZES
 

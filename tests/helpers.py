@@ -3,6 +3,8 @@ import contextlib
 import io
 from unittest import mock
 
+import checkpoint
+
 TINY = dict(model="micro", img_size=16, patch_size=4, subset=64, batch_size_per_gpu=16, epochs=1, warmup_epochs=0,
             num_workers=0)
 
@@ -17,7 +19,7 @@ def quiet():
 def crash_then_resume(stage, cfg):
     """Run stage.main(cfg), killed right after its first checkpoint is written, then run it again (it resumes).
     Returns what the second run returns."""
-    real_save, saved = stage.save_ckpt, []
+    real_save, saved = checkpoint.save_ckpt, []
 
     def save_then_crash(obj, path):
         real_save(obj, path)
@@ -25,7 +27,7 @@ def crash_then_resume(stage, cfg):
         raise KeyboardInterrupt
 
     with quiet():
-        with mock.patch.object(stage, "save_ckpt", save_then_crash):
+        with mock.patch.object(checkpoint, "save_ckpt", save_then_crash):
             try:
                 stage.main(cfg)
             except KeyboardInterrupt:

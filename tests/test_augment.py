@@ -11,8 +11,8 @@ from PIL import Image
 
 import augment
 import finetune
-from common import load_ckpt
-from data import Loader, build_dataset, first_images
+from checkpoint import load_ckpt
+from data import Loader, build_dataset, figure_images
 from tests.helpers import TINY, quiet
 
 CPU = torch.device("cpu")
@@ -152,7 +152,7 @@ class TestLoaders(unittest.TestCase):
             self.assertEqual([tuple(b.shape) for b in batch], [(3, 17, 20), (3, 17, 21), (3, 17, 22), (3, 17, 20)])
             self.assertEqual(labels.tolist(), [0, 0, 0, 1])
             self.assertEqual(augment.center_crop(batch, 16).shape, (4, 3, 16, 16))
-            self.assertEqual(len(first_images(ds, 2, CPU)), 2)
+            self.assertEqual(len(figure_images(ds, 2, CPU)), 2)
 
 
 class TestAccumulation(unittest.TestCase):

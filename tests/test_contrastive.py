@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrain_contrastive as pc
-from common import load_ckpt
+from checkpoint import load_ckpt
 from model import create_vit, load_backbone
 from tests.helpers import TINY, crash_then_resume, quiet
 
@@ -90,13 +90,14 @@ class TestStages(unittest.TestCase):
         for a, b in [(s1, s2), (t1, t2)]:
             for k, v in a.state_dict().items():
                 torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
-        c1 = load_ckpt(os.path.join(self.tmp.name, "a", "ckpt.pt"))["center"]
-        torch.testing.assert_close(load_ckpt(os.path.join(self.tmp.name, "b", "ckpt.pt"))["center"], c1, rtol=0, atol=0)
+        c1 = load_ckpt(os.path.join(self.tmp.name, "a", "ckpt.pt"))["model"]["center"]  # the centre is a buffer
+        torch.testing.assert_close(load_ckpt(os.path.join(self.tmp.name, "b", "ckpt.pt"))["model"]["center"], c1,
+                                   rtol=0, atol=0)
 
     def test_dino_steps(self):
         ckpt = self.run_method("dino")
-        self.assertEqual(ckpt["center"].shape, (1, 32))
-        self.assertGreater(ckpt["center"].abs().sum().item(), 0)
+        self.assertEqual(ckpt["model"]["center"].shape, (1, 32))
+        self.assertGreater(ckpt["model"]["center"].abs().sum().item(), 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import distill
 import finetune
 import pretrain_contrastive as pc
 import pretrain_mae
-from common import autocast_ctx, load_ckpt
+from checkpoint import load_ckpt
+from common import autocast_ctx
 from data import Loader, build_dataset
 from model import create_vit
 from tests.helpers import TINY, quiet

@@ -7,7 +7,7 @@ import unittest
 
 import torch
 
-from common import load_ckpt
+from checkpoint import load_ckpt
 from tests.ddp_worker import batch, mae_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ import torch
 import analyze
 import distill
 import finetune
-from common import load_ckpt
+from checkpoint import load_ckpt
 from model import create_vit
 from tests.helpers import TINY, quiet
 

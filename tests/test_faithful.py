@@ -18,9 +18,11 @@ import augment
 import distill
 import finetune
 import pretrain_contrastive as pc
-from common import load_ckpt
-from data import Loader, build_dataset, first_images
-from model import ViT, create_vit, load_backbone, random_masking, read_state_dict, timm_init
+from checkpoint import load_ckpt
+from data import Loader, build_dataset, figure_images
+from finetune import timm_init
+from model import ViT, create_vit, load_backbone, read_state_dict
+from pretrain_mae import random_masking
 from tests.helpers import TINY, quiet
 
 # ViT-Tiny weights at 32 px with 16-px patches: real key names and shapes, a cheap forward
@@ -107,7 +109,7 @@ class TestPublishedWeights(unittest.TestCase):
             model = create_vit("tiny", **ARCH, num_classes=0)
             load_backbone(model, self.path("dmae.pth.tar"))
         self.assertIn("skipped", out.getvalue())
-        self.assertIn("assuming 12 heads", out.getvalue())  # no config in the file: the assumption is said
+        self.assertIn("carries no config: a tiny ViT (read off its weights) with 12 heads", out.getvalue())  # said
         self.assert_same_function(model, reference(12, enc, num_classes=0))
         self.assert_same_function(analysed, reference(12, enc, num_classes=0))
 
@@ -175,7 +177,7 @@ class TestRandAugment(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         ds, _ = build_dataset("embedded", "", True, subset=300)
-        cls.u8 = torch.nn.functional.interpolate(first_images(ds, 300, torch.device("cpu")).float(), size=32,
+        cls.u8 = torch.nn.functional.interpolate(figure_images(ds, 300, torch.device("cpu")).float(), size=32,
                                                  mode="bicubic").round().clamp(0, 255).to(torch.uint8)
         cls.x = cls.u8.float() / 255
 
@@ -233,7 +235,8 @@ class TestRandAugment(unittest.TestCase):
 
 class TestRecipeDetails(unittest.TestCase):
     def test_mocov3_predictor_ends_in_affine_free_bn(self):
-        moco = pc.MoCo(create_vit("micro", img_size=16, patch_size=4, num_classes=0), 64, 32)
+        cfg = pc.Config(model="micro", img_size=16, patch_size=4, head_hidden_dim=64, head_out_dim=32)
+        moco = pc.MoCoV3(create_vit("micro", img_size=16, patch_size=4, num_classes=0), cfg)
         for mlp in (moco.projector, moco.predictor):
             self.assertIsInstance(mlp[-1], nn.BatchNorm1d)
             self.assertFalse(mlp[-1].affine)

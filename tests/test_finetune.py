@@ -8,7 +8,8 @@ import torch
 
 import finetune
 import pretrain_mae
-from common import load_ckpt, param_groups
+from checkpoint import load_ckpt
+from common import param_groups
 from model import create_vit
 from tests.helpers import TINY, crash_then_resume, quiet
 
@@ -85,8 +86,8 @@ class TestFinetune(unittest.TestCase):
     def test_bad_checkpoint_path_and_architecture_mismatch(self):
         with self.assertRaisesRegex(FileNotFoundError, "init_ckpt not found: nope.pt"):
             self.run_ft("bad", init_ckpt="nope.pt")
-        with self.assertRaisesRegex(ValueError, "architecture mismatch"):
-            self.run_ft("bad2", model="cpu")  # a micro checkpoint into a cpu-sized ViT
+        with self.assertRaisesRegex(ValueError, "holds a micro ViT .*, not cpu: drop --model or pass --model=micro"):
+            self.run_ft("bad2", model="cpu")  # a micro checkpoint into a cpu-sized ViT: one line naming the flag
 
 
 if __name__ == "__main__":

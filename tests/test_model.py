@@ -5,8 +5,8 @@ import unittest
 
 import torch
 
-from model import (MAEDecoder, ViT, create_vit, load_backbone, patchify, random_masking, read_state_dict,
-                   sincos_pos_embed, unpatchify)
+from model import ViT, create_vit, load_backbone, patchify, read_state_dict, sincos_pos_embed, unpatchify
+from pretrain_mae import MAEDecoder, random_masking
 
 
 def small_vit(**kw):

@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 
 import analyze
+import checkpoint
 import common
 import data
 import distill
 import finetune
 import pretrain_contrastive as pc
 import pretrain_mae
-from common import BadData, RunError, load_ckpt, parse_config
+from checkpoint import load_ckpt
+from common import BadData, RunError, parse_config
 from tests.helpers import TINY, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +69,7 @@ class TestKillPoints(unittest.TestCase):
     def run_killed_before_write(self, k, out_dir):
         """Run finetune, killed just before its k-th file write; then resume it. Returns the writes seen."""
         writes = []
-        real_save, real_log = finetune.save_ckpt, finetune.write_log
+        real_save, real_log = checkpoint.save_ckpt, checkpoint.write_log
 
         def guard(real, name):
             def write(*args):
@@ -77,11 +79,11 @@ class TestKillPoints(unittest.TestCase):
                 return real(*args)
             return write
 
-        with quiet(), mock.patch.object(finetune, "save_ckpt", guard(real_save, "ckpt")), \
-                mock.patch.object(finetune, "write_log", guard(real_log, "log")):
+        with quiet(), mock.patch.object(checkpoint, "save_ckpt", guard(real_save, "ckpt")), \
+                mock.patch.object(checkpoint, "write_log", guard(real_log, "log")):
             with contextlib.suppress(KilledAt):
                 finetune.main(finetune.Config(**self.cfg, out_dir=out_dir))
-        common.unlock_out_dir(out_dir)  # the killed process would have dropped its lock
+        checkpoint.unlock_out_dir(out_dir)  # the killed process would have dropped its lock
         with quiet():
             finetune.main(finetune.Config(**self.cfg, out_dir=out_dir))
         return writes
@@ -109,7 +111,7 @@ class TestKillPoints(unittest.TestCase):
         cfg = dict(self.cfg, epochs=1, warmup_epochs=0)
         with quiet():
             finetune.main(finetune.Config(**cfg, out_dir=out))
-        common.save_ckpt({"model": {}, "epoch": 0, "top1": 10.4}, os.path.join(out, "best.pt"))  # an older best.pt
+        checkpoint.save_ckpt({"model": {}, "epoch": 0, "top1": 10.4}, os.path.join(out, "best.pt"))  # an older best.pt
         with quiet():
             finetune.main(finetune.Config(**cfg, out_dir=out))  # resumes a finished run: trains nothing
         best, ckpt = load_ckpt(os.path.join(out, "best.pt")), load_ckpt(os.path.join(out, "ckpt.pt"))
@@ -125,9 +127,9 @@ class TestKillPoints(unittest.TestCase):
             calls.append(1)
             raise KilledAt
 
-        with quiet(), mock.patch.object(pretrain_mae, "write_log", kill_first_log), contextlib.suppress(KilledAt):
+        with quiet(), mock.patch.object(checkpoint, "write_log", kill_first_log), contextlib.suppress(KilledAt):
             pretrain_mae.main(cfg)
-        common.unlock_out_dir(out)
+        checkpoint.unlock_out_dir(out)
         self.assertFalse(os.path.exists(os.path.join(out, "log.jsonl")))  # the row of epoch 1 was never written
         with quiet():
             pretrain_mae.main(cfg)
@@ -147,7 +149,7 @@ class TestOutDir(unittest.TestCase):
 
     def test_second_run_in_the_same_folder_is_refused_and_a_dead_lock_is_not(self):
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                   "import common; common.lock_out_dir(sys.argv[2]); print('locked', flush=True); "
+                                   "import checkpoint; checkpoint.lock_out_dir(sys.argv[2]); print('locked', flush=True); "
                                    "time.sleep(60)", ROOT, self.out], stdout=subprocess.PIPE, text=True)
         try:
             self.assertEqual(holder.stdout.readline().strip(), "locked")
@@ -164,16 +166,16 @@ class TestOutDir(unittest.TestCase):
     def test_temporary_checkpoint_name_is_unique_per_process(self):
         seen = []
         real = os.replace
-        with mock.patch.object(common.os, "replace", lambda a, b: (seen.append(a), real(a, b))):
-            common.save_ckpt({"x": 1}, os.path.join(self.tmp.name, "c.pt"))
+        with mock.patch.object(checkpoint.os, "replace", lambda a, b: (seen.append(a), real(a, b))):
+            checkpoint.save_ckpt({"x": 1}, os.path.join(self.tmp.name, "c.pt"))
         self.assertIn(str(os.getpid()), seen[0])
 
     def test_disk_full_keeps_the_previous_checkpoint_and_no_partial_file(self):
         path = os.path.join(self.tmp.name, "ckpt.pt")
-        common.save_ckpt({"epoch": 1}, path)
-        with mock.patch.object(common.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        checkpoint.save_ckpt({"epoch": 1}, path)
+        with mock.patch.object(checkpoint.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
             with self.assertRaisesRegex(BadData, f"no space left on device while writing {path}"):
-                common.save_ckpt({"epoch": 2, "w": torch.zeros(1000)}, path)
+                checkpoint.save_ckpt({"epoch": 2, "w": torch.zeros(1000)}, path)
         self.assertEqual(sorted(os.listdir(self.tmp.name)), ["ckpt.pt"])  # the partial .tmp is gone
         self.assertEqual(load_ckpt(path), {"epoch": 1})
 
@@ -198,9 +200,14 @@ class TestOutDir(unittest.TestCase):
 
     def test_finished_finetune_then_scratch_in_the_same_folder_is_refused(self):
         cfg = dict(TINY, mode="scratch", out_dir=self.out)
+        elsewhere = os.path.join(self.tmp.name, "init.pt")
         with quiet():
             finetune.main(finetune.Config(**cfg))
-            with self.assertRaisesRegex(RunError, "mode 'scratch' -> 'linear'"):
+            checkpoint.save_ckpt(load_ckpt(os.path.join(self.out, "ckpt.pt")), elsewhere)
+            with self.assertRaisesRegex(RunError, "holds a finetune.py run with other settings: .*mode 'scratch' -> "
+                                                  "'linear'"):
+                finetune.main(finetune.Config(**{**cfg, "mode": "linear", "init_ckpt": elsewhere}))
+            with self.assertRaisesRegex(RunError, "which this run reads; finetune.py would write over it"):
                 finetune.main(finetune.Config(**{**cfg, "mode": "linear", "init_ckpt": os.path.join(self.out, "ckpt.pt")}))
 
     def test_eval_only_writes_nothing_and_builds_no_training_data(self):

@@ -1,0 +1,95 @@
+"""Figures for people, shared by the stages, analyze.py and reproduce.py: labelled image grids with every image
+upscaled by nearest neighbour (each patch stays a visible square), and attention maps laid over their images."""
+import math
+
+import torch
+
+import augment
+
+MIN_SIDE = 112  # pixels on screen per image, at least: a 28-px digit is drawn 4x
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def to_pixels(x):
+    """ImageNet-normalised (B, 3, H, W) -> [0, 1] pixels."""
+    mean = torch.tensor(augment.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def canvas(rows, pad=2):
+    """rows: list of (B, 3, H, W) batches in [0, 1] -> one (H', W', 3) image, every image upscaled by an integer
+    factor so that its side is at least MIN_SIDE, white gaps between them. Returns it and the cell size."""
+    n_rows, (n_cols, _, h, w) = len(rows), rows[0].shape
+    k = max(1, math.ceil(MIN_SIDE / min(h, w)))
+    cell_h, cell_w = h * k + pad, w * k + pad
+    out = torch.ones(n_rows * cell_h + pad, n_cols * cell_w + pad, 3)
+    for r, batch in enumerate(rows):
+        big = batch.float().cpu().repeat_interleave(k, -2).repeat_interleave(k, -1)  # nearest neighbour
+        for c in range(n_cols):
+            y, x = pad + r * cell_h, pad + c * cell_w
+            out[y:y + h * k, x:x + w * k] = big[c].permute(1, 2, 0)
+    return out, (cell_h, cell_w)
+
+
+def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
+    """A grid of images with a label per row (and per column), a title, and an optional note under it."""
+    pyplot = plt()
+    img, (ch, cw) = canvas(rows)
+    dpi = 100
+    fig = pyplot.figure(figsize=(img.shape[1] / dpi + 1.6, img.shape[0] / dpi + 0.9), dpi=dpi)
+    ax = fig.add_axes((1.5 / (img.shape[1] / dpi + 1.6), 0.15 / (img.shape[0] / dpi + 0.9),
+                       img.shape[1] / dpi / (img.shape[1] / dpi + 1.6), img.shape[0] / dpi / (img.shape[0] / dpi + 0.9)))
+    ax.imshow(img.numpy(), interpolation="nearest")
+    ax.set_yticks([2 + ch * (r + 0.5) for r in range(len(rows))], row_labels, fontsize=8)
+    ax.set_xticks([2 + cw * (c + 0.5) for c in range(rows[0].shape[0])] if col_labels else [],
+                  col_labels or [], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / (img.shape[0] / dpi + 0.9), va="top")
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, va="bottom", wrap=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot.close(fig)
+
+
+def attention_panels(images, maps, title, path, row_labels=None, shared_scale=True):
+    """Attention maps laid over their images: images (n, 3, S, S) in [0, 1], maps (n, P, g, g) for P panels (heads,
+    then their mean). shared_scale: one colour scale for the whole figure (from 0 to the largest value), so
+    near-uniform attention looks flat; else each map is stretched to its own maximum (shows structure, hides level).
+    The uniform value 1/g^2 is marked on the colour bar."""
+    pyplot = plt()
+    n, panels, g = maps.shape[0], maps.shape[1], maps.shape[-1]
+    grey = images.float().mean(1).cpu()
+    size = max(1.3, MIN_SIDE / 80)
+    fig, axes = pyplot.subplots(n, panels + 1, figsize=(size * (panels + 1) + 0.8, size * n + 0.7), squeeze=False)
+    top = maps.max().item()
+    for i in range(n):
+        axes[i, 0].imshow(grey[i], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        axes[i, 0].set_ylabel((row_labels or [f"image {j + 1}" for j in range(n)])[i], fontsize=8)
+        for p in range(panels):
+            m = maps[i, p]
+            vmax = top if shared_scale else m.max().item()
+            axes[i, p + 1].imshow(grey[i], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+            im = axes[i, p + 1].imshow(m, cmap="inferno", alpha=0.65, vmin=0, vmax=vmax, interpolation="nearest",
+                                       extent=(-0.5, grey.shape[-1] - 0.5, grey.shape[-2] - 0.5, -0.5))
+    axes[0, 0].set_title("input", fontsize=8)
+    for p in range(panels):
+        axes[0, p + 1].set_title(f"head {p + 1}" if p < panels - 1 else "mean of heads", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    if shared_scale:
+        bar = fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
+        bar.ax.axhline(1 / g ** 2, color="cyan", lw=1.5)
+        bar.set_label(f"attention weight (cyan: uniform, 1/{g * g})", fontsize=7)
+    scale = "one colour scale for every map" if shared_scale else "each map scaled to its own maximum"
+    fig.suptitle(f"{title}\nlast layer, cls-to-patch attention ({scale}; bright = most attended)", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot.close(fig)
