@@ -1,4 +1,4 @@
-r"""Look inside pre-trained ViTs (PAPER §5): layer similarity by CKA, attention distance and entropy, MAE reconstructions.
+r"""Look inside pre-trained ViTs (PAPER §5): layer similarity (CKA), attention distance and entropy, reconstructions.
 
 - CKA: minibatch linear CKA with the unbiased HSIC estimator (Nguyen et al. 2021) between every layer of one model
   and every layer of another (or itself). A layer's representation is what its block's norm1 sees (plus the final
@@ -59,7 +59,8 @@ class Config:
 
     def __post_init__(self):
         check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0", num_map_images=">0")
-        check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
         check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         vit_heads(self.model or "cpu", self.num_heads)

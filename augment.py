@@ -209,7 +209,8 @@ def byol_view(x, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, 
     B, dev, x = len(x), x.device, x.clone()  # the ops below write into this copy
     b, c, s, h = jitter
     jitter_on = _rand(B, dev) < jitter_p
-    factors = [_rand(B, dev, 1 - b, 1 + b), _rand(B, dev, 1 - c, 1 + c), _rand(B, dev, 1 - s, 1 + s), _rand(B, dev, -h, h)]
+    factors = [_rand(B, dev, 1 - b, 1 + b), _rand(B, dev, 1 - c, 1 + c), _rand(B, dev, 1 - s, 1 + s),
+               _rand(B, dev, -h, h)]
     order = torch.rand(B, 4, device=dev).argsort(1)  # a random permutation of the 4 jitters per sample
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for step in range(4):
@@ -350,7 +351,10 @@ def rand_augment(x, magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=0.5, ops=
     for _ in range(num_ops):
         drawn = torch.randint(len(ops), (B,), device=dev)  # uniform, with replacement across the num_ops layers
         on = _rand(B, dev) < prob
-        m = magnitude + magnitude_std * torch.randn(B, device=dev) if magnitude_std > 0 else torch.full((B,), magnitude, device=dev)
+        if magnitude_std > 0:
+            m = magnitude + magnitude_std * torch.randn(B, device=dev)
+        else:
+            m = torch.full((B,), magnitude, device=dev)
         m = m.clamp(0, MAX_LEVEL)
         for k, name in enumerate(ops):
             _apply(x, on & (drawn == k), lambda y, a, n=name: apply_op(y, n, a), op_arg(name, m))

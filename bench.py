@@ -63,8 +63,9 @@ class Config:
         check_ranges(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
                      stage_epochs=">0", stage_subset=">=0", num_workers=">=0", img_size=">0", patch_size=">0",
                      num_heads=">=0", batch_size=">=0", steps=">0", threads=">=0")
-        check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model}")
         check(all(s in STAGES for s in self.stage_list()), f"stages must be of {STAGES}, got {self.stages!r}")
 
     def stage_list(self):
@@ -201,7 +202,8 @@ def main(cfg):
             common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
                           batch=cfg.stage_batch)
             share = ips / data_ips  # of an end-to-end step's time, if the data path ran alone
-            results += [dict(common, what=f"{stage} end to end ({cfg.data})", imgs_per_s=round(ips, 1), peak_mem_mb=peak),
+            results += [dict(common, what=f"{stage} end to end ({cfg.data})", imgs_per_s=round(ips, 1),
+                             peak_mem_mb=peak),
                         dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
                         dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
                              share_of_step=round(share, 3))]
@@ -219,7 +221,8 @@ def main(cfg):
             import timm  # optional reference point, never a requirement
 
             if size == "tiny" and img == 224:
-                runs.append(("timm vit_tiny_patch16_224", timm.create_model("vit_tiny_patch16_224").to(device), classify))
+                timm_tiny = timm.create_model("vit_tiny_patch16_224").to(device)
+                runs.append(("timm vit_tiny_patch16_224", timm_tiny, classify))
         except ImportError:
             pass
         for name, model, fn in runs:

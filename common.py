@@ -12,6 +12,7 @@ import os
 import random
 import re
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ class BadData(RunError, RuntimeError):
 
 
 def cli(main, cls):
-    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss ends in one line, exit 2."""
+    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss is one line, exit 2."""
     cfg = parse_config(cls)
     try:
         main(cfg)
@@ -136,7 +137,8 @@ def parse_config(cls, argv=None):
         conv = _parse_bool if f.type is bool else str if f.type is list else f.type  # int("3.5") fails loudly
         flag = dict(nargs="?", const=True) if f.type is bool else dict(action="append") if f.type is list else {}
         shown = getattr(cls, "shown_default", lambda name: None)(f.name) or f.default  # method-dependent ones
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar="PATH" if f.type is list else f.type.__name__.upper(),
+        metavar = "PATH" if f.type is list else f.type.__name__.upper()
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=metavar,
                             help=f"{comments.get(f.name, '')} (default: {shown})", **flag)
     args = parser.parse_args(argv)
     try:
@@ -173,12 +175,16 @@ def check(cond, msg):
         raise BadValue(msg)
 
 
-def check_ranges(cfg, **ranges):
-    """Every float flag must be finite; each named flag must lie in its range: "(0,1]", "[0,1)", ">0", ">=0"."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        check(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number, got {value}")
-    for name, spec in ranges.items():
+def check_ranges(cfg, default=None, **ranges):
+    """Every float flag must be finite; each named flag must lie in its range: "(0,1]", "[0,1)", ">0", ">=0";
+    with default=">=0", so must every other number."""
+    numbers = [f.name for f in dataclasses.fields(cfg) if f.type in (int, float)]
+    for name in numbers:
+        value = getattr(cfg, name)
+        check(not isinstance(value, float) or math.isfinite(value), f"--{name} must be a finite number, got {value}")
+    for name, spec in ((dict.fromkeys(numbers, default) if default else {}) | ranges).items():
+        if spec is None:
+            continue
         v = getattr(cfg, name)
         if spec[0] in "([":
             lo, hi = (float(x) for x in spec[1:-1].split(","))
@@ -212,7 +218,7 @@ def cosine_schedule(total_steps, warmup_steps, peak, final=0.0, start=0.0):
 
 
 def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW groups: no weight decay on biases, norms, cls_token and pos_embed (timm/MAE); optional lr scale per name."""
+    """AdamW groups: no weight decay on biases, norms, cls_token, pos_embed (timm/MAE); optional lr scale per name."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -259,6 +265,7 @@ class EpochSteps:
 
     def __init__(self, loader, epoch, steps_per_epoch, cfg, ddp_model=None):
         self.loader, self.epoch, self.steps_per_epoch, self.accum = loader, epoch, steps_per_epoch, cfg.accum_steps
+        self.sums, self.start = {}, time.time()
         self.ddp = ddp_model if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel) else None
         master = not dist.is_initialized() or dist.get_rank() == 0
         self.bar = tqdm(total=steps_per_epoch * self.accum, desc=f"ep {epoch + 1}/{cfg.epochs}", leave=False,
@@ -278,6 +285,17 @@ class EpochSteps:
 
     def show(self, text):
         self.bar.set_postfix_str(text)
+
+    def add(self, **numbers):
+        """Sum numbers per micro-batch (the loss, the method's parts), for the epoch means."""
+        for k, v in numbers.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self):
+        return {k: v / (self.steps_per_epoch * self.accum) for k, v in self.sums.items()}
+
+    def imgs_per_s(self, global_batch):
+        return self.steps_per_epoch * global_batch / (time.time() - self.start)
 
 
 def seed_everything(seed):

@@ -43,9 +43,9 @@ def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
     pyplot = plt()
     img, (ch, cw) = canvas(rows)
     dpi = 100
-    fig = pyplot.figure(figsize=(img.shape[1] / dpi + 1.6, img.shape[0] / dpi + 0.9), dpi=dpi)
-    ax = fig.add_axes((1.5 / (img.shape[1] / dpi + 1.6), 0.15 / (img.shape[0] / dpi + 0.9),
-                       img.shape[1] / dpi / (img.shape[1] / dpi + 1.6), img.shape[0] / dpi / (img.shape[0] / dpi + 0.9)))
+    w_in, h_in = img.shape[1] / dpi, img.shape[0] / dpi  # inches of image; margins for labels and title
+    fig = pyplot.figure(figsize=(w_in + 1.6, h_in + 0.9), dpi=dpi)
+    ax = fig.add_axes((1.5 / (w_in + 1.6), 0.15 / (h_in + 0.9), w_in / (w_in + 1.6), h_in / (h_in + 0.9)))
     ax.imshow(img.numpy(), interpolation="nearest")
     ax.set_yticks([2 + ch * (r + 0.5) for r in range(len(rows))], row_labels, fontsize=8)
     ax.set_xticks([2 + cw * (c + 0.5) for c in range(rows[0].shape[0])] if col_labels else [],
@@ -53,7 +53,7 @@ def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    fig.suptitle(title, fontsize=9, y=1 - 0.05 / (img.shape[0] / dpi + 0.9), va="top")
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / (h_in + 0.9), va="top")
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, va="bottom", wrap=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")

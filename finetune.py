@@ -12,7 +12,6 @@ Transfer to small datasets (PAPER §3.3) uses --optimizer=sgd --weight_decay=0 -
         --patch_size=16 --data=imagefolder --data_root=/imagenet --epochs=300 --warmup_epochs=5 \
         --batch_size_per_gpu=128 --num_workers=10    # the paper's 300-epoch recipe, global batch 1024
 """
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -38,14 +37,14 @@ class Config:
     reinit_from_block: int = -1  # re-initialise blocks >= this index after loading (layer-importance study); -1 = off
     eval_only: bool = False  # only evaluate init_ckpt (a fine-tuned checkpoint) and exit
     # data
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); quick checks, data-poor studies
     img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)
     num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = init_ckpt's own (scratch: cpu)
-    num_heads: int = 0  # attention heads; 0 = from init_ckpt's config (ours), else the size's default: timm/DeiT vit_tiny needs 3, vit_small 6
+    num_heads: int = 0  # attention heads; 0 = init_ckpt's (ours), else the size's default (timm vit_tiny needs 3)
     patch_size: int = 4  # patch side in pixels; the paper: 16
     drop_path: float = 0.0  # stochastic depth at the last block; impr. recipe 0.0, MAE-default 0.1
     # optimisation
@@ -57,7 +56,7 @@ class Config:
     base_lr: float = 1e-3  # lr = base_lr x global batch / 256
     min_lr: float = 1e-6  # cosine floor
     weight_decay: float = 0.05  # not on biases/norms/tokens
-    layer_decay: float = 0.85  # lr scale decay^(depth+1-layer_id) per block; 0.75 for MoCo-v3; 1 = off; off for scratch (DeiT)
+    layer_decay: float = 0.85  # lr x decay^(depth+1-layer_id) per block; 0.75 for MoCo-v3; 1 = off; none from scratch
     clip_grad: float = 0.0  # max grad norm; 0 = off (transfer recipe: 1.0)
     # regularisation
     mixup: float = 0.2  # mixup alpha; 0 = off (impr. recipe 0.2)
@@ -74,12 +73,12 @@ class Config:
 
     def __post_init__(self):
         check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
-                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0",
-                     base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]", clip_grad=">=0", mixup=">=0",
-                     cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
+                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0",
+                     accum_steps=">0", base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]",
+                     clip_grad=">=0", mixup=">=0", cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
                      crop_min_scale="(0,1]", seed=">=0")
         clamp_warmup(self)
-        check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode!r}")
+        check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode}")
         check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         vit_heads(self.model or "cpu", self.num_heads)  # a count that does not split the width fails here
@@ -225,7 +224,7 @@ def main(cfg):
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        t0, loss_sum, steps = time.time(), 0.0, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
         for step, sync, (imgs, labels) in steps:
             set_lr(optimizer, lr_schedule[step])
             imgs = transform(imgs)
@@ -237,17 +236,17 @@ def main(cfg):
                 logits = model(imgs)
             # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            loss_sum += check_finite(loss, epoch, step)
+            steps.add(loss=check_finite(loss, epoch, step))
             scaler.scale(loss / cfg.accum_steps).backward()
             if sync:
                 optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad)
-        imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
+        imgs_per_s = steps.imgs_per_s(global_batch)
 
         # --- eval ---
         top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
         is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
         best_top1 = top1 if is_best else best_top1
-        row = dict(epoch=epoch + 1, step=step + 1, loss=loss_sum / (steps_per_epoch * cfg.accum_steps),
+        row = dict(epoch=epoch + 1, step=step + 1, loss=steps.means()["loss"],
                    lr=lr_schedule[step], top1=top1, **({"top5": top5} if num_classes > 5 else {}),  # else says nothing
                    best_top1=best_top1, imgs_per_s=imgs_per_s)
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} "

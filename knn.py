@@ -49,7 +49,8 @@ class Config:
                      batch_size=">0", num_workers=">=0", seed=">=0")
         check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         vit_heads(self.model or "cpu", self.num_heads)
-        check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         check(self.pool in ("cls", "mean"), f"pool must be cls or mean, got {self.pool!r}")
 
 
@@ -95,9 +96,10 @@ def main(cfg):
     test, _ = build_dataset(cfg.data, cfg.data_root, False)
 
     # --- eval ---
-    train_f, train_y = features(vit, Loader(train, cfg.batch_size, False, cfg.num_workers, device), img_size, cfg.pool, device)
-    test_f, test_y = features(vit, Loader(test, cfg.batch_size, False, cfg.num_workers, device), img_size, cfg.pool, device)
-    top = knn_classify(train_f, train_y, test_f, cfg.k, cfg.temperature, num_classes).topk(min(5, num_classes), 1).indices
+    train_f, train_y, test_f, test_y = (t for split in (train, test) for t in features(
+        vit, Loader(split, cfg.batch_size, False, cfg.num_workers, device), img_size, cfg.pool, device))
+    scores = knn_classify(train_f, train_y, test_f, cfg.k, cfg.temperature, num_classes)
+    top = scores.topk(min(5, num_classes), 1).indices
     hits = top == test_y[:, None]
     result = dict(ckpt=cfg.ckpt, data=cfg.data, k=cfg.k, temperature=cfg.temperature, pool=cfg.pool,
                   train_images=len(train_f), test_images=len(test_f),

@@ -268,7 +268,7 @@ def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "
 
 
 def load_backbone(model, ckpt, key="model", verbose=True):
-    """Load a checkpoint's ViT weights (read_state_dict) strictly, except that head / fc_norm may be new and a final norm left over;
+    """Load a checkpoint's ViT weights strictly, except that head / fc_norm may be new and a final norm left over;
     the pos_embed is resized to the model's grid and a head of another shape dropped (a new task). Anything else
     that does not fit is an architecture mismatch: one line naming both sizes and the flags to pass."""
     own, sd = model.state_dict(), read_state_dict(ckpt, key, verbose=verbose)
@@ -276,14 +276,14 @@ def load_backbone(model, ckpt, key="model", verbose=True):
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid)
     sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and (k not in own or v.shape != own[k].shape))}
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape] \
-        + [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad += [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
         + [f"unexpected {k}" for k in unexpected if not k.startswith(("norm.", "fc_norm.", "head."))]
     if bad:
         (size, patch, theirs), (_, _, ours) = describe_weights(sd), describe_weights(own)
+        hint = f"pass --model={size} --patch_size={patch}" if size else "build a ViT of its width and depth"
         raise BadValue(f"checkpoint does not fit this model (architecture mismatch): it holds a {theirs}, this model "
-                       f"is a {ours} ({len(bad)} keys differ, first: {bad[0]}); "
-                       + (f"pass --model={size} --patch_size={patch}" if size else "build a ViT of its width and depth"))
+                       f"is a {ours} ({len(bad)} keys differ, first: {bad[0]}); {hint}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if verbose and (missing or unexpected):
         print(f"load_backbone: new (missing) keys {missing}; ignored (unexpected) keys {unexpected}")

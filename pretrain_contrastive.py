@@ -1,13 +1,12 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
-Each method is one class below with the same small interface, so the train loop reads the same for both:
-`DEFAULTS` (its own recipe), `views(images, cfg)` (its augmentation), `forward(crops, teacher, step)` (its loss),
-`make_teacher()` (what the EMA follows), `param_groups()` and `before_step(epoch)`. A third method is a third class.
 MoCo-v3: two BYOL-style views; query = predictor(projector(encoder(view))), key = momentum projector(encoder(other
-view)); InfoNCE against every rank's keys at temperature 0.2, scaled by 2T; the momentum rises from 0.99 to 1.
-DINO: 2 global + N local crops; the student sees all, the EMA teacher only the global ones; the teacher's output
-is centred and sharpened, the student matches it by cross-entropy; the teacher temperature warms up.
-The backbone is saved under `encoder.` so finetune.py and analyze.py load it (DINO's EMA teacher: --init_key=teacher).
+view)); InfoNCE against every rank's keys at temperature 0.2, scaled by 2T. DINO: 2 global + N local crops; the
+student sees all, the EMA teacher the global ones; the teacher's output is centred and sharpened (its temperature
+warms up), the student matches it by cross-entropy. Each method is one class with the same small interface, so the
+train loop has no method branch: DEFAULTS (its recipe), views(images, cfg), forward(crops, teacher, step) -> (loss,
+logs), make_teacher() (what the EMA follows), param_groups(), schedule(...), before_step(epoch). The backbone is
+saved under `encoder.` for finetune.py and analyze.py (DINO's EMA teacher: --init_key=teacher).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino
@@ -17,7 +16,6 @@ The backbone is saved under `encoder.` so finetune.py and analyze.py load it (DI
 """
 import copy
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +36,11 @@ from model import VIT_SIZES, create_vit, vit_heads
 @dataclass
 class Config:
     method: str = "mocov3"  # mocov3 | dino; the flags shown as "MoCo-v3 x / DINO y" take the method's value
-    # data
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | ... (see README)
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all)
     img_size: int = 32  # global view side in pixels; the paper: 224
     num_workers: int = 2  # data-loading processes per GPU
-    # model
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
     patch_size: int = 4  # patch side in pixels; the paper: 16
@@ -65,12 +61,10 @@ class Config:
     teacher_temp_warmup_epochs: int = 3  # DINO: 30 of 300 at full scale
     center_momentum: float = 0.9  # DINO centre EMA
     freeze_last_layer_epochs: int = 1  # DINO keeps the prototypes fixed at first, for stability
-    # optimisation
     epochs: int = 10  # the paper: 400 (10 epochs: about 6 min for MoCo-v3, 10 for DINO on 2 CPU cores)
     warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
     batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; MoCo-v3-Tiny: 1024
     accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
-    # run
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
@@ -86,13 +80,10 @@ class Config:
         for name, value in METHODS[self.method].DEFAULTS.items():  # unset: the method's own value
             if getattr(self, name) is None:
                 setattr(self, name, self.weight_decay if name == "weight_decay_end" and value is None else value)
-        check_ranges(self, subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0", patch_size=">0",
-                     head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
-                     local_crops=">=0", local_crop_size=">0", global_crop_min_scale="(0,1)",
-                     warmup_teacher_temp=">0", teacher_temp=">0", teacher_temp_warmup_epochs=">=0",
-                     center_momentum="[0,1]", freeze_last_layer_epochs=">=0", epochs=">0", warmup_epochs=">=0",
-                     batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0", weight_decay=">=0",
-                     weight_decay_end=">=0", clip_grad=">=0", seed=">=0")
+        check_ranges(self, ">=0", img_size=">0", patch_size=">0", head_hidden_dim=">0", head_out_dim=">0",
+                     temperature=">0", ema_momentum="[0,1)", local_crop_size=">0", global_crop_min_scale="(0,1)",
+                     warmup_teacher_temp=">0", teacher_temp=">0", center_momentum="[0,1]", epochs=">0",
+                     batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0")  # every other number >= 0
         clamp_warmup(self)
         check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
@@ -107,7 +98,7 @@ def view(images, size, scale, blur_p, solarize_p):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """teacher <- m * teacher + (1 - m) * student, matched by parameter name (MoCo's momentum encoder, DINO's teacher)."""
+    """teacher <- m * teacher + (1 - m) * student, matched by parameter name (MoCo's momentum encoder, DINO's)."""
     student_params = dict(student.named_parameters())
     for name, p in teacher.named_parameters():
         p.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
@@ -115,8 +106,7 @@ def ema_update(teacher, student, momentum):
 
 # --- MoCo-v3 ---
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
-    """MoCo-v3 MLP: Linear-BN-ReLU between layers; with last_bn, an affine-free BN at the end (projector and, for
-    ViTs, the predictor too, as in the official builder and MAE-Lite's mocov3)."""
+    """MoCo-v3 MLP: Linear-BN-ReLU between layers, an affine-free BN at the end with last_bn (the official builder)."""
     layers = []
     for i in range(num_layers):
         d_in, d_out = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
@@ -166,11 +156,7 @@ class MoCoV3(nn.Module):
             k1, k2 = (teacher.projector(teacher.encoder(x)) for x in crops)
         return info_nce(q1, k2, self.cfg.temperature) + info_nce(q2, k1, self.cfg.temperature), {}
 
-    def schedule(self, total_steps, steps_per_epoch):  # nothing of its own beyond the shared lr / wd / momentum
-        pass
-
-    def before_step(self, epoch):
-        pass
+    schedule = before_step = lambda self, *args: None  # no schedule of its own, no gradient edits
 
 
 # --- DINO ---
@@ -190,8 +176,7 @@ def update_center(center, teacher_out, momentum):
 
 
 class DINO(nn.Module):
-    """encoder + DINO head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes. The centre
-    is a buffer, so it travels in the checkpoint with the weights (the teacher's copy of it is unused)."""
+    """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
     DEFAULTS = dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
                     head_hidden_dim=1024, head_out_dim=256)
 
@@ -305,22 +290,19 @@ def main(cfg):
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
-        t0, sums, steps = time.time(), {}, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
         for step, sync, (imgs, _) in steps:
             set_lr(optimizer, lr_schedule[step])
             set_weight_decay(optimizer, wd_schedule[step])
             crops = raw_model.views(imgs, cfg)
             with autocast_ctx(device):
                 loss, extra = model(crops, teacher, step)
-            loss_value = check_finite(loss, epoch, step)
+            steps.add(loss=check_finite(loss, epoch, step), **extra)
             scaler.scale(loss / cfg.accum_steps).backward()
             if sync:
                 optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch))
                 ema_update(teacher, raw_model, momentum_schedule[step])
-            for k, v in dict(loss=loss_value, **extra).items():
-                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and of what the method logs
-        imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        means = {k: v / (steps_per_epoch * cfg.accum_steps) for k, v in sums.items()}
+        imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
         row = dict(epoch=epoch + 1, step=step + 1, loss=means.pop("loss"), lr=lr_schedule[step],
                    momentum=momentum_schedule[step], imgs_per_s=imgs_per_s, **means)
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} " + "".join(f"{k} {v:.4f} " for k, v in

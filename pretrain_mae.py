@@ -11,7 +11,6 @@ against per-patch normalised pixels (norm-pix). After each epoch the master writ
         --crop_min_scale=0.08 --num_workers=10      # the paper's recipe: global batch 4096, lr 2.4e-3
 """
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from model import VIT_SIZES, Block, ViT, create_vit, patchify, sincos_pos_embed,
 @dataclass
 class Config:
     # data
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | pets | aircraft | cars
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); for quick checks
     img_size: int = 32  # input side in pixels; the paper: 224
@@ -78,7 +77,7 @@ class Config:
 
 
 
-# --- MAE: masking -> encoder (visible patches only) -> decoder -> loss on the removed patches (models_mae.py's order) ---
+# --- MAE: masking -> encoder (visible patches) -> decoder -> loss on the removed patches (models_mae.py's order) ---
 def random_masking(batch, num_patches, mask_ratio, device, generator=None):
     """MAE §3 per-sample random masking by argsort of uniform noise; every sample keeps exactly the same count.
 
@@ -233,7 +232,7 @@ def main(cfg, model=None):
     # --- train loop ---
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        t0, sums, steps = time.time(), {}, EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
         for step, sync, (imgs, _) in steps:
             set_lr(optimizer, lr_schedule[step])
             imgs = augment_batch(imgs, cfg)
@@ -243,11 +242,9 @@ def main(cfg, model=None):
             scaler.scale(loss / cfg.accum_steps).backward()
             if sync:
                 optimizer_step(optimizer, scaler, raw_model)
-            for k, v in dict(loss=loss_value, **{k: v.item() for k, v in extra.items()}).items():
-                sums[k] = sums.get(k, 0.0) + v  # epoch means of the loss and its parts (distill.py's `extra`)
+            steps.add(loss=loss_value, **{k: v.item() for k, v in extra.items()})  # distill.py's loss parts
             steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
-        imgs_per_s = steps_per_epoch * global_batch / (time.time() - t0)
-        means = {k: v / (steps_per_epoch * cfg.accum_steps) for k, v in sums.items()}
+        imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
         row = dict(epoch=epoch + 1, step=step + 1, lr=lr_schedule[step], imgs_per_s=imgs_per_s, **means)
         parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
         print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {row['lr']:.1e} {imgs_per_s:.0f} img/s")

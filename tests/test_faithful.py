@@ -3,9 +3,9 @@ import argparse
 import contextlib
 import io
 import os
-from unittest import mock
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -154,7 +154,8 @@ class TestPublishedWeights(unittest.TestCase):
             create_vit("tiny", num_heads=5)
 
     def test_num_heads_travels_in_our_checkpoints(self):
-        from pretrain_mae import Config as MAEConfig, main as mae_main
+        from pretrain_mae import Config as MAEConfig
+        from pretrain_mae import main as mae_main
         mae_dir = self.path("mae")
         with quiet():
             mae_main(MAEConfig(**{**TINY, "model": "cpu", "num_heads": 3, "out_dir": mae_dir}))

@@ -10,8 +10,8 @@ from unittest import mock
 import torch
 from PIL import Image
 
-import pretrain_mae
 import augment
+import pretrain_mae
 from checkpoint import load_ckpt
 from common import parse_config
 from data import build_dataset, figure_images

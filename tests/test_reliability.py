@@ -17,7 +17,6 @@ from PIL import Image
 
 import analyze
 import checkpoint
-import common
 import data
 import distill
 import finetune

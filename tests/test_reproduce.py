@@ -1,18 +1,26 @@
 """reproduce.py: --quick runs every step and writes the report; a second call skips finished runs; a deleted run is
 redone to the same number (deterministic); other settings in the same folder are refused; the verdict rules."""
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import unittest
 
+import report
 import reproduce
 from common import RunError
 from tests.helpers import quiet
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CLAIMS = ("## Claim 1", "## Claim 2", "## Claim 3", "## Claim 4")
-FIGURES = ("curves.png", "knn.png", "dino_loss.png", "layers.png", "transfer.png", "attn_distance.png", "cka_mae_vs_supervised.png",
-           "recon_mae.png", "recon_dmae.png", "attn_maps_mae.png", "attn_maps_mocov3.png", "attn_maps_dmae.png",
+FIGURES = ("curves.png", "knn.png", "dino_loss.png", "layers.png", "transfer.png", "attn_distance.png",
+           "cka_mae_vs_supervised.png", "recon_mae.png", "recon_dmae.png", "attn_maps_mae.png", "attn_maps_mocov3.png", "attn_maps_dmae.png",
            "attn_maps_supervised.png")
 
 
@@ -32,7 +40,7 @@ class TestReproduce(unittest.TestCase):
         runs = reproduce.study(self.cfg)
         self.assertEqual(set(self.results), {r.name for r in runs})
         for r in runs:  # each run left its result in its folder
-            self.assertTrue(os.path.exists(reproduce.result_path(r)), r.name)
+            self.assertTrue(os.path.exists(os.path.join(r.folder, "result.json")), r.name)
         report = open(os.path.join(self.tmp, "REPORT.md")).read()
         for claim in CLAIMS:
             self.assertIn(claim, report)
@@ -42,7 +50,8 @@ class TestReproduce(unittest.TestCase):
         # every fine-tuning run logged one top-1 per epoch; the layer study covers K = 0 .. depth
         self.assertEqual(len(self.results["scratch_s0"]["curve"]), 1)
         self.assertEqual(len(self.results["scratch_long_s0"]["curve"]), 2)
-        self.assertEqual([r.cfg.reinit_from_block for r in runs if r.name.startswith("mae_keep")], [0, 1, -1])  # depth 2
+        keep = [r.cfg.reinit_from_block for r in runs if r.tags.get("eval") == "keep" and r.tags["method"] == "mae"]
+        self.assertEqual(keep, [0, 1, -1])  # depth 2: K = 0, 1, 2
 
     def test_second_call_skips_and_a_deleted_run_is_redone_to_the_same_number(self):
         shutil.rmtree(os.path.join(self.tmp, "runs", "mae_ft_s0"))
@@ -59,17 +68,77 @@ class TestReproduce(unittest.TestCase):
             reproduce.run_all(reproduce.study(reproduce.Config(quick=True, out_dir=self.tmp, patch_size=14)), self.cfg)
 
 
+class TestWhereRunsGo(unittest.TestCase):
+    """The launcher: each run pinned to its own device(s), DDP runs under torchrun, and no run outlives the study."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def first_runs(self, n, **kw):
+        cfg = reproduce.Config(quick=True, out_dir=self.tmp, **kw)
+        runs = reproduce.study(cfg)[:n]  # teacher, MAE, D-MAE, MoCo-v3, DINO, scratch, random k-NN, MAE fine-tune ...
+        with quiet():
+            results, _ = reproduce.run_all(runs, cfg)
+        return runs, results
+
+    def test_ddp_runs_go_under_torchrun_with_world_size_2(self):
+        runs, results = self.first_runs(8, gpus_per_run=2)
+        for r in runs:
+            self.assertEqual(results[r.name]["world_size"], 2 if r.ddp else 1, r.name)
+        self.assertGreater(results["mae_s0"]["loss"], 0)
+        self.assertGreater(results["mae_ft_s0"]["top1"], 0)
+        self.assertEqual(results["mae_s0"]["config"]["batch_size_per_gpu"], 200)  # the study's (global) batch
+        spec = json.load(open(os.path.join(self.tmp, "runs", "mae_s0", "run.json")))
+        self.assertEqual(spec["config"]["batch_size_per_gpu"], 100)  # each of the 2 ranks took half
+
+    def test_concurrent_runs_get_different_devices(self):
+        runs, results = self.first_runs(7, gpus="0,1")
+        spans = [(results[r.name]["started"], results[r.name]["ended"], results[r.name]["devices"]) for r in runs]
+        self.assertEqual({d for *_, devs in spans for d in devs}, {"0", "1"})  # both devices were used
+        overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+        self.assertTrue(overlapping)  # two at a time
+        for a, b in overlapping:
+            self.assertFalse(set(a[2]) & set(b[2]), (a, b))
+
+    def test_a_killed_study_leaves_no_run_behind(self):
+        study = subprocess.Popen([sys.executable, "reproduce.py", "--quick", f"--out_dir={self.tmp}"],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not running(self.tmp) and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertTrue(running(self.tmp), "no run started")
+        study.send_signal(signal.SIGKILL)
+        study.wait()
+        deadline = time.time() + 10
+        while running(self.tmp) and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(running(self.tmp), [])
+
+
+def running(out_dir):
+    """pids of processes running a run of the study in out_dir."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if f"run-one {out_dir}".encode() in open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" "):
+                pids.append(pid)
+    return pids
+
+
 class TestVerdicts(unittest.TestCase):
     def test_compare_needs_twice_the_standard_error(self):
-        self.assertEqual(reproduce.compare([70, 71, 72], [60, 61, 62]), ">")
-        self.assertEqual(reproduce.compare([60, 61, 62], [70, 71, 72]), "<")
-        self.assertEqual(reproduce.compare([70, 75, 65], [69, 74, 64]), "≈")  # 1 point apart, std 5
+        self.assertEqual(report.compare([70, 71, 72], [60, 61, 62]), ">")
+        self.assertEqual(report.compare([60, 61, 62], [70, 71, 72]), "<")
+        self.assertEqual(report.compare([70, 75, 65], [69, 74, 64]), "≈")  # 1 point apart, std 5
 
     def test_verdict_words(self):
-        self.assertEqual(reproduce.verdict([">", ">"], ">>"), "**reproduced**")
-        self.assertEqual(reproduce.verdict([">", "≈"], ">>"), "**mixed**")
-        self.assertEqual(reproduce.verdict(["<", "≈"], ">>"), "**not reproduced**")
-        self.assertEqual(reproduce.verdict(["≈", "≈"], ">>"), "**not shown** (within noise)")
+        self.assertEqual(report.verdict([">", ">"], ">>"), "**reproduced**")
+        self.assertEqual(report.verdict([">", "≈"], ">>"), "**mixed**")
+        self.assertEqual(report.verdict(["<", "≈"], ">>"), "**not reproduced**")
+        self.assertEqual(report.verdict(["≈", "≈"], ">>"), "**not shown** (within noise)")
 
     def test_bad_seeds_are_one_clear_error(self):
         with self.assertRaisesRegex(ValueError, "comma-separated integers"):
