@@ -75,7 +75,8 @@ class Config:
         check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
                      patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0",
                      accum_steps=">0", base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]",
-                     clip_grad=">=0", mixup=">=0", cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]", randaug_std=">=0",
+                     clip_grad=">=0", mixup=">=0", cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]",
+                     randaug_std=">=0",
                      crop_min_scale="(0,1]", seed=">=0")
         clamp_warmup(self)
         check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode}")

@@ -276,7 +276,7 @@ def load_backbone(model, ckpt, key="model", verbose=True):
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid)
     sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and (k not in own or v.shape != own[k].shape))}
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own.get(k, v).shape]
     bad += [f"missing {k}" for k in missing if not k.startswith(("head.", "fc_norm."))] \
         + [f"unexpected {k}" for k in unexpected if not k.startswith(("norm.", "fc_norm.", "head."))]
     if bad:

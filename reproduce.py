@@ -10,7 +10,7 @@ a run finished by hand (the stage command `--plan` prints, on your own scheduler
 On CPU, `--jobs` runs go side by side, one thread each (two single-threaded runs do 1.2 to 1.8 times the work of
 one two-threaded run at these sizes); a fixed thread count keeps every run deterministic.
 
-    python reproduce.py                        # the default study: 3 seeds on the embedded Fashion-MNIST (~85 min, 2 cores)
+    python reproduce.py                        # the default study: 3 seeds, embedded Fashion-MNIST (~90 min, 2 cores)
     python reproduce.py --quick                # every step at micro size in about a minute (the tests run it)
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan    # GPU-hours
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
@@ -477,7 +477,7 @@ def run_all(runs, cfg):
                 print(f"[{len(results)}/{len(runs)}] {name} done in {results[name]['seconds']:.0f} s{score} | "
                       f"{(time.time() - start) / 60:.1f} min so far, about {eta / 60:.0f} min left", flush=True)
     finally:
-        for r, proc, log, _ in going.values():  # a failure or Ctrl-C: the runs in flight stop (they resume later)
+        for _, proc, log, _ in going.values():  # a failure or Ctrl-C: the runs in flight stop (they resume later)
             proc.kill()
             proc.wait()
             log.close()

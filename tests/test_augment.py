@@ -30,7 +30,8 @@ class TestEqualsTorchvision(unittest.TestCase):
 
     def test_crop_resize_is_torchvisions_resized_crop(self):
         n = len(self.u8)
-        full = [torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.full((n,), 24), torch.full((n,), 24)]
+        full = [torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.full((n,), 24),
+                torch.full((n,), 24)]
         ours = augment.crop_resize(self.u8, *full, 40)
         ref = TF.resize(self.u8.float(), [40, 40], interpolation=TF.InterpolationMode.BICUBIC, antialias=False)
         torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)  # a whole-image crop: exactly the same points
@@ -44,7 +45,8 @@ class TestEqualsTorchvision(unittest.TestCase):
 
     def test_colour_ops(self):
         f = torch.tensor([0.6, 1.4, 1.0, 0.2, 1.9, 0.9])
-        for ours, ref in ((augment.adjust_brightness, TF.adjust_brightness), (augment.adjust_contrast, TF.adjust_contrast),
+        for ours, ref in ((augment.adjust_brightness, TF.adjust_brightness), (augment.adjust_contrast,
+                                                                              TF.adjust_contrast),
                           (augment.adjust_saturation, TF.adjust_saturation)):
             want = torch.stack([ref(img, float(v)) for img, v in zip(self.x, f)])
             torch.testing.assert_close(ours(self.x, f), want, atol=1e-5, rtol=0, msg=ref.__name__)
@@ -62,7 +64,8 @@ class TestEqualsTorchvision(unittest.TestCase):
         torch.testing.assert_close(as_u8(augment.equalize(self.x)), TF.equalize(self.u8))
         torch.testing.assert_close(as_u8(augment.posterize(self.x, torch.full((6,), 3))), TF.posterize(self.u8, 3))
         torch.testing.assert_close(as_u8(augment.autocontrast(self.x)), TF.autocontrast(self.u8), atol=1, rtol=0)
-        torch.testing.assert_close(as_u8(augment.solarize_levels(self.x, torch.full((6,), 100.0))), TF.solarize(self.u8, 100))
+        torch.testing.assert_close(as_u8(augment.solarize_levels(self.x, torch.full((6,), 100.0))),
+                                   TF.solarize(self.u8, 100))
         for factor in (0.1, 1.9):  # PIL's Sharpness, through torchvision's tensor port of it
             want = TF.adjust_sharpness(self.x, factor)
             torch.testing.assert_close(augment.sharpness(self.x, torch.full((6,), factor)), want, atol=1e-5, rtol=0)
@@ -115,9 +118,10 @@ class TestSampling(unittest.TestCase):
         torch.manual_seed(2)
         crops = augment.random_resized_crop(files, 24, (0.08, 1.0), flip=False)
         torch.manual_seed(2)
-        top, left, h, w = augment.rrc_params(4, torch.tensor([20, 33, 40, 17]), torch.tensor([30, 25, 40, 50]), (0.08, 1.0))
-        for img, crop, t, l, hh, ww in zip(files, crops, top, left, h, w):  # each box, resized on its own
-            ref = TF.resized_crop(img.float(), int(t), int(l), int(hh), int(ww), [24, 24],
+        top, left, h, w = augment.rrc_params(4, torch.tensor([20, 33, 40, 17]), torch.tensor([30, 25, 40, 50]),
+                                             (0.08, 1.0))
+        for img, crop, t, lft, hh, ww in zip(files, crops, top, left, h, w):  # each box, resized on its own
+            ref = TF.resized_crop(img.float(), int(t), int(lft), int(hh), int(ww), [24, 24],
                                   TF.InterpolationMode.BILINEAR, antialias=True) / 255
             self.assertLess((crop - ref).abs().mean().item(), 0.05)  # padding never leaks in, same content
         views = augment.byol_view(out, 1.0, 1.0)

@@ -17,7 +17,8 @@ class TestBench(unittest.TestCase):
                                     out=out))
             rows = {r["what"]: r for r in json.load(open(out))}
         for stage in ("mae", "finetune", "dino"):
-            e2e, load, data = (rows[f"{stage} {w}"] for w in ("end to end (embedded)", "loading alone", "data path alone"))
+            e2e, load, data = (rows[f"{stage} {w}"] for w in ("end to end (embedded)", "loading alone",
+                                                              "data path alone"))
             self.assertGreater(e2e["imgs_per_s"], 0)
             self.assertGreater(e2e["peak_mem_mb"], 0)
             # the data path is part of the end-to-end step, so alone it runs faster than the whole step

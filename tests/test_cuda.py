@@ -83,7 +83,8 @@ class TestStagesOnCuda(unittest.TestCase):
     def test_augmentation_matches_cpu(self):
         g = torch.Generator().manual_seed(0)
         u8 = torch.randint(0, 256, (8, 3, 40, 40), generator=g, dtype=torch.uint8)
-        box = [torch.tensor(v) for v in ([0, 3, 5, 1, 0, 7, 2, 4], [1, 0, 6, 2, 3, 0, 8, 5], [40, 30, 20, 35, 12, 33, 38, 16],
+        box = [torch.tensor(v) for v in ([0, 3, 5, 1, 0, 7, 2, 4], [1, 0, 6, 2, 3, 0, 8, 5],
+                                         [40, 30, 20, 35, 12, 33, 38, 16],
                                          [39, 32, 25, 30, 18, 33, 30, 20])]
         flip = torch.tensor([True, False] * 4)
         cpu = augment.crop_resize(u8, *box, 32, flip)
@@ -97,7 +98,8 @@ class TestStagesOnCuda(unittest.TestCase):
             torch.testing.assert_close(augment.apply_op(x.to(CUDA), name, arg.to(CUDA)).cpu(),
                                        augment.apply_op(x, name, arg), atol=2e-3, rtol=0, msg=name)
         for op in (augment.adjust_hue, augment.adjust_contrast):
-            torch.testing.assert_close(op(x.to(CUDA), (f - 1).to(CUDA) / 10).cpu(), op(x, (f - 1) / 10), atol=1e-4, rtol=0)
+            torch.testing.assert_close(op(x.to(CUDA), (f - 1).to(CUDA) / 10).cpu(), op(x, (f - 1) / 10), atol=1e-4,
+                                       rtol=0)
         torch.testing.assert_close(augment.gaussian_blur(x.to(CUDA), f.to(CUDA) + 0.1, 5).cpu(),
                                    augment.gaussian_blur(x, f + 0.1, 5), atol=1e-4, rtol=0)
 

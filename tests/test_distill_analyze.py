@@ -58,7 +58,8 @@ class TestDistillAndChain(unittest.TestCase):
         cls.tmp.cleanup()
 
     def cfg(self, name, **kw):
-        return distill.Config(**{**TINY, "teacher_ckpt": self.teacher_ckpt, "out_dir": os.path.join(self.tmp.name, name),
+        return distill.Config(**{**TINY, "teacher_ckpt": self.teacher_ckpt, "out_dir": os.path.join(self.tmp.name,
+                                                                                                    name),
                                  **kw})
 
     def test_distill_loss_decreases_and_teacher_stays_frozen(self):

@@ -99,8 +99,9 @@ class TestPublishedWeights(unittest.TestCase):
         mae_lite_file(self.path("dmae.pth.tar"), weights, "module.model.")
         # the teacher sits beside the student in the wrapper: module.tch_model., module.attn_adapter.
         raw = load_ckpt(self.path("dmae.pth.tar"))
-        raw["model"] = {k.replace("module.model.tch_model.", "module.tch_model.")
-                        .replace("module.model.attn_adapter.", "module.attn_adapter."): v for k, v in raw["model"].items()}
+        moved = lambda k: k.replace("module.model.tch_model.", "module.tch_model.").replace(
+            "module.model.attn_adapter.", "module.attn_adapter.")
+        raw["model"] = {moved(k): v for k, v in raw["model"].items()}
         torch.save(raw, self.path("dmae.pth.tar"))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -266,7 +267,8 @@ class TestRecipeDetails(unittest.TestCase):
         self.assertEqual((dino.base_lr, dino.weight_decay, dino.weight_decay_end, dino.ema_momentum, dino.clip_grad),
                          (5e-4, 0.04, 0.4, 0.996, 3.0))
         self.assertEqual((dino.warmup_teacher_temp, dino.teacher_temp), (0.04, 0.07))
-        self.assertEqual((moco.weight_decay, moco.weight_decay_end, moco.ema_momentum, moco.clip_grad), (0.1, 0.1, 0.99, 0))
+        self.assertEqual((moco.weight_decay, moco.weight_decay_end, moco.ema_momentum, moco.clip_grad),
+                         (0.1, 0.1, 0.99, 0))
         self.assertEqual(pc.Config(method="dino", base_lr=1e-3).base_lr, 1e-3)  # a flag still wins
 
 

@@ -30,7 +30,8 @@ class TestFinetune(unittest.TestCase):
         cls.tmp.cleanup()
 
     def run_ft(self, name, **kw):
-        cfg = finetune.Config(**{**TINY, "init_ckpt": self.mae_ckpt, "out_dir": os.path.join(self.tmp.name, name), **kw})
+        cfg = finetune.Config(**{**TINY, "init_ckpt": self.mae_ckpt, "out_dir": os.path.join(self.tmp.name, name),
+                                 **kw})
         with quiet():
             return finetune.main(cfg), cfg.out_dir
 

@@ -148,8 +148,9 @@ class TestOutDir(unittest.TestCase):
 
     def test_second_run_in_the_same_folder_is_refused_and_a_dead_lock_is_not(self):
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                   "import checkpoint; checkpoint.lock_out_dir(sys.argv[2]); print('locked', flush=True); "
-                                   "time.sleep(60)", ROOT, self.out], stdout=subprocess.PIPE, text=True)
+                                   "import checkpoint; checkpoint.lock_out_dir(sys.argv[2]); "
+                                   "print('locked', flush=True); time.sleep(60)", ROOT, self.out],
+                                  stdout=subprocess.PIPE, text=True)
         try:
             self.assertEqual(holder.stdout.readline().strip(), "locked")
             with self.assertRaisesRegex(RunError, f"out_dir {self.out} is in use by pid {holder.pid}"):
@@ -182,7 +183,8 @@ class TestOutDir(unittest.TestCase):
         with quiet():
             pretrain_mae.main(self.mae())
         config = open(os.path.join(self.out, "config.json")).read()
-        for kw, diff in [(dict(mask_ratio=0.6), "mask_ratio 0.75 -> 0.6"), (dict(model="cpu"), "model 'micro' -> 'cpu'"),
+        for kw, diff in [(dict(mask_ratio=0.6), "mask_ratio 0.75 -> 0.6"), (dict(model="cpu"),
+                                                                            "model 'micro' -> 'cpu'"),
                          (dict(img_size=32), "img_size 16 -> 32"), (dict(norm_pix_loss=False), "norm_pix_loss True")]:
             with self.assertRaisesRegex(RunError, diff) as e:
                 pretrain_mae.main(self.mae(**kw))
@@ -207,7 +209,8 @@ class TestOutDir(unittest.TestCase):
                                                   "'linear'"):
                 finetune.main(finetune.Config(**{**cfg, "mode": "linear", "init_ckpt": elsewhere}))
             with self.assertRaisesRegex(RunError, "which this run reads; finetune.py would write over it"):
-                finetune.main(finetune.Config(**{**cfg, "mode": "linear", "init_ckpt": os.path.join(self.out, "ckpt.pt")}))
+                finetune.main(finetune.Config(**{**cfg, "mode": "linear", "init_ckpt": os.path.join(self.out,
+                                                                                                    "ckpt.pt")}))
 
     def test_eval_only_writes_nothing_and_builds_no_training_data(self):
         with quiet():

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CLAIMS = ("## Claim 1", "## Claim 2", "## Claim 3", "## Claim 4")
 FIGURES = ("curves.png", "knn.png", "dino_loss.png", "layers.png", "transfer.png", "attn_distance.png",
-           "cka_mae_vs_supervised.png", "recon_mae.png", "recon_dmae.png", "attn_maps_mae.png", "attn_maps_mocov3.png", "attn_maps_dmae.png",
+           "cka_mae_vs_supervised.png", "recon_mae.png", "recon_dmae.png", "attn_maps_mae.png", "attn_maps_mocov3.png",
+           "attn_maps_dmae.png",
            "attn_maps_supervised.png")
 
 
