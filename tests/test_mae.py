@@ -92,7 +92,8 @@ class TestMAE(unittest.TestCase):
 
     def test_missing_data_and_corrupt_image_are_named(self):
         with self.assertRaisesRegex(FileNotFoundError, "image folder not found"):
-            main(Config(**{**TINY, "data": "imagefolder", "data_root": os.path.join(self.dir, "nope")}))
+            main(Config(**{**TINY, "data": "imagefolder", "data_root": os.path.join(self.dir, "nope"),
+                           "out_dir": os.path.join(self.dir, "out")}))
         cls = os.path.join(self.dir, "data", "train", "shirt")
         os.makedirs(cls)
         for i in range(3):
