@@ -1,6 +1,7 @@
 """Figures for people, shared by the stages, analyze.py and reproduce.py: labelled image grids with every image
 upscaled by nearest neighbour (each patch stays a visible square), and attention maps laid over their images."""
 import math
+import textwrap
 
 import torch
 
@@ -53,6 +54,7 @@ def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
+    title = "\n".join(textwrap.fill(line, max(60, int(w_in * 14))) for line in title.split("\n"))
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / (h_in + 0.9), va="top")
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, va="bottom", wrap=True)

@@ -178,7 +178,7 @@ def update_center(center, teacher_out, momentum):
 class DINO(nn.Module):
     """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
     DEFAULTS = dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
-                    head_hidden_dim=1024, head_out_dim=256)
+                    head_hidden_dim=1024, head_out_dim=65536)  # DINO's ViT recipe: 65,536 prototypes
 
     def __init__(self, encoder, cfg, bottleneck_dim=256):
         super().__init__()
@@ -229,9 +229,15 @@ class DINO(nn.Module):
         student_out = self.embed(crops)
         with torch.no_grad():
             teacher_out = teacher.embed(crops[:2]).float()
-        loss = dino_loss(student_out.float(), teacher_out, self.center, self.teacher_temps[step])
+        temp = self.teacher_temps[step]
+        loss = dino_loss(student_out.float(), teacher_out, self.center, temp)
+        with torch.no_grad():  # collapse shows here, as in DINO's paper: entropy ln K = uniform, 0 = one prototype
+            t = F.softmax((teacher_out - self.center) / temp, dim=-1)  # (2B, K) the teacher's targets
+            s = F.log_softmax(student_out[:len(t)].float() / 0.1, dim=-1)  # the student on the same global crops
+            logs = dict(teacher_entropy=torch.special.entr(t).sum(-1).mean().item(),
+                        teacher_student_kl=(torch.special.xlogy(t, t) - t * s).sum(-1).mean().item())
         self.center.copy_(update_center(self.center, teacher_out, self.cfg.center_momentum))
-        return loss, {}
+        return loss, logs
 
     def before_step(self, epoch):  # DINO keeps the prototypes fixed for the first epochs
         if epoch < self.cfg.freeze_last_layer_epochs:

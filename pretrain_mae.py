@@ -187,8 +187,11 @@ def save_reconstructions(mae, imgs, title, path, seed=0):
     rows = reconstruction_rows(mae, imgs, seed)
     how = ("each predicted patch drawn with the true patch's mean and std (norm-pix): judge the prediction by the "
            "patch-unit rows" if mae.cfg.norm_pix_loss else "predicted pixels as they are (no norm-pix)")
-    figures.image_grid([x for _, x in rows], [label for label, _ in rows], f"{title}\nmask ratio "
-                       f"{mae.cfg.mask_ratio:g}, fixed masks (seed {seed}); reconstruction: {how}", path)
+    title = f"{title}\nmask ratio {mae.cfg.mask_ratio:g}, fixed masks (seed {seed}); reconstruction: {how}"
+    if len(imgs) == 1:  # one image: its rows side by side
+        figures.image_grid([torch.cat([x for _, x in rows])], [""], title, path, [label for label, _ in rows])
+    else:
+        figures.image_grid([x for _, x in rows], [label for label, _ in rows], title, path)
 
 
 def main(cfg, model=None):

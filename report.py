@@ -154,17 +154,23 @@ def dino(cfg, runs, results, figs):
     out.append("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
                + ", ".join(f"{r.name} {results[r.name]['loss']:.2f} vs {math.log(r.cfg.head_out_dim):.2f}" for r in pre)
                + ".")
-    fig, ax = figs.new(6, 3.5)
+    fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
     for i, r in enumerate(pre):
-        other = r.tags["method"] == "dino_b"
-        color = "C1" if other else "C0"
-        ax.plot(range(1, len(results[r.name]["losses"]) + 1), results[r.name]["losses"], color=color,
-                label=("other settings" if other else "defaults") if i in (0, len(cfg.seed_list)) else None)
-        ax.axhline(math.log(r.cfg.head_out_dim), color=color, ls=":", lw=1)
-    ax.set_xlabel("pre-training epoch")
-    ax.set_ylabel("DINO loss (nats)")
-    ax.set_title("DINO pre-training loss; dotted: ln(prototypes), a uniform (collapsed) output")
-    ax.legend(fontsize=8)
+        other, res = r.tags["method"] == "dino_b", results[r.name]
+        color, label = ("C1" if other else "C0"), ("other settings" if other else "the study's settings")
+        for ax, key in zip(axes, ("losses", "teacher_entropy")):
+            if key in res:  # the teacher's entropy is logged from issue 18 on
+                ax.plot(range(1, len(res[key]) + 1), res[key], color=color, label=label if i in (0, len(
+                    cfg.seed_list)) else None)
+            ax.axhline(math.log(r.cfg.head_out_dim), color=color, ls=":", lw=1)
+    axes[0].set_ylabel("DINO loss (nats)")
+    axes[1].set_ylabel("teacher output entropy (nats)")
+    axes[1].axhline(0, color="k", ls=":", lw=1)
+    for ax in axes:
+        ax.set_xlabel("pre-training epoch")
+        ax.legend(fontsize=8)
+    fig.suptitle("DINO pre-training; dotted: ln(prototypes), a uniform (collapsed) output, and 0, a one-hot "
+                 "collapse", fontsize=10)
     out.append(f"![DINO loss]({figs.save(fig, 'dino_loss.png')})\n")
     fig, ax = figs.new(6, 3.5)
     labels = list(METHODS.values()) + [f"DINO (other settings, seed {s0})"]

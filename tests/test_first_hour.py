@@ -87,6 +87,22 @@ class TestNothingIsLost(unittest.TestCase):
         with self.assertRaisesRegex(RunError, "photo.png is not a checkpoint \\(a PNG image\\)"):
             finetune.main(finetune.Config(**TINY, init_ckpt=png, out_dir=os.path.join(self.tmp.name, "x")))
 
+    def test_attention_and_reconstruction_of_your_own_image(self):
+        out = os.path.join(self.tmp.name, "mine")
+        image = os.path.join(ROOT, "data", "grace_hopper.jpg")
+        with quiet():
+            written = analyze.main(analyze.Config(ckpt=self.ckpt, image=[image], out_dir=out))
+        self.assertEqual(written, [f"{out}/grace_hopper_attention.png", f"{out}/grace_hopper_recon.png"])
+        w, h = Image.open(written[0]).size
+        self.assertGreaterEqual(w, (2 + 2) * 100)  # input, 2 heads, their mean: each panel at least 100 px wide
+        self.assertGreaterEqual(Image.open(written[1]).size[0], 5 * 112)  # 5 panels of at least 112 px
+        vit = analyze.load_model(self.ckpt, "model", analyze.Config(), torch.device("cpu"))[0]
+        crop = analyze.augment.center_crop(analyze.TF.pil_to_tensor(Image.open(image))[None], 16)
+        maps = analyze.last_layer_maps(vit, crop)  # (1, heads + 1, 4, 4)
+        self.assertEqual(maps.shape, (1, 3, 4, 4))
+        self.assertGreater((maps[0, 0] - maps[0, 1]).abs().max().item(), 1e-4)  # the heads look at different places
+        torch.testing.assert_close(maps[0, 2], maps[0, :2].mean(0))
+
     def test_a_run_that_fails_before_its_first_step_leaves_no_trace(self):
         out = os.path.join(self.tmp.name, "never")
         r = stage("pretrain_mae.py", "--data=imagefolder", f"--data_root={self.tmp.name}/missing", f"--out_dir={out}")

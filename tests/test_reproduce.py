@@ -1,6 +1,7 @@
 """reproduce.py: --quick runs every step and writes the report; a second call skips finished runs; a deleted run is
 redone to the same number (deterministic); other settings in the same folder are refused; the verdict rules."""
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -127,6 +128,54 @@ def running(out_dir):
             if f"run-one {out_dir}".encode() in open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" "):
                 pids.append(pid)
     return pids
+
+
+class TestPresetsAndPlan(unittest.TestCase):
+    def test_the_paper_preset_is_the_papers_recipe(self):  # PAPER §2.1-§3.3, values
+        cfg = reproduce.Config(preset="paper", gpus="")
+        runs = {r.name: r.cfg for r in reproduce.study(cfg)}
+        mae, moco, ft = runs["mae_s0"], runs["mocov3_s0"], runs["mae_ft_s0"]
+        self.assertEqual((mae.model, mae.img_size, mae.patch_size, mae.num_heads), ("tiny", 224, 16, 12))
+        self.assertEqual((mae.epochs, mae.warmup_epochs, mae.batch_size_per_gpu, mae.crop_min_scale),
+                         (400, 40, 4096, 0.08))
+        self.assertAlmostEqual(mae.base_lr * mae.batch_size_per_gpu / 256, 2.4e-3)  # 1.5e-4 x 4096 / 256
+        self.assertEqual((mae.mask_ratio, mae.decoder_dim, mae.decoder_depth, mae.weight_decay), (0.75, 96, 1, 0.05))
+        self.assertEqual((moco.epochs, moco.batch_size_per_gpu, moco.head_hidden_dim, moco.head_out_dim),
+                         (400, 1024, 4096, 256))
+        self.assertAlmostEqual(moco.base_lr * moco.batch_size_per_gpu / 256, 6e-4)
+        self.assertEqual((moco.temperature, moco.ema_momentum, moco.weight_decay), (0.2, 0.99, 0.1))
+        self.assertEqual((ft.epochs, ft.warmup_epochs, ft.batch_size_per_gpu, ft.base_lr, ft.layer_decay),
+                         (300, 5, 1024, 1e-3, 0.85))
+        self.assertEqual((ft.mixup, ft.cutmix, ft.randaug_magnitude, ft.drop_path, ft.label_smoothing, ft.min_lr),
+                         (0.2, 0.0, 10, 0.0, 0.0, 1e-6))
+        self.assertEqual(runs["mocov3_ft_s0"].layer_decay, 0.75)
+        self.assertEqual(runs["dmae_s0"].alpha_attn, 1.0)
+        self.assertEqual(runs["dmae_s0"].attn_layers, "-1")  # the last layer's attention
+        tr = runs["mae_flowers102_s0"]
+        self.assertEqual((tr.optimizer, tr.weight_decay, tr.clip_grad, tr.layer_decay, tr.epochs, tr.warmup_epochs),
+                         ("sgd", 0, 1.0, 0.75, 50, 10))
+        self.assertAlmostEqual(tr.base_lr * tr.batch_size_per_gpu / 256, 0.1)
+        self.assertEqual((tr.mixup, tr.randaug_magnitude, tr.crop_min_scale), (0, 0, 0.08))
+        dino = runs["dino_s0"]
+        self.assertEqual((dino.head_out_dim, dino.head_hidden_dim, dino.local_crops), (65536, 2048, 8))
+
+    def test_the_plan_prints_every_run_with_hours_and_its_own_command(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            total, hours = reproduce.main(reproduce.Config(preset="fewgpu", gpus="0,1,2,3", gpus_per_run=4,
+                                                           plan=True))
+        lines = out.getvalue().splitlines()
+        runs = reproduce.study(reproduce.Config(preset="fewgpu", gpus="0,1,2,3", gpus_per_run=4))
+        for r in runs:
+            self.assertTrue(any(line.startswith(r.name + " ") for line in lines), r.name)
+        mae = next(line for line in lines if line.startswith("mae_s0 "))
+        self.assertIn("torchrun --nproc_per_node=4 pretrain_mae.py", mae)
+        self.assertIn("--batch_size_per_gpu=1024", mae)  # 4096 over 4 GPUs
+        self.assertIn("--epochs=100", mae)
+        # MAE-Tiny 100 epochs of ImageNet at 31,100 img/s: 1.14 GPU-hours
+        self.assertAlmostEqual(float(mae.split()[1]), 100 * 1281167 / 31100 / 3600, places=2)
+        self.assertGreater(hours, total / 4)  # wall-clock on 4 GPUs: no faster than never idle
+        self.assertLess(hours, 30)  # the preset's promise: about a day
 
 
 class TestVerdicts(unittest.TestCase):
