@@ -208,7 +208,8 @@ def main(cfg):
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images)
-    loader = Loader(dataset, cfg.batch_size, False, 0, device, drop_last=True)  # equal minibatches for HSIC
+    loader = Loader(dataset, cfg.batch_size, False, 0, device, drop_last=True,  # equal minibatches for HSIC
+                    crops=[(img_size, "center")])
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
     # --- measure ---

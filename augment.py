@@ -25,8 +25,13 @@ FILL = tuple(round(255 * m) / 255 for m in IMAGENET_MEAN)  # timm's img_mean, (1
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision (PIL rounds 0.2989 to 0.299)
 
 
-def _rand(n, device, lo=0.0, hi=1.0):
-    return torch.rand(n, device=device) * (hi - lo) + lo
+def _rand(n, device, lo=0.0, hi=1.0, generator=None):
+    return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
+
+
+class Views(tuple):
+    """Views cropped to their output size by the loader's workers (files): one uint8 (B, 3, S, S) batch per crop the
+    stage asked for, in its order. random_resized_crop / center_crop then only flip and scale them."""
 
 
 def _bshape(v):
@@ -34,22 +39,39 @@ def _bshape(v):
 
 
 # --- crops ---
-def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+def rrc_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """One sample's (top, left, h, w) by torchvision's RandomResizedCrop.get_params, drawn from a random.Random: the
+    loader's workers crop files with it (a per-sample twin of rrc_params, without tensor overheads)."""
+    for _ in range(10):
+        target = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    w, h = width, height  # no try fits: the whole image, trimmed to the nearest allowed ratio
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", generator=None):
     """(top, left, h, w) per sample (long tensors), by torchvision's RandomResizedCrop.get_params: 10 tries of
     area ~ U(scale) x image area and log-uniform aspect ratio; the first that fits wins, else the largest centred
     crop within `ratio`. height / width: ints, or (n,) tensors for images of different sizes."""
     tries = 10
     height, width = (torch.as_tensor(v, device=device).view(-1, 1).expand(n, 1) for v in (height, width))
-    target = (height * width) * _rand(n * tries, device, *scale).view(n, tries)
-    aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]))).view(n, tries)
+    target = (height * width) * _rand(n * tries, device, *scale, generator).view(n, tries)
+    aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]), generator)).view(n, tries)
     w = torch.round(torch.sqrt(target * aspect)).long()
     h = torch.round(torch.sqrt(target / aspect)).long()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = ok.long().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
     height, width = height[:, 0], width[:, 0]
-    top = (_rand(n, device) * (height - h + 1)).long().clamp(min=0)
-    left = (_rand(n, device) * (width - w + 1)).long().clamp(min=0)
+    top = (_rand(n, device, generator=generator) * (height - h + 1)).long().clamp(min=0)
+    left = (_rand(n, device, generator=generator) * (width - w + 1)).long().clamp(min=0)
     # fallback when no try fits: the whole image, trimmed to the nearest allowed ratio
     in_ratio = width / height
     fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]).long(), width)
@@ -75,8 +97,12 @@ def crop_resize(x, top, left, h, w, size, flip=None):
     return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
-def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True):
-    """uint8 batch (B, 3, H, W) or list of (3, H, W) -> float (B, 3, size, size) in [0, 1], randomly flipped."""
+def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True, view=0):
+    """uint8 batch (B, 3, H, W) or list of (3, H, W) -> float (B, 3, size, size) in [0, 1], randomly flipped. Views
+    (files, cropped in the loader's workers by the same rule): their `view`-th batch, flipped."""
+    if isinstance(images, Views):
+        x = images[view].float() / 255
+        return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
     if isinstance(images, torch.Tensor):
         B, _, H, W = images.shape
         top, left, h, w = rrc_params(B, H, W, scale, ratio, images.device)
@@ -118,6 +144,9 @@ def _crop_files(images, size, scale, ratio, max_pixels=2 ** 26):
 
 def center_crop(images, size, crop_pct=0.875):
     """Eval: resize the shorter side to size / crop_pct (bicubic, antialiased), crop the centre -> float [0, 1]."""
+    if isinstance(images, Views):  # centre-cropped in the loader's workers
+        return images[0].float() / 255
+
     def one(x):  # (B, 3, H, W)
         H, W = x.shape[-2:]
         short = int(size / crop_pct)

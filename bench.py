@@ -26,7 +26,7 @@ import finetune
 import pretrain_contrastive
 import pretrain_mae
 from common import autocast_ctx, check, check_ranges, cli
-from data import Loader, build_dataset
+from data import FileImages, Loader, build_dataset
 from model import VIT_SIZES, create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
@@ -123,12 +123,29 @@ def run_stage(stage, stage_cfg):
     return rows[-1]["imgs_per_s"]
 
 
+def stage_crops(stage, sc):
+    """The crops the stage asks its loader for (files are cropped in the workers)."""
+    if stage in ("mae", "finetune"):
+        return [(sc.img_size, (sc.crop_min_scale, 1.0))]
+    return pretrain_contrastive.METHODS[sc.method].crops(sc)
+
+
+def worker_rate(stage, sc, n=64):
+    """Files: one worker's img/s on one core (read, decode, crop every view of the stage), in this process."""
+    dataset = build_dataset(sc.data, sc.data_root, True, sc.subset)[0]
+    dataset.crops, dataset.raw = stage_crops(stage, sc), False
+    t0 = time.perf_counter()
+    for i in range(n):
+        dataset[(i % len(dataset), i)]
+    return n / (time.perf_counter() - t0)
+
+
 def time_data_path(stage, sc, device):
     """The stage's data path without the model: (loading alone, loading + its own augmentation call), img/s on the
     training device, each timed over a whole pass after a warm-up pass (which moves an in-memory set to the device
-    and starts the workers). Loading = index gathers for in-memory sets; reading + decoding for files."""
+    and starts the workers). Loading = index gathers for in-memory sets; reading + decoding + cropping for files."""
     dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)
-    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device)
+    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, crops=stage_crops(stage, sc))
     if stage == "mae":
         augment = lambda x, y: pretrain_mae.augment_batch(x, sc)
     elif stage == "finetune":
@@ -207,6 +224,12 @@ def main(cfg):
                         dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
                         dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
                              share_of_step=round(share, 3))]
+            if isinstance(build_dataset(sc.data, sc.data_root, True, sc.subset)[0], FileImages):
+                per_core = worker_rate(stage, sc)
+                results.append(dict(common, what=f"{stage} one worker core", imgs_per_s=round(per_core, 1),
+                                    cores_to_feed_this_step=round(ips / per_core, 1)))
+                print(f"{'':>24} {stage:>9}: one worker core reads, decodes and crops {per_core:.0f} img/s; "
+                      f"{ips / per_core:.1f} worker cores feed the {ips:.0f} img/s measured end to end", flush=True)
             print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
                   f"{cfg.stage_batch}: end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone "
                   f"{load_ips:9.1f}, + augmentation {data_ips:9.1f} img/s ({100 * share:.0f}% of a step's time)",
@@ -232,6 +255,11 @@ def main(cfg):
             results.append(row)
             print(f"{row['device']:>24} {row['what']:>34} {size:>5} {img}px batch {batch}: {ips:9.1f} img/s, "
                   f"peak memory {mem:7.0f} MB", flush=True)
+            stage = {"vit": "finetune", "mae": "mae"}.get(name)  # the stage whose loader feeds this step
+            for worker in [r for r in results if r["what"] == f"{stage} one worker core" and r["img_size"] == img]:
+                row["worker_cores_to_feed"] = round(ips / worker["imgs_per_s"], 1)  # files at the model's speed
+                print(f"{'':>24} {'':>34} files: {row['worker_cores_to_feed']} worker cores of "
+                      f"{worker['imgs_per_s']:.0f} img/s each feed this step", flush=True)
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(results, f, indent=2)

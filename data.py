@@ -3,19 +3,29 @@ in Python on the hot path (augment.py works on whole batches there).
 
 - In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
   loader draws only indices, so an epoch is a few gathers.
-- File sets (ImageFolder = ImageNet, and the small transfer sets) are read by DataLoader workers: on a GPU the
-  workers read JPEG bytes and the GPU decodes them in batches (nvjpeg via torchvision.io.decode_jpeg); on CPU (and
-  for non-JPEG files) the workers decode with PIL. Workers do no random draws, so they can stay alive across epochs.
+- File sets (ImageFolder = ImageNet, and the small transfer sets) are read by DataLoader workers, and each image
+  is cropped to the stage's output size before it moves (`crops`: the stage's RandomResizedCrop views, or the eval
+  centre crop): on CPU the workers decode with PIL (JPEG `draft` when the crop is at least twice the output: a
+  cheaper decode) and crop-resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL images;
+  on a GPU the workers read JPEG bytes, nvjpeg decodes a batch and each image is cropped and resized on the device
+  by itself (a slice and one interpolate). Either way the training process gets fixed-size uint8 batches
+  (augment.Views) and everything after the crop stays batched on the device. The crop boxes come from a seed per
+  sample that the training process draws from torch's RNG (saved in checkpoints), never from worker RNG, so a
+  resumed run crops the same boxes and workers can stay alive across epochs.
 Nothing is ever downloaded: a missing folder is an error naming it, an undecodable file is an error naming its path.
 """
 import gzip
+import math
 import os
+import random
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import augment
 from common import BadData, BadValue, MissingFile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,40 +66,85 @@ class MemoryImages:
         return x.permute(0, 3, 1, 2)
 
 
-def load_rgb(path):
-    """PIL decode that names the file when it cannot be decoded (decompression bombs included). 16-bit grey images
-    are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
+def open_image(path):
+    """PIL open (lazy: only the header is read) that names the file when it cannot be read; decoding errors later
+    (rgb()) name it too."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode.startswith("I"):  # I;16 / I: 0..65535
-                img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-            return img.convert("RGB")
+        img = Image.open(path)
+        img.filename = path
+        return img
     except UNREADABLE as e:
         raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
 
 
-class FileImages(Dataset):
-    """(path, label) samples. Returns (uint8 (3, H, W) decoded by PIL, label), or with raw=True (a GPU will decode)
-    (uint8 file bytes, label, index); non-JPEG files are always decoded here."""
+def rgb(img):
+    """Decode to RGB. 16-bit grey images are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
+    try:
+        if img.mode.startswith("I"):  # I;16 / I: 0..65535
+            img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+        return img.convert("RGB")
+    except UNREADABLE as e:
+        raise BadData(f"corrupt or unreadable image file: {img.filename} ({e})") from None
 
-    def __init__(self, samples, raw=False):
-        self.samples, self.labels, self.raw = samples, [y for _, y in samples], raw
+
+def load_rgb(path):
+    """The whole image, decoded, naming the file when it cannot be decoded (decompression bombs included)."""
+    with open_image(path) as img:
+        return rgb(img)
+
+
+def crop_box(seed, view, height, width, crop):
+    """(top, left, h, w) of one sample's view: torchvision's RandomResizedCrop rule (augment.rrc_params) drawn from a
+    generator seeded by the training process, or the eval centre crop's box ("center", size)."""
+    size, scale = crop
+    if scale == "center":  # timm's eval view (augment.center_crop): shorter side to int(size / 0.875), centre square
+        short = int(size / 0.875)
+        nh, nw = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+        sy, sx = height / nh, width / nw  # that box in the original image's pixels
+        return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
+    return augment.rrc_box(random.Random(seed * 16 + view), height, width, scale)
+
+
+def crop_pil(img, seed, crops):
+    """A decoded-lazily PIL image -> one uint8 (3, S, S) tensor per crop. The decode is reduced by JPEG's DCT scaling
+    (draft) when every crop is at least twice its output size; the resize is PIL's antialiased bicubic."""
+    width, height = img.size
+    boxes = [crop_box(seed, k, height, width, c) for k, c in enumerate(crops)]
+    factor = min(min(h, w) / c[0] for (_, _, h, w), c in zip(boxes, crops))
+    if img.format == "JPEG" and factor >= 2:
+        img.draft("RGB", (width // 2 ** min(3, int(math.log2(factor))), height // 2 ** min(3, int(math.log2(factor)))))
+    img = rgb(img)
+    sx, sy = img.size[0] / width, img.size[1] / height
+    return tuple(TF.pil_to_tensor(img.resize((c[0], c[0]), Image.BICUBIC,
+                                             box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
+                 for (top, left, h, w), c in zip(boxes, crops))
+
+
+class FileImages(Dataset):
+    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): with `crops` set (the stage's views)
+    one uint8 (3, S, S) tensor per crop, else the whole decoded image; with raw=True (a GPU decodes) a JPEG's bytes."""
+
+    def __init__(self, samples, raw=False, crops=None):
+        self.samples, self.labels, self.raw, self.crops = samples, [y for _, y in samples], raw, crops
 
     def __len__(self):
         return len(self.samples)
 
     def select(self, indices):
-        return FileImages([self.samples[i] for i in indices], self.raw)
+        return FileImages([self.samples[i] for i in indices], self.raw, self.crops)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, 0)
         path, label = self.samples[i]
         if self.raw:
             with open(path, "rb") as f:
                 data = f.read()
             if data[:2] == b"\xff\xd8":  # JPEG: left to the GPU's decoder
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i
-        return TF.pil_to_tensor(load_rgb(path)), label, i
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, seed
+        if self.crops:
+            with open_image(path) as img:
+                return crop_pil(img, seed, self.crops), label, i, seed
+        return TF.pil_to_tensor(load_rgb(path)), label, i, seed
 
 
 def check_headers(samples):
@@ -213,7 +268,24 @@ def figure_images(dataset, n, device):
 
 # --- loaders ---
 def _collate(batch):
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+    """Per sample (crops or an image or JPEG bytes, label, index, seed) -> lists of those, labels as one tensor."""
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch], [b[3] for b in batch]
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """The indices of `sampler`, each with a crop seed drawn here, in the training process, from torch's RNG (which
+    checkpoints save): a resumed run crops the same boxes, whatever the workers did."""
+
+    def __init__(self, sampler, n, draw):
+        self.sampler, self.n, self.draw = sampler, n, draw  # draw: only random crops need seeds (eval: none)
+
+    def __len__(self):
+        return len(self.sampler) if self.sampler is not None else self.n
+
+    def __iter__(self):
+        order = list(self.sampler) if self.sampler is not None else list(range(self.n))
+        seeds = torch.randint(2 ** 40, (len(order),)).tolist() if self.draw else [0] * len(order)
+        return iter(zip(order, seeds))
 
 
 class Loader:
@@ -221,7 +293,7 @@ class Loader:
     a list of uint8 (3, H, W) images (files). Shuffling draws from torch's global RNG (DistributedSampler under DDP),
     which checkpoints save, so a resumed run sees the same order."""
 
-    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None):
+    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None, crops=None):
         drop_last = train if drop_last is None else drop_last
         self.device, self.memory = device, isinstance(dataset, MemoryImages)
         if torch.distributed.is_initialized():
@@ -236,9 +308,10 @@ class Loader:
             self.labels = dataset.labels.to(device)
             self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
         else:
-            self.files = dataset
-            dataset.raw = device.type == "cuda"  # JPEG bytes for the GPU's decoder
-            self.batches = DataLoader(dataset, batch_size, sampler=self.sampler, drop_last=drop_last,
+            self.files, self.crops = dataset, crops
+            dataset.raw, dataset.crops = device.type == "cuda", crops  # JPEG bytes for the GPU's decoder
+            seeded = SeededSampler(self.sampler, len(dataset), any(c[1] != "center" for c in crops or ()))
+            self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last,
                                       num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
 
@@ -257,9 +330,10 @@ class Loader:
             else:
                 yield self._to_device(*batch)
 
-    def _to_device(self, items, labels, indices):
+    def _to_device(self, items, labels, indices, seeds):
+        """Crops from the workers (or, on a GPU, JPEG bytes decoded and cropped here) -> Views on the device."""
         out = [None] * len(items)
-        jpeg = [i for i, x in enumerate(items) if x.dim() == 1]  # undecoded bytes: only when the device is a GPU
+        jpeg = [i for i, x in enumerate(items) if torch.is_tensor(x) and x.dim() == 1]  # bytes: only on a GPU
         if jpeg:
             from torchvision.io import ImageReadMode, decode_jpeg
             try:  # one batched nvjpeg call
@@ -272,9 +346,23 @@ class Loader:
                     except RuntimeError as e:
                         raise BadData(f"corrupt or unreadable image file: {self.files.samples[indices[i]][0]} "
                                       f"({str(e).splitlines()[0][:100]})") from None
-            for i, img in zip(jpeg, decoded):
-                out[i] = img
+            for i, img in zip(jpeg, decoded):  # each image cropped by itself: a slice and one interpolate
+                out[i] = tuple(crop_tensor(img, seeds[i], k, c) for k, c in enumerate(self.crops)) if self.crops \
+                    else img
         for i, x in enumerate(items):
             if out[i] is None:
-                out[i] = x.to(self.device, non_blocking=True)
-        return out, labels.to(self.device, non_blocking=True)
+                out[i] = tuple(v.to(self.device, non_blocking=True) for v in x) if self.crops else \
+                    x.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if not self.crops:  # whole images (figures and tests): a list of different sizes
+            return out, labels
+        return augment.Views(torch.stack([o[k] for o in out]) for k in range(len(self.crops))), labels
+
+
+def crop_tensor(img, seed, view, crop):
+    """The device's twin of crop_pil: a decoded uint8 (3, H, W) image -> its (3, S, S) crop, the same box."""
+    top, left, h, w = crop_box(seed, view, img.shape[1], img.shape[2], crop)
+    t, lft = int(round(top)), int(round(left))
+    x = img[None, :, t:t + int(round(h)), lft:lft + int(round(w))].float()
+    x = F.interpolate(x, (crop[0], crop[0]), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)

@@ -169,10 +169,12 @@ def main(cfg):
 
     # --- data --- (validation first: a bad val file stops the run before any training)
     val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False)
-    val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device)
+    val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device,
+                        crops=[(cfg.img_size, "center")])
     if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
         train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
+        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
+                        crops=[(cfg.img_size, (cfg.crop_min_scale, 1.0))])  # files: cropped in the workers
         transform = train_transform(cfg)
         mix = make_mixer(cfg, num_classes)
 

@@ -97,7 +97,8 @@ def main(cfg):
 
     # --- eval ---
     train_f, train_y, test_f, test_y = (t for split in (train, test) for t in features(
-        vit, Loader(split, cfg.batch_size, False, cfg.num_workers, device), img_size, cfg.pool, device))
+        vit, Loader(split, cfg.batch_size, False, cfg.num_workers, device, crops=[(img_size, "center")]), img_size,
+        cfg.pool, device))
     scores = knn_classify(train_f, train_y, test_f, cfg.k, cfg.temperature, num_classes)
     top = scores.topk(min(5, num_classes), 1).indices
     hits = top == test_y[:, None]

@@ -91,9 +91,11 @@ class Config:
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
-def view(images, size, scale, blur_p, solarize_p):
-    """One BYOL-style view of a uint8 batch on the device (augment.py): crop, colour, blur, solarize, normalise."""
-    return augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale), blur_p, solarize_p))
+def view(images, k, crop, blur_p, solarize_p):
+    """BYOL-style view k (augment.py, on the device): crop (files: done by the loader's workers), colour, blur,
+    solarize, normalise."""
+    x = augment.random_resized_crop(images, *crop, view=k)
+    return augment.normalize(augment.byol_view(x, blur_p, solarize_p))
 
 
 @torch.no_grad()
@@ -146,8 +148,13 @@ class MoCoV3(nn.Module):
         return [{"params": list(self.parameters()), "weight_decay": self.cfg.weight_decay}]
 
     @staticmethod
+    def crops(cfg):  # (side, scale range) of each view: two full-size crops
+        return [(cfg.img_size, (0.08, 1.0))] * 2
+
+    @staticmethod
     def views(images, cfg):  # BYOL's asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2
-        return [view(images, cfg.img_size, (0.08, 1.0), 1.0, 0.0), view(images, cfg.img_size, (0.08, 1.0), 0.1, 0.2)]
+        c = MoCoV3.crops(cfg)
+        return [view(images, 0, c[0], 1.0, 0.0), view(images, 1, c[1], 0.1, 0.2)]
 
     def forward(self, crops, teacher, step):
         """Symmetrised InfoNCE; the teacher runs without grads. Returns the loss and extra numbers to log."""
@@ -207,10 +214,14 @@ class DINO(nn.Module):
                                              c.teacher_temp, c.teacher_temp, start=c.warmup_teacher_temp)
 
     @staticmethod
+    def crops(c):  # 2 global crops, then the small local ones
+        return [(c.img_size, (c.global_crop_min_scale, 1.0))] * 2 + \
+            [(c.local_crop_size, (0.05, c.global_crop_min_scale))] * c.local_crops
+
+    @staticmethod
     def views(images, c):  # 2 global views (blur 1.0 / 0.1, solarize 0 / 0.2), then the local ones (blur 0.5)
-        full = (c.global_crop_min_scale, 1.0)
-        return [view(images, c.img_size, full, 1.0, 0.0), view(images, c.img_size, full, 0.1, 0.2)] + \
-            [view(images, c.local_crop_size, (0.05, c.global_crop_min_scale), 0.5, 0.0) for _ in range(c.local_crops)]
+        colours = [(1.0, 0.0), (0.1, 0.2)] + [(0.5, 0.0)] * c.local_crops
+        return [view(images, k, crop, *colour) for k, (crop, colour) in enumerate(zip(DINO.crops(c), colours))]
 
     def embed(self, crops):
         """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
@@ -257,7 +268,8 @@ def main(cfg):
 
     # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
+                    crops=METHODS[cfg.method].crops(cfg))  # files: each view cropped in the workers
 
     # --- model ---
     encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)

@@ -205,7 +205,8 @@ def main(cfg, model=None):
 
     # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device)
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
+                    crops=[(cfg.img_size, (cfg.crop_min_scale, 1.0))])  # files: cropped in the workers
     view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
 
     # --- model ---

@@ -55,6 +55,11 @@ CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 350, 
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
+# DINO at other settings, seed 0 (issue 18): what it takes for DINO to learn at the CPU study's scale
+DINO_SWEEP = {"b64": dict(batch_size_per_gpu=64, head_out_dim=4096),  # 4x the steps, 16x the prototypes
+              "b64m99": dict(batch_size_per_gpu=64, head_out_dim=4096, ema_momentum=0.99),  # and a faster teacher
+              "b64m99t04": dict(batch_size_per_gpu=64, head_out_dim=4096, ema_momentum=0.99, teacher_temp=0.04),
+              "b64m99lr": dict(batch_size_per_gpu=64, head_out_dim=1024, ema_momentum=0.99, base_lr=1e-3)}
 # Settings of the two GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
              seeds="0", pretrain_epochs=400, pretrain_warmup=40, mae_batch=4096, mae_lr=1.5e-4, mae_crop=0.08,
@@ -310,6 +315,12 @@ def study(cfg):
                                                     **contrastive), ddp=True, method="dino_b", seed=s)
     add(f"dino_b_knn_s{s}", knn.Config(ckpt=ckpt(f"dino_b_s{s}"), key="teacher", **knn_data), [f"dino_b_s{s}"],
         method="dino_b", seed=s, eval="knn")
+    # DINO's sweep at CPU scale (issue 18): more steps (a smaller batch), more prototypes, a faster or sharper teacher
+    for name, change in DINO_SWEEP.items() if not cfg.preset else ():
+        add(f"dino_{name}_s{s}", pretrain_contrastive.Config(**{**dino, **contrastive, **change}, seed=s), ddp=True,
+            method=f"dino_{name}", seed=s, sweep=True)
+        add(f"dino_{name}_knn_s{s}", knn.Config(ckpt=ckpt(f"dino_{name}_s{s}"), key="teacher", **knn_data),
+            [f"dino_{name}_s{s}"], method=f"dino_{name}", seed=s, eval="knn")
     # the analysis figures (first seed): CKA MAE vs supervised, attention of each model, reconstructions
     n_img, batch = (32, 16) if cfg.quick else (512, 128)
     for m, a, b in (("mae", f"mae_s{s}", f"scratch_s{s}"), ("mocov3", f"mocov3_s{s}", ""), ("dmae", f"dmae_s{s}", "")):

@@ -5,11 +5,13 @@ import tempfile
 import unittest
 from unittest import mock
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
 import augment
+import data
 import finetune
 from checkpoint import load_ckpt
 from data import Loader, build_dataset, figure_images
@@ -96,6 +98,19 @@ class TestSampling(unittest.TestCase):
             self.assertAlmostEqual(ours.mean().item(), theirs.mean().item(), delta=0.03 * theirs.std().item() + 0.01)
             self.assertAlmostEqual(ours.std().item(), theirs.std().item(), delta=0.05 * theirs.std().item())
 
+    def test_the_per_sample_box_follows_torchvisions_rule_too(self):
+        import random
+        from torchvision.transforms import RandomResizedCrop
+        rng, img = random.Random(0), torch.zeros(3, 300, 400)
+        ours = [augment.rrc_box(rng, 300, 400, (0.08, 1.0)) for _ in range(3000)]
+        torch.manual_seed(0)
+        ref = [RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)]
+        for k in range(4):  # top, left, h, w: the same distribution (means within 3%)
+            a, b = (sum(box[k] for box in boxes) / len(boxes) for boxes in (ours, ref))
+            self.assertAlmostEqual(a / b, 1.0, delta=0.03, msg=k)
+        self.assertTrue(all(0 <= t <= 300 - h and 0 <= lft <= 400 - w for t, lft, h, w in ours))
+        self.assertEqual(augment.rrc_box(rng, 100, 1000, (0.9, 1.0)), (0, 433, 100, 133))  # too wide: centred 4:3
+
     def test_rrc_falls_back_to_the_centre_crop(self):
         top, left, h, w = augment.rrc_params(50, 10, 100, (0.9, 1.0))  # 10:1 never fits a ratio of 3/4..4/3
         self.assertEqual((h.unique().tolist(), w.unique().tolist()), ([10], [13]))  # largest crop at ratio 4/3
@@ -143,6 +158,43 @@ class TestLoaders(unittest.TestCase):
         again = torch.cat([b[1] for b in Loader(ds, 32, True, 0, CPU)])
         self.assertTrue(torch.equal(seen, again))  # the order comes from torch's RNG: resumable
 
+    def test_files_are_cropped_in_the_workers_by_torchvisions_rule(self):
+        rng = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory() as root:
+            for split in ("train", "val"):
+                for c in ("a", "b"):
+                    os.makedirs(os.path.join(root, split, c))
+                    for i in range(4):  # smooth photos-like content, ImageNet-like sizes
+                        base = rng.integers(0, 255, (12, 16, 3)).astype(np.uint8)
+                        img = Image.fromarray(base).resize((320 - 40 * i, 240 + 20 * i), Image.BICUBIC)
+                        img.save(os.path.join(root, split, c, f"{i}.jpg"), quality=95)
+            ds, _ = build_dataset("imagefolder", root, True)
+            crops = [(48, (0.08, 1.0)), (24, (0.05, 0.4))]
+            outs = []
+            for workers in (0, 2):  # the boxes come from seeds the training process draws, not from the workers
+                torch.manual_seed(0)
+                outs.append([v for views, _ in Loader(ds, 4, True, workers, CPU, crops=crops) for v in views])
+            self.assertEqual([tuple(v.shape) for v in outs[0]], [(4, 3, 48, 48), (4, 3, 24, 24)] * 2)
+            self.assertTrue(all(torch.equal(a, b) for a, b in zip(*outs)))
+            self.assertEqual(outs[0][0].dtype, torch.uint8)
+            for seed in range(20):  # each crop is torchvision's RandomResizedCrop of the PIL image, for its box
+                path = ds.samples[seed % len(ds)][0]
+                full = Image.open(path).convert("RGB")
+                ours = data.crop_pil(Image.open(path), seed, crops)
+                for k, (size, _) in enumerate(crops):
+                    top, left, h, w = data.crop_box(seed, k, full.height, full.width, crops[k])
+                    ref = TF.pil_to_tensor(TF.resized_crop(full, top, left, h, w, [size, size],
+                                                            TF.InterpolationMode.BICUBIC))
+                    diff = (ours[k].float() - ref.float()).abs()
+                    self.assertLess(diff.mean().item(), 2.0, (seed, k))  # draft decode and box filter: a level or two
+            torch.manual_seed(0)  # the eval crop in the workers is timm's centre crop
+            views, _ = next(iter(Loader(build_dataset("imagefolder", root, False)[0], 4, False, 0, CPU,
+                                        crops=[(32, "center")])))
+            whole = [TF.pil_to_tensor(Image.open(p).convert("RGB")) for p, _ in build_dataset("imagefolder", root,
+                                                                                              False)[0].samples[:4]]
+            diff = (augment.center_crop(views, 32) - augment.center_crop(whole, 32)).abs()
+            self.assertLess(diff.mean().item(), 0.01)
+
     def test_file_loader_decodes_in_workers(self):
         with tempfile.TemporaryDirectory() as root:
             for split in ("train", "val"):
@@ -151,7 +203,7 @@ class TestLoaders(unittest.TestCase):
                     for i in range(3):
                         Image.new("RGB", (20 + i, 17), (i * 60, 0, 200)).save(os.path.join(root, split, c, f"{i}.jpg"))
             ds, classes = build_dataset("imagefolder", root, False)
-            batch, labels = next(iter(Loader(ds, 4, False, 1, CPU)))
+            batch, labels = next(iter(Loader(ds, 4, False, 1, CPU)))  # no crops asked: whole images (figures)
             self.assertEqual(classes, 2)
             self.assertEqual([tuple(b.shape) for b in batch], [(3, 17, 20), (3, 17, 21), (3, 17, 22), (3, 17, 20)])
             self.assertEqual(labels.tolist(), [0, 0, 0, 1])

@@ -26,6 +26,22 @@ class TestBench(unittest.TestCase):
             self.assertGreater(load["imgs_per_s"], e2e["imgs_per_s"])
             self.assertAlmostEqual(data["share_of_step"], e2e["imgs_per_s"] / data["imgs_per_s"], places=2)
 
+    def test_files_report_one_worker_cores_rate_and_the_cores_a_step_needs(self):
+        with tempfile.TemporaryDirectory() as tmp, quiet():
+            out = os.path.join(tmp, "bench.json")
+            bench.main(bench.Config(stages="mae", data="imagefolder", data_root=os.path.join(tmp, "jpegs"),
+                                    make_jpegs=24,
+                                    stage_model="micro", stage_img_size=32, stage_patch=4, stage_batch=8,
+                                    stage_epochs=1, num_workers=1, model="micro", img_size=32, patch_size=4,
+                                    batch_size=8, steps=1, out=out))
+            rows = {r["what"]: r for r in json.load(open(out))}
+        worker = rows["mae one worker core"]
+        self.assertGreater(worker["imgs_per_s"], 0)
+        self.assertAlmostEqual(worker["cores_to_feed_this_step"],
+                               rows["mae end to end (imagefolder)"]["imgs_per_s"] / worker["imgs_per_s"], delta=0.1)
+        step = rows["mae model step"]
+        self.assertAlmostEqual(step["worker_cores_to_feed"], step["imgs_per_s"] / worker["imgs_per_s"], delta=0.1)
+
 
 if __name__ == "__main__":
     unittest.main()
