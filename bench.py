@@ -127,7 +127,7 @@ def stage_crops(stage, sc):
     """The crops the stage asks its loader for (files are cropped in the workers)."""
     if stage in ("mae", "finetune"):
         return [(sc.img_size, (sc.crop_min_scale, 1.0))]
-    return pretrain_contrastive.METHODS[sc.method].crops(sc)
+    return pretrain_contrastive.crops(sc)
 
 
 def worker_rate(stage, sc, n=64):
@@ -152,7 +152,7 @@ def time_data_path(stage, sc, device):
         transform, mix = finetune.train_transform(sc), finetune.make_mixer(sc, classes)
         augment = lambda x, y: mix(transform(x), y) if mix else transform(x)
     else:
-        augment = lambda x, y: pretrain_contrastive.METHODS[sc.method].views(x, sc)
+        augment = lambda x, y: pretrain_contrastive.make_views(x, sc)
     rates = []
     for run_augment in (False, False, True):
         sync(device)

@@ -90,20 +90,17 @@ def all_gather_cat(x):
     return torch.cat(out)
 
 
-def all_reduce_mean(x):
-    """Average x over ranks (DINO center, metrics); the identity in one process."""
-    if not dist.is_initialized():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
-
-
 def all_reduce_sum(x):
+    """Sum x over ranks (metrics); the identity in one process."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def all_reduce_mean(x):
+    """Average x over ranks (DINO's centre); the identity in one process."""
+    return all_reduce_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def check_finite(loss, epoch, step):
@@ -301,5 +298,3 @@ class EpochSteps:
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
-
-

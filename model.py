@@ -162,8 +162,7 @@ class ViT(nn.Module):
         (B, K) keeps only those patches (MAE). Hidden states are what each block's norm1 sees, plus the normalised
         output: depth+1 tensors, the representations compared by CKA (PAPER §5.1)."""
         x = self.patch_embed(imgs)  # (B, L, D)
-        pos = self.pos_embed if x.shape[1] + 1 == self.pos_embed.shape[1] else \
-            resize_pos_embed(self.pos_embed, int(math.isqrt(x.shape[1])))  # DINO's small local crops
+        pos = resize_pos_embed(self.pos_embed, math.isqrt(x.shape[1]))  # a no-op but for DINO's small local crops
         x = x + pos[:, 1:]  # index 0 of pos is the cls slot
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))

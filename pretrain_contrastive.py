@@ -1,12 +1,11 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
-MoCo-v3: two BYOL-style views; query = predictor(projector(encoder(view))), key = momentum projector(encoder(other
-view)); InfoNCE against every rank's keys at temperature 0.2, scaled by 2T. DINO: 2 global + N local crops; the
-student sees all, the EMA teacher the global ones; the teacher's output is centred and sharpened (its temperature
-warms up), the student matches it by cross-entropy. Each method is one class with the same small interface, so the
-train loop has no method branch: DEFAULTS (its recipe), views(images, cfg), forward(crops, teacher, step) -> (loss,
-logs), make_teacher() (what the EMA follows), param_groups(), schedule(...), before_step(epoch). The backbone is
-saved under `encoder.` for finetune.py and analyze.py (DINO's EMA teacher: --init_key=teacher).
+MoCo-v3: two BYOL-style views; InfoNCE between one view's query (predictor(projector(encoder))) and the other's
+momentum key, against every rank's keys. DINO: 2 global + N local crops; the student matches the EMA teacher's
+centred, sharpened output on the global ones by cross-entropy. Each method is one class behind the same interface
+(DEFAULTS, view_specs, forward(views, teacher, step) -> (loss, logs), make_teacher, param_groups, schedule,
+before_step), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's EMA teacher:
+--init_key=teacher).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino
@@ -91,11 +90,15 @@ class Config:
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
-def view(images, k, crop, blur_p, solarize_p):
-    """BYOL-style view k (augment.py, on the device): crop (files: done by the loader's workers), colour, blur,
-    solarize, normalise."""
-    x = augment.random_resized_crop(images, *crop, view=k)
-    return augment.normalize(augment.byol_view(x, blur_p, solarize_p))
+def make_views(images, cfg):
+    """The method's BYOL-style views of a uint8 batch, on the device (augment.py): view k is crop k (files: cropped
+    by the loader's workers), then colour jitter, grayscale, blur with blur_p, solarize with solarize_p, normalise."""
+    return [augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale, view=k), blur, sol))
+            for k, (size, scale, blur, sol) in enumerate(METHODS[cfg.method].view_specs(cfg))]
+
+
+def crops(cfg):  # what the loader crops for files: (side, scale range) of each view
+    return [(size, scale) for size, scale, *_ in METHODS[cfg.method].view_specs(cfg)]
 
 
 @torch.no_grad()
@@ -109,15 +112,11 @@ def ema_update(teacher, student, momentum):
 # --- MoCo-v3 ---
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
     """MoCo-v3 MLP: Linear-BN-ReLU between layers, an affine-free BN at the end with last_bn (the official builder)."""
-    layers = []
-    for i in range(num_layers):
-        d_in, d_out = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
-        layers.append(nn.Linear(d_in, d_out, bias=False))
-        if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(d_out, affine=False))
-    return nn.Sequential(*layers)
+    dims, layers = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim], []
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        between = [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)] if i < num_layers - 1 else []
+        layers += [nn.Linear(d_in, d_out, bias=False)] + between
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(out_dim, affine=False)] if last_bn else []))
 
 
 def info_nce(q, k, temperature):
@@ -148,13 +147,8 @@ class MoCoV3(nn.Module):
         return [{"params": list(self.parameters()), "weight_decay": self.cfg.weight_decay}]
 
     @staticmethod
-    def crops(cfg):  # (side, scale range) of each view: two full-size crops
-        return [(cfg.img_size, (0.08, 1.0))] * 2
-
-    @staticmethod
-    def views(images, cfg):  # BYOL's asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2
-        c = MoCoV3.crops(cfg)
-        return [view(images, 0, c[0], 1.0, 0.0), view(images, 1, c[1], 0.1, 0.2)]
+    def view_specs(cfg):  # BYOL's asymmetric pair: (side, crop scale, blur p, solarize p)
+        return [(cfg.img_size, (0.08, 1.0), 1.0, 0.0), (cfg.img_size, (0.08, 1.0), 0.1, 0.2)]
 
     def forward(self, crops, teacher, step):
         """Symmetrised InfoNCE; the teacher runs without grads. Returns the loss and extra numbers to log."""
@@ -189,8 +183,7 @@ class DINO(nn.Module):
 
     def __init__(self, encoder, cfg, bottleneck_dim=256):
         super().__init__()
-        self.cfg, self.encoder = cfg, encoder
-        hidden = cfg.head_hidden_dim
+        self.cfg, self.encoder, hidden = cfg, encoder, cfg.head_hidden_dim
         self.mlp = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, bottleneck_dim))
         self.last_layer = nn.Linear(bottleneck_dim, cfg.head_out_dim, bias=False)
@@ -214,14 +207,10 @@ class DINO(nn.Module):
                                              c.teacher_temp, c.teacher_temp, start=c.warmup_teacher_temp)
 
     @staticmethod
-    def crops(c):  # 2 global crops, then the small local ones
-        return [(c.img_size, (c.global_crop_min_scale, 1.0))] * 2 + \
-            [(c.local_crop_size, (0.05, c.global_crop_min_scale))] * c.local_crops
-
-    @staticmethod
-    def views(images, c):  # 2 global views (blur 1.0 / 0.1, solarize 0 / 0.2), then the local ones (blur 0.5)
-        colours = [(1.0, 0.0), (0.1, 0.2)] + [(0.5, 0.0)] * c.local_crops
-        return [view(images, k, crop, *colour) for k, (crop, colour) in enumerate(zip(DINO.crops(c), colours))]
+    def view_specs(c):  # 2 global views as MoCo-v3's (their own scale), then the small local ones (blur 0.5)
+        full, local = (c.global_crop_min_scale, 1.0), (0.05, c.global_crop_min_scale)
+        return [(c.img_size, full, 1.0, 0.0), (c.img_size, full, 0.1, 0.2)] + \
+            [(c.local_crop_size, local, 0.5, 0.0)] * c.local_crops
 
     def embed(self, crops):
         """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
@@ -268,8 +257,7 @@ def main(cfg):
 
     # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
-                    crops=METHODS[cfg.method].crops(cfg))  # files: each view cropped in the workers
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
 
     # --- model ---
     encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
@@ -312,9 +300,9 @@ def main(cfg):
         for step, sync, (imgs, _) in steps:
             set_lr(optimizer, lr_schedule[step])
             set_weight_decay(optimizer, wd_schedule[step])
-            crops = raw_model.views(imgs, cfg)
+            views = make_views(imgs, cfg)
             with autocast_ctx(device):
-                loss, extra = model(crops, teacher, step)
+                loss, extra = model(views, teacher, step)
             steps.add(loss=check_finite(loss, epoch, step), **extra)
             scaler.scale(loss / cfg.accum_steps).backward()
             if sync:

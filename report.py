@@ -149,19 +149,34 @@ def dino(cfg, runs, results, figs):
            f"({compare(get(method='dino', eval='knn'), floor)}). Other settings (seed {s0}: teacher momentum 0.99, "
            f"teacher temperature 0.04 throughout, 1024 prototypes, lr 1e-3): {fmt(dino_b)} vs the floor's "
            f"{fmt(get(method='random', eval='knn', seed=s0))}."]
+    sweep = [r for r in runs if r.tags.get("sweep") and r.name in results]
+    if sweep:  # issue 18: what DINO needs to learn at this scale, every setting tried (seed 0)
+        out += ["\nDINO at other settings (seed 0): each changes the study's DINO as stated.\n",
+                "| setting | batch | prototypes | momentum | teacher temp. | base lr | k-NN top-1 | loss vs ln K | "
+                "teacher entropy (end) |", "|---" * 9 + "|"]
+        for r in sweep:
+            c, res, knn_ = r.cfg, results[r.name], select(runs, results, method=r.tags["method"], eval="knn")
+            out.append(f"| {r.tags['method'][5:]} | {c.batch_size_per_gpu} | {c.head_out_dim} | {c.ema_momentum} | "
+                       f"{c.warmup_teacher_temp} -> {c.teacher_temp} | {c.base_lr:g} | {fmt(knn_)} | "
+                       f"{res['loss']:.2f} vs {math.log(c.head_out_dim):.2f} | "
+                       f"{res.get('teacher_entropy', [math.nan])[-1]:.2f} |")
     pre = [r for r in runs if r.kind == "pretrain" and r.tags.get("method", "").startswith("dino") and r.name in
            results]
     out.append("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
                + ", ".join(f"{r.name} {results[r.name]['loss']:.2f} vs {math.log(r.cfg.head_out_dim):.2f}" for r in pre)
                + ".")
     fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
-    for i, r in enumerate(pre):
-        other, res = r.tags["method"] == "dino_b", results[r.name]
-        color, label = ("C1" if other else "C0"), ("other settings" if other else "the study's settings")
+    methods = list(dict.fromkeys(r.tags["method"] for r in pre))  # the study's DINO, then the other settings
+    labelled = set()
+    for r in pre:
+        m, res = r.tags["method"], results[r.name]
+        color = f"C{methods.index(m)}"
+        label = None if m in labelled else {"dino": "the study's settings", "dino_b": "other settings"}.get(m, m[5:])
+        labelled.add(m)
         for ax, key in zip(axes, ("losses", "teacher_entropy")):
             if key in res:  # the teacher's entropy is logged from issue 18 on
-                ax.plot(range(1, len(res[key]) + 1), res[key], color=color, label=label if i in (0, len(
-                    cfg.seed_list)) else None)
+                ax.plot(range(1, len(res[key]) + 1), res[key], color=color, marker="o" if len(res[key]) < 5 else None,
+                        label=label)
             ax.axhline(math.log(r.cfg.head_out_dim), color=color, ls=":", lw=1)
     axes[0].set_ylabel("DINO loss (nats)")
     axes[1].set_ylabel("teacher output entropy (nats)")

@@ -1,6 +1,7 @@
 """Small settings shared by the stage tests: a depth-2, width-32 ViT on 16x16 crops of the embedded data."""
 import contextlib
 import io
+import os
 from unittest import mock
 
 import checkpoint
@@ -14,6 +15,15 @@ def quiet():
     """Silence the stages' progress output inside a test."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+def tiny_mae(folder):
+    """A one-epoch micro MAE pre-trained quietly in folder/mae: (its folder, its checkpoint's path)."""
+    import pretrain_mae
+    out = os.path.join(folder, "mae")
+    with quiet():
+        pretrain_mae.main(pretrain_mae.Config(**TINY, out_dir=out))
+    return out, os.path.join(out, "ckpt.pt")
 
 
 def crash_then_resume(stage, cfg):

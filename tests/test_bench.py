@@ -30,8 +30,7 @@ class TestBench(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp, quiet():
             out = os.path.join(tmp, "bench.json")
             bench.main(bench.Config(stages="mae", data="imagefolder", data_root=os.path.join(tmp, "jpegs"),
-                                    make_jpegs=24,
-                                    stage_model="micro", stage_img_size=32, stage_patch=4, stage_batch=8,
+                                    make_jpegs=24, stage_model="micro", stage_img_size=32, stage_patch=4, stage_batch=8,
                                     stage_epochs=1, num_workers=1, model="micro", img_size=32, patch_size=4,
                                     batch_size=8, steps=1, out=out))
             rows = {r["what"]: r for r in json.load(open(out))}

@@ -116,6 +116,15 @@ class TestStagesOnCuda(unittest.TestCase):
         for g, c in zip(gpu, cpu):
             self.assertEqual(g.shape, c.shape)
             self.assertLess((g.cpu().float() - c.float()).abs().mean().item(), 2.0)  # decoders round differently
+        crops = [(32, (0.2, 1.0)), (16, "center")]  # nvjpeg + per-image crops on the device = PIL crops in workers
+        views = []
+        for dataset, device, workers in ((build_dataset("imagefolder", root, True)[0], CUDA, 2),
+                                         (build_dataset("imagefolder", root, True)[0], torch.device("cpu"), 0)):
+            torch.manual_seed(0)
+            views.append(next(iter(Loader(dataset, 8, True, workers, device, crops=crops)))[0])
+        for g, c in zip(*views):
+            self.assertEqual((g.shape, g.dtype, g.is_cuda), (c.shape, torch.uint8, True))
+            self.assertLess((g.cpu().float() - c.float()).abs().mean().item(), 4.0)  # the same boxes
         with quiet():  # a whole fine-tune from JPEG files on the GPU
             finetune.main(finetune.Config(**{**TINY, "data": "imagefolder", "data_root": root, "subset": 0,
                                              "mode": "scratch", "batch_size_per_gpu": 8, "img_size": 32,

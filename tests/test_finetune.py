@@ -7,21 +7,17 @@ import unittest
 import torch
 
 import finetune
-import pretrain_mae
 from checkpoint import load_ckpt
 from common import param_groups
 from model import create_vit
-from tests.helpers import TINY, crash_then_resume, quiet
+from tests.helpers import TINY, crash_then_resume, quiet, tiny_mae
 
 
 class TestFinetune(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.mae_dir = os.path.join(cls.tmp.name, "mae")
-        with quiet():
-            pretrain_mae.main(pretrain_mae.Config(**TINY, out_dir=cls.mae_dir))
-        cls.mae_ckpt = os.path.join(cls.mae_dir, "ckpt.pt")
+        cls.mae_dir, cls.mae_ckpt = tiny_mae(cls.tmp.name)
         cls.encoder = {k[len("encoder."):]: v for k, v in load_ckpt(cls.mae_ckpt)["model"].items()
                        if k.startswith("encoder.")}
 

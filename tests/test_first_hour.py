@@ -23,7 +23,7 @@ import pretrain_mae
 from checkpoint import load_ckpt
 from common import RunError, parse_config
 from data import figure_indices
-from tests.helpers import TINY, quiet
+from tests.helpers import TINY, quiet, tiny_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,10 +37,7 @@ class TestNothingIsLost(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.mae_dir = os.path.join(cls.tmp.name, "mae")
-        with quiet():
-            pretrain_mae.main(pretrain_mae.Config(**TINY, out_dir=cls.mae_dir))
-        cls.ckpt = os.path.join(cls.mae_dir, "ckpt.pt")
+        cls.mae_dir, cls.ckpt = tiny_mae(cls.tmp.name)
 
     @classmethod
     def tearDownClass(cls):
