@@ -86,7 +86,8 @@ def header(cfg, runs, results, wall):
         "# Reproduction study\n",
         f"Regenerate: `python reproduce.py{' --quick' if cfg.quick else ''}`{'' if cfg.quick else ' (the defaults)'}; "
         f"it skips runs whose result.json exists, so delete `{cfg.out_dir}/` to start over. Seeds {cfg.seeds}; every "
-        f"table cell is mean ± sample std over them (n = seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes (the "
+        f"table cell is mean ± sample std over them (n = seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes ("
+        "the "
         f"sum of every run's own time), {wall / 60:.0f} min wall-clock in the invocation that wrote this report "
         "(finished runs are read back).\n",
         f"Setting: data `{cfg.data}` ({train_size(cfg.data, cfg.data_root, cfg.subset)} training images), ViT "
