@@ -1,8 +1,10 @@
 """Batched augmentation on the training device: one code path for CPU and GPU, per-sample randomness.
 
-Images arrive as uint8 (B, 3, H, W) batches, or lists of (3, H, W) images of different sizes (files), and leave as
-float (B, 3, S, S) in [0, 1]; `normalize` applies ImageNet's mean and std last. Every random draw is per sample and
-comes from torch's RNG on the images' device, which checkpoints save, so a resumed run draws the same augmentations.
+Images arrive as uint8 (B, 3, H, W) batches (in-memory sets), as Views already cropped by the loader's workers
+(files: then only the flip is left to do here), or as lists of whole (3, H, W) images of different sizes (figures,
+tests), and leave as float (B, 3, S, S) in [0, 1]; `normalize` applies ImageNet's mean and std last. Every random
+draw is per sample and comes from torch's RNG on the images' device, which checkpoints save, so a resumed run draws
+the same augmentations.
 
 - random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback);
   a same-size batch is cropped and resized by one affine grid_sample (bicubic); a list of files is padded into

@@ -130,9 +130,8 @@ def stage_crops(stage, sc):
     return pretrain_contrastive.crops(sc)
 
 
-def worker_rate(stage, sc, n=64):
+def worker_rate(stage, sc, dataset, n=64):
     """Files: one worker's img/s on one core (read, decode, crop every view of the stage), in this process."""
-    dataset = build_dataset(sc.data, sc.data_root, True, sc.subset)[0]
     dataset.crops, dataset.raw = stage_crops(stage, sc), False
     t0 = time.perf_counter()
     for i in range(n):
@@ -140,11 +139,10 @@ def worker_rate(stage, sc, n=64):
     return n / (time.perf_counter() - t0)
 
 
-def time_data_path(stage, sc, device):
+def time_data_path(stage, sc, dataset, classes, device):
     """The stage's data path without the model: (loading alone, loading + its own augmentation call), img/s on the
     training device, each timed over a whole pass after a warm-up pass (which moves an in-memory set to the device
     and starts the workers). Loading = index gathers for in-memory sets; reading + decoding + cropping for files."""
-    dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)
     loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, crops=stage_crops(stage, sc))
     if stage == "mae":
         augment = lambda x, y: pretrain_mae.augment_batch(x, sc)
@@ -215,7 +213,8 @@ def main(cfg):
                 torch.cuda.reset_peak_memory_stats()
             ips = run_stage(stage, sc)
             peak = round(peak_memory_mb(device))
-            load_ips, data_ips = time_data_path(stage, sc, device)
+            dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)  # once: a folder's listing
+            load_ips, data_ips = time_data_path(stage, sc, dataset, classes, device)
             common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
                           batch=cfg.stage_batch)
             share = ips / data_ips  # of an end-to-end step's time, if the data path ran alone
@@ -224,8 +223,8 @@ def main(cfg):
                         dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
                         dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
                              share_of_step=round(share, 3))]
-            if isinstance(build_dataset(sc.data, sc.data_root, True, sc.subset)[0], FileImages):
-                per_core = worker_rate(stage, sc)
+            if isinstance(dataset, FileImages):
+                per_core = worker_rate(stage, sc, dataset)
                 results.append(dict(common, what=f"{stage} one worker core", imgs_per_s=round(per_core, 1),
                                     cores_to_feed_this_step=round(ips / per_core, 1)))
                 print(f"{'':>24} {stage:>9}: one worker core reads, decodes and crops {per_core:.0f} img/s; "

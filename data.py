@@ -111,8 +111,9 @@ def crop_pil(img, seed, crops):
     width, height = img.size
     boxes = [crop_box(seed, k, height, width, c) for k, c in enumerate(crops)]
     factor = min(min(h, w) / c[0] for (_, _, h, w), c in zip(boxes, crops))
-    if img.format == "JPEG" and factor >= 2:
-        img.draft("RGB", (width // 2 ** min(3, int(math.log2(factor))), height // 2 ** min(3, int(math.log2(factor)))))
+    if img.format == "JPEG" and factor >= 2:  # DCT scaling by 1/2, 1/4 or 1/8
+        reduce = 2 ** min(3, int(math.log2(factor)))
+        img.draft("RGB", (width // reduce, height // reduce))
     img = rgb(img)
     sx, sy = img.size[0] / width, img.size[1] / height
     return tuple(TF.pil_to_tensor(img.resize((c[0], c[0]), Image.BICUBIC,
