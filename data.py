@@ -8,7 +8,8 @@ in Python on the hot path (augment.py works on whole batches there).
   centre crop): on CPU the workers decode with PIL (JPEG `draft` when the crop is at least twice the output: a
   cheaper decode) and crop-resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL images;
   on a GPU the workers read JPEG bytes, nvjpeg decodes a batch and each image is cropped and resized on the device
-  by itself (a slice and one interpolate). Either way the training process gets fixed-size uint8 batches
+  by itself (a slice and one interpolate), the next batch in a thread on a side stream while this one trains.
+  Either way the training process gets fixed-size uint8 batches
   (augment.Views) and everything after the crop stays batched on the device. The crop boxes come from a seed per
   sample that the training process draws from torch's RNG (saved in checkpoints), never from worker RNG, so a
   resumed run crops the same boxes and workers can stay alive across epochs.
@@ -18,6 +19,7 @@ import gzip
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -294,9 +296,11 @@ class Loader:
     a list of uint8 (3, H, W) images (files). Shuffling draws from torch's global RNG (DistributedSampler under DDP),
     which checkpoints save, so a resumed run sees the same order."""
 
-    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None, crops=None):
+    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None, crops=None, prefetch=None):
         drop_last = train if drop_last is None else drop_last
         self.device, self.memory = device, isinstance(dataset, MemoryImages)
+        # files on a GPU: decode and crop the next batch while this one trains (the crops must give fixed-size views)
+        self.prefetch = (device.type == "cuda" and bool(crops)) if prefetch is None else prefetch
         if torch.distributed.is_initialized():
             self.sampler = DistributedSampler(range(len(dataset)), shuffle=train, drop_last=drop_last)
         else:
@@ -324,12 +328,42 @@ class Loader:
             self.sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
 
     def __iter__(self):
-        for batch in self.batches:
-            if self.memory:
+        if self.memory:
+            for batch in self.batches:
                 idx = torch.as_tensor(batch).to(self.device, non_blocking=True)
                 yield self.images[idx], self.labels[idx]
-            else:
+        elif self.prefetch:
+            yield from self._prefetched()
+        else:
+            for batch in self.batches:
                 yield self._to_device(*batch)
+
+    def _prefetched(self):
+        """Files on a GPU: the next batch is decoded and cropped (nvjpeg, crop_tensor) by a thread, on a side CUDA
+        stream, while the caller trains on this one; the same batches in the same order, an error raised here."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
+
+        def prepare(batch):
+            if not cuda:  # (how the tests run this path on CPU)
+                return self._to_device(*batch), None
+            with torch.cuda.device(index), torch.cuda.stream(stream):  # both are per thread
+                out = self._to_device(*batch)
+                return out, stream.record_event()
+
+        with ThreadPoolExecutor(1) as pool:
+            batches = iter(self.batches)
+            pending = pool.submit(prepare, next(batches)) if len(self.batches) else None
+            while pending is not None:
+                following = next(batches, None)  # the workers' next batch, read here in the caller's thread
+                ready, pending = pending, pool.submit(prepare, following) if following is not None else None
+                (views, labels), done = ready.result()
+                if cuda:  # the caller's stream waits for the side stream, and its allocator keeps the memory
+                    torch.cuda.current_stream(self.device).wait_event(done)
+                    for t in (*views, labels):
+                        t.record_stream(torch.cuda.current_stream(self.device))
+                yield views, labels
 
     def _to_device(self, items, labels, indices, seeds):
         """Crops from the workers (or, on a GPU, JPEG bytes decoded and cropped here) -> Views on the device."""

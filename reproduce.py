@@ -45,7 +45,7 @@ from model import VIT_SIZES
 
 METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}
 # Images per second of one CPU core with the `mini` model, per kind of run: only for the first ETA
-CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 350, "finetune": 1100, "linear": 2500,
+CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, "finetune": 1100, "linear": 2500,
              "knn": 5000, "analyze": 500}
 # Images per second of one H100 (bf16), ViT-Tiny at 224 px, for --plan. Measured by bench.py on one H100 (README):
 # the compiled MAE-Tiny step at batch 1024 (31,100) and the compiled ViT-Tiny train step (12,600). The others are
@@ -55,16 +55,18 @@ CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 350, 
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
-# DINO at other settings, seed 0 (issue 18): what it takes for DINO to learn at the CPU study's scale
-DINO_SWEEP = {"b64": dict(batch_size_per_gpu=64, head_out_dim=4096),  # 4x the steps, 16x the prototypes
-              "b64m99": dict(batch_size_per_gpu=64, head_out_dim=4096, ema_momentum=0.99),  # and a faster teacher
-              "b64m99t04": dict(batch_size_per_gpu=64, head_out_dim=4096, ema_momentum=0.99, teacher_temp=0.04),
-              "b64m99lr": dict(batch_size_per_gpu=64, head_out_dim=1024, ema_momentum=0.99, base_lr=1e-3)}
+# DINO at other settings, seed 0 (issue 18's sweep): each changes the study's DINO (batch 64, 4096 prototypes, teacher
+# momentum 0.99) as stated; "moco" stands for the MoCo-v3 batch (256). What it takes for DINO to learn at this scale
+DINO_SWEEP = {"b256": dict(batch_size_per_gpu="moco", head_out_dim=256, ema_momentum=0.996),  # before issue 18
+              "b256t04": dict(batch_size_per_gpu="moco", head_out_dim=1024, warmup_teacher_temp=0.04,
+                              teacher_temp=0.04, base_lr=1e-3),  # a sharper teacher, a higher lr instead of more steps
+              "b64": dict(ema_momentum=0.996)}  # more steps and prototypes, DINO's own teacher momentum
 # Settings of the two GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
              seeds="0", pretrain_epochs=400, pretrain_warmup=40, mae_batch=4096, mae_lr=1.5e-4, mae_crop=0.08,
-             moco_batch=1024, moco_lr=1.5e-4, moco_hidden=4096, dino_hidden=2048, dino_prototypes=65536,
-             dino_local_crops=8, finetune_epochs=300, finetune_warmup=5, finetune_batch=1024, finetune_lr=1e-3,
+             moco_batch=1024, moco_lr=1.5e-4, moco_hidden=4096, dino_batch=1024, dino_momentum=0.996,
+             dino_hidden=2048, dino_prototypes=65536, dino_local_crops=8, finetune_epochs=300, finetune_warmup=5,
+             finetune_batch=1024, finetune_lr=1e-3,
              finetune_mixup=0.2, finetune_randaug=10, linear_epochs=90, layer_epochs=100, transfer_data="flowers102",
              transfer_shots="", transfer_epochs=50, transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08)
 # fewgpu: a day on 4-8 GPUs. 100 pre-training epochs (MAE-Lite's MAE-Tiny reaches 76.2 after 400 + 100, issue #6)
@@ -104,7 +106,11 @@ class Config:
     moco_lr: float = 1e-3  # MoCo-v3 base lr (the paper: 1.5e-4)
     moco_hidden: int = 1024  # MoCo-v3's MLP width (the paper: 4096)
     dino_hidden: int = 1024  # DINO's head MLP width (DINO: 2048)
-    dino_prototypes: int = 256  # DINO's output dimension (DINO's ViT recipe: 65536)
+    # DINO learns at this scale only with more steps, prototypes and a faster teacher than MoCo-v3's batch gives it
+    # (the report's sweep; at batch 256 and 256 prototypes its output goes uniform): the same epochs as every method
+    dino_batch: int = 64  # DINO's global batch (DINO: 1024)
+    dino_momentum: float = 0.99  # DINO's teacher momentum (DINO: 0.996)
+    dino_prototypes: int = 4096  # DINO's output dimension (DINO's ViT recipe: 65536)
     dino_local_crops: int = 4  # DINO's local crops per image (DINO: 8)
     teacher_ckpt: str = ""  # D-MAE's teacher from a file (the paper: MAE's mae_pretrain_vit_base.pth); "" = train one
     finetune_epochs: int = 40  # claim 1's fine-tuning and the from-scratch baseline (twice this checks convergence)
@@ -147,8 +153,8 @@ class Config:
         check_ranges(self, ">=0", transfer_steps=">0", transfer_lr=">0", transfer_crop="(0,1]", finetune_lr=">0",
                      finetune_randaug="[0,10]", transfer_batch=">0", img_size=">0", patch_size=">0",
                      pretrain_epochs=">0", finetune_epochs=">0", linear_epochs=">0", layer_epochs=">0", jobs=">0",
-                     threads=">0", gpus_per_run=">0", mae_batch=">0", moco_batch=">0", finetune_batch=">0",
-                     mae_lr=">0", moco_lr=">0", mae_crop="(0,1]")
+                     threads=">0", gpus_per_run=">0", mae_batch=">0", moco_batch=">0", dino_batch=">0",
+                     finetune_batch=">0", mae_lr=">0", moco_lr=">0", mae_crop="(0,1]", dino_momentum="[0,1]")
         for name in ("model", "teacher_model"):
             check(getattr(self, name) in VIT_SIZES, f"--{name} must be one of {sorted(VIT_SIZES)}")
         check(self.img_size % self.patch_size == 0,
@@ -255,8 +261,9 @@ def study(cfg):
         add("teacher", pretrain_mae.Config(model=cfg.teacher_model, seed=cfg.seed_list[0], **mae), ddp=True)
     teacher, teacher_deps = (cfg.teacher_ckpt, []) if cfg.teacher_ckpt else (ckpt("teacher"), ["teacher"])
     local = max(cfg.patch_size, cfg.img_size // 2 // cfg.patch_size * cfg.patch_size)  # DINO's local crops: half side
-    dino = dict(method="dino", model=cfg.model, local_crop_size=local, local_crops=cfg.dino_local_crops,
-                head_hidden_dim=cfg.dino_hidden, head_out_dim=cfg.dino_prototypes)
+    dino = dict(contrastive, method="dino", model=cfg.model, local_crop_size=local, local_crops=cfg.dino_local_crops,
+                head_hidden_dim=cfg.dino_hidden, head_out_dim=cfg.dino_prototypes, ema_momentum=cfg.dino_momentum,
+                batch_size_per_gpu=min(cfg.dino_batch, n_train))
     for s in cfg.seed_list:
         # pre-training, the same epochs for every method
         add(f"mae_s{s}", pretrain_mae.Config(model=cfg.model, seed=s, **mae), ddp=True, method="mae", seed=s)
@@ -265,7 +272,7 @@ def study(cfg):
         add(f"mocov3_s{s}", pretrain_contrastive.Config(
             method="mocov3", model=cfg.model, local_crop_size=local, seed=s, base_lr=cfg.moco_lr,
             head_hidden_dim=cfg.moco_hidden, **contrastive), ddp=True, method="mocov3", seed=s)
-        add(f"dino_s{s}", pretrain_contrastive.Config(**dino, seed=s, **contrastive), ddp=True, method="dino", seed=s)
+        add(f"dino_s{s}", pretrain_contrastive.Config(**dino, seed=s), ddp=True, method="dino", seed=s)
         # claim 1: fine-tune, linear probe, k-NN of each; the supervised baseline on the same schedule
         add(f"scratch_s{s}", finetune.Config(mode="scratch", seed=s, **ft), ddp=True, method="scratch", seed=s,
             eval="ft")
@@ -308,16 +315,10 @@ def study(cfg):
     add(f"scratch_long_s{s}", finetune.Config(mode="scratch", seed=s, **dict(ft, epochs=2 * fe,
                                                                              warmup_epochs=warm(2 * fe))),
         ddp=True, method="scratch", seed=s, eval="ft_long")
-    # DINO at other settings: a faster teacher (momentum 0.99), a sharper constant teacher temperature, fewer
-    # prototypes and a higher lr
-    add(f"dino_b_s{s}", pretrain_contrastive.Config(**dict(dino, head_out_dim=1024), ema_momentum=0.99,
-                                                    warmup_teacher_temp=0.04, teacher_temp=0.04, base_lr=1e-3, seed=s,
-                                                    **contrastive), ddp=True, method="dino_b", seed=s)
-    add(f"dino_b_knn_s{s}", knn.Config(ckpt=ckpt(f"dino_b_s{s}"), key="teacher", **knn_data), [f"dino_b_s{s}"],
-        method="dino_b", seed=s, eval="knn")
-    # DINO's sweep at CPU scale (issue 18): more steps (a smaller batch), more prototypes, a faster or sharper teacher
+    # DINO's sweep at CPU scale (issue 18): fewer steps (a larger batch), fewer prototypes, a slower or sharper teacher
     for name, change in DINO_SWEEP.items() if not cfg.preset else ():
-        add(f"dino_{name}_s{s}", pretrain_contrastive.Config(**{**dino, **contrastive, **change}, seed=s), ddp=True,
+        change = {k: contrastive[k] if v == "moco" else v for k, v in change.items()}
+        add(f"dino_{name}_s{s}", pretrain_contrastive.Config(**{**dino, **change}, seed=s), ddp=True,
             method=f"dino_{name}", seed=s, sweep=True)
         add(f"dino_{name}_knn_s{s}", knn.Config(ckpt=ckpt(f"dino_{name}_s{s}"), key="teacher", **knn_data),
             [f"dino_{name}_s{s}"], method=f"dino_{name}", seed=s, eval="knn")
@@ -417,8 +418,8 @@ def adopt(run):
         rows = read_log(run.folder, 10 ** 9)
         done = bool(rows) and rows[-1]["epoch"] == c["epochs"]
         with open(os.path.join(run.folder, "config.json")) as f:
-            done = done and all(json.load(f).get(k) == v for k, v in c.items() if k not in ("num_workers",
-                                                                                             "batch_size_per_gpu"))
+            given = json.load(f)
+        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu"))
     if not done:
         return None
     result = dict(name=run.name, stage=run.stage, config=c, seconds=0.0, devices=[], world_size=0, adopted=True,
@@ -511,8 +512,11 @@ def cost(run, cfg):
 
 def command(run, cfg):
     """The stage command that runs `run` alone (its flags that differ from the stage's defaults)."""
-    defaults = settings(Run("", type(run.cfg)(**({"teacher_ckpt": "x"} if run.stage == "distill" else {}))))
-    flags = [f"--{k}={v}" for k, v in settings(run).items() if defaults.get(k) != v or k == "out_dir"]
+    given = {"teacher_ckpt": "x"} if run.stage == "distill" else {}  # its one required flag
+    if hasattr(run.cfg, "method"):  # --method brings the method's own defaults (DINO's momentum, lr, ...)
+        given["method"] = run.cfg.method
+    defaults = settings(Run("", type(run.cfg)(**given)))
+    flags = [f"--{k}={v}" for k, v in settings(run).items() if defaults.get(k) != v or k in ("out_dir", "method")]
     gpus = cfg.gpus_per_run if run.ddp else 1
     launcher = f"torchrun --nproc_per_node={gpus}" if gpus > 1 else "python"
     if gpus > 1:  # the study's batch is global: each GPU takes its share

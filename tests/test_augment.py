@@ -171,11 +171,16 @@ class TestLoaders(unittest.TestCase):
             ds, _ = build_dataset("imagefolder", root, True)
             crops = [(48, (0.08, 1.0)), (24, (0.05, 0.4))]
             outs = []
-            for workers in (0, 2):  # the boxes come from seeds the training process draws, not from the workers
+            # the boxes come from seeds the training process draws, not from the workers; prefetching the next batch
+            # in a thread (the GPU's way) gives the same batches in the same order
+            for workers, prefetch in ((0, False), (2, False), (2, True)):
                 torch.manual_seed(0)
-                outs.append([v for views, _ in Loader(ds, 4, True, workers, CPU, crops=crops) for v in views])
+                outs.append([v for views, _ in Loader(ds, 4, True, workers, CPU, crops=crops, prefetch=prefetch)
+                             for v in views])
             self.assertEqual([tuple(v.shape) for v in outs[0]], [(4, 3, 48, 48), (4, 3, 24, 24)] * 2)
-            self.assertTrue(all(torch.equal(a, b) for a, b in zip(*outs)))
+            for other in outs[1:]:
+                self.assertEqual(len(other), len(outs[0]))
+                self.assertTrue(all(torch.equal(a, b) for a, b in zip(outs[0], other)))
             self.assertEqual(outs[0][0].dtype, torch.uint8)
             for seed in range(20):  # each crop is torchvision's RandomResizedCrop of the PIL image, for its box
                 path = ds.samples[seed % len(ds)][0]

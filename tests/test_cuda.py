@@ -125,6 +125,20 @@ class TestStagesOnCuda(unittest.TestCase):
         for g, c in zip(*views):
             self.assertEqual((g.shape, g.dtype, g.is_cuda), (c.shape, torch.uint8, True))
             self.assertLess((g.cpu().float() - c.float()).abs().mean().item(), 4.0)  # the same boxes
+        prefetched = []  # the next batch decoded on a side stream by a thread: the same batches, bit for bit
+        for prefetch in (True, False):
+            torch.manual_seed(0)
+            loader = Loader(build_dataset("imagefolder", root, True)[0], 4, True, 2, CUDA, crops=crops,
+                            prefetch=prefetch)
+            prefetched.append([v.cpu() for views, _ in loader for v in views])
+        self.assertEqual(len(prefetched[0]), 2 * len(crops))
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(*prefetched)))
+        with open(os.path.join(root, "train", sorted(os.listdir(os.path.join(root, "train")))[0], "bad.jpg"),
+                  "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 not a JPEG after all")
+        with self.assertRaisesRegex(Exception, "bad.jpg"):  # nvjpeg's error, raised in the thread, names the file
+            list(Loader(build_dataset("imagefolder", root, True)[0], 4, True, 0, CUDA, crops=crops))
+        os.remove(f.name)
         with quiet():  # a whole fine-tune from JPEG files on the GPU
             finetune.main(finetune.Config(**{**TINY, "data": "imagefolder", "data_root": root, "subset": 0,
                                              "mode": "scratch", "batch_size_per_gpu": 8, "img_size": 32,

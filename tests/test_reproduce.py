@@ -1,6 +1,7 @@
 """reproduce.py: --quick runs every step and writes the report; a second call skips finished runs; a deleted run is
 redone to the same number (deterministic); other settings in the same folder are refused; the verdict rules."""
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import unittest
 
 import report
 import reproduce
-from common import RunError
+from common import RunError, parse_config
 from tests.helpers import quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +65,22 @@ class TestReproduce(unittest.TestCase):
             if name != "mae_ft_s0":  # untouched: read back, not re-run
                 self.assertEqual(again[name]["seconds"], res["seconds"], name)
         self.assertEqual(again["mae_ft_s0"]["curve"], self.results["mae_ft_s0"]["curve"])  # deterministic re-run
+
+    def test_a_run_done_by_its_own_command_is_adopted_from_its_log(self):
+        runs = {r.name: r for r in reproduce.study(self.cfg)}
+        for name in ("dino_s0", "mae_lin_s0", "mae_knn_s0"):
+            path = os.path.join(runs[name].folder, "result.json")
+            with open(path) as f:
+                kept = f.read()
+            os.remove(path)  # as if run by hand: only its log or knn.json
+            try:
+                adopted = reproduce.finished(runs[name])
+            finally:  # the other tests read the study's own result
+                with open(path, "w") as f:
+                    f.write(kept)
+            self.assertTrue(adopted["adopted"], name)
+            for key in ("loss", "losses", "teacher_entropy", "top1", "curve"):
+                self.assertEqual(adopted.get(key), self.results[name].get(key), f"{name}: {key}")
 
     def test_other_settings_in_the_same_folder_are_refused(self):
         with self.assertRaisesRegex(RunError, "other settings .*patch_size 7 -> 14"):
@@ -158,6 +175,16 @@ class TestPresetsAndPlan(unittest.TestCase):
         self.assertEqual((tr.mixup, tr.randaug_magnitude, tr.crop_min_scale), (0, 0, 0.08))
         dino = runs["dino_s0"]
         self.assertEqual((dino.head_out_dim, dino.head_hidden_dim, dino.local_crops), (65536, 2048, 8))
+        self.assertEqual((dino.batch_size_per_gpu, dino.ema_momentum, dino.base_lr, dino.teacher_temp), (1024, 0.996,
+                                                                                                         5e-4, 0.07))
+
+    def test_each_runs_own_command_gives_exactly_its_settings(self):  # what a cluster user hands to their scheduler
+        for cfg in (reproduce.Config(), reproduce.Config(preset="fewgpu", gpus="")):
+            for run in reproduce.study(cfg):
+                launcher, script, *flags = reproduce.command(run, cfg).split(" ")
+                stage = importlib.import_module(script.removesuffix(".py"))
+                parsed = reproduce.settings(reproduce.Run(run.name, parse_config(stage.Config, flags)))
+                self.assertEqual(parsed, reproduce.settings(run), run.name)
 
     def test_the_plan_prints_every_run_with_hours_and_its_own_command(self):
         out = io.StringIO()
