@@ -76,6 +76,12 @@ def mean_std_line(ax, xs, per_x, label):  # per_x: one list of seed values per x
 
 
 # --- the report ---
+def adopted_note(results):
+    adopted = sorted(name for name, r in results.items() if r.get("adopted"))
+    return (f"; not counted: {', '.join(adopted)}, run by their own commands (`reproduce.py --plan`) with these "
+            "settings and adopted from their logs") if adopted else ""
+
+
 def header(cfg, runs, results, wall):
     seeds, core_s = cfg.seed_list, sum(r["seconds"] for r in results.values())
     transfer = [r for r in runs if r.tags.get("eval") == "transfer" and r.tags.get("method") == "mae"
@@ -87,9 +93,8 @@ def header(cfg, runs, results, wall):
         f"Regenerate: `python reproduce.py{' --quick' if cfg.quick else ''}`{'' if cfg.quick else ' (the defaults)'}; "
         f"it skips runs whose result.json exists, so delete `{cfg.out_dir}/` to start over. Seeds {cfg.seeds}; every "
         f"table cell is mean ± sample std over them (n = seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes ("
-        "the "
-        f"sum of every run's own time), {wall / 60:.0f} min wall-clock in the invocation that wrote this report "
-        "(finished runs are read back).\n",
+        f"the sum of every run's own time{adopted_note(results)}), {wall / 60:.0f} min wall-clock in the invocation "
+        "that wrote this report (finished runs are read back).\n",
         f"Setting: data `{cfg.data}` ({train_size(cfg.data, cfg.data_root, cfg.subset)} training images), ViT "
         f"`{cfg.model}` {VIT_SIZES[cfg.model]} at {cfg.img_size} px with {cfg.patch_size}-px patches; pre-training "
         f"{cfg.pretrain_epochs} epochs for every method (D-MAE's teacher: one `{cfg.teacher_model}` MAE, first seed, "
