@@ -420,7 +420,9 @@ def adopt(run):
         done = bool(rows) and rows[-1]["epoch"] == c["epochs"]
         with open(os.path.join(run.folder, "config.json")) as f:
             given = json.load(f)
-        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu"))
+        resolved = {"num_heads": 0, "model": ""}  # the study's "take the checkpoint's"; config.json has the value
+        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu")
+                            and not (k in resolved and resolved[k] == v))
     if not done:
         return None
     result = dict(name=run.name, stage=run.stage, config=c, seconds=0.0, devices=[], world_size=0, adopted=True,

@@ -81,6 +81,18 @@ class TestReproduce(unittest.TestCase):
             self.assertTrue(adopted["adopted"], name)
             for key in ("loss", "losses", "teacher_entropy", "top1", "curve"):
                 self.assertEqual(adopted.get(key), self.results[name].get(key), f"{name}: {key}")
+        run = runs["dino_s0"]  # a run by hand with another setting is not this run
+        paths = [os.path.join(run.folder, f) for f in ("result.json", "config.json")]
+        kept = [open(p).read() for p in paths]
+        try:
+            os.remove(paths[0])
+            with open(paths[1], "w") as f:
+                json.dump(dict(json.loads(kept[1]), ema_momentum=0.5), f)
+            self.assertIsNone(reproduce.finished(run))
+        finally:
+            for p, text in zip(paths, kept):
+                with open(p, "w") as f:
+                    f.write(text)
 
     def test_other_settings_in_the_same_folder_are_refused(self):
         with self.assertRaisesRegex(RunError, "other settings .*patch_size 7 -> 14"):
