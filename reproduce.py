@@ -361,7 +361,7 @@ def execute(spec_path):
     if int(os.environ.get("RANK", 0)) == 0:  # the study's own settings (a rank's batch is its share of them)
         result = dict(name=spec["name"], stage=spec["stage"], config=spec["study_config"], devices=spec["devices"],
                       world_size=int(os.environ.get("WORLD_SIZE", 1)), threads=spec["threads"],
-                      seconds=time.time() - start, started=start, ended=time.time(),
+                      seconds=time.time() - start, started=spec.get("launched", start), ended=time.time(),
                       **collect(spec["stage"], spec["config"], returned))
         write_json(os.path.join(os.path.dirname(spec_path), "result.json"), result)
 
@@ -444,7 +444,7 @@ def launch(run, cfg, devices):
     os.makedirs(run.folder, exist_ok=True)
     spec = os.path.join(run.folder, "run.json")
     write_json(spec, dict(name=run.name, stage=run.stage, config=c, devices=devices, world_size=world,
-                          threads=cfg.threads, study_config=settings(run)))
+                          threads=cfg.threads, study_config=settings(run), launched=time.time()))
     cmd = [sys.executable, os.path.abspath(__file__), "run-one", spec]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] + cmd[1:]
