@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = tuple(round(255 * m) / 255 for m in IMAGENET_MEAN)  # timm's img_mean, (124, 116, 104) / 255
+CROP_PCT = 0.875  # timm's eval view: the centre crop covers 87.5% of the resized shorter side
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision (PIL rounds 0.2989 to 0.299)
 
 
@@ -144,7 +145,7 @@ def _crop_files(images, size, scale, ratio, max_pixels=2 ** 26):
     return (out / 255).clamp_(0, 1)
 
 
-def center_crop(images, size, crop_pct=0.875):
+def center_crop(images, size, crop_pct=CROP_PCT):
     """Eval: resize the shorter side to size / crop_pct (bicubic, antialiased), crop the centre -> float [0, 1]."""
     if isinstance(images, Views):  # centre-cropped in the loader's workers
         return images[0].float() / 255

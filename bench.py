@@ -124,10 +124,8 @@ def run_stage(stage, stage_cfg):
 
 
 def stage_crops(stage, sc):
-    """The crops the stage asks its loader for (files are cropped in the workers)."""
-    if stage in ("mae", "finetune"):
-        return [(sc.img_size, (sc.crop_min_scale, 1.0))]
-    return pretrain_contrastive.crops(sc)
+    """The crops the stage asks its loader for (files are cropped in the workers): the stage's own function."""
+    return {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).crops(sc)
 
 
 def worker_rate(stage, sc, dataset, n=64):

@@ -96,11 +96,11 @@ def load_rgb(path):
 
 
 def crop_box(seed, view, height, width, crop):
-    """(top, left, h, w) of one sample's view: torchvision's RandomResizedCrop rule (augment.rrc_params) drawn from a
-    generator seeded by the training process, or the eval centre crop's box ("center", size)."""
+    """(top, left, h, w) of one sample's view: torchvision's RandomResizedCrop rule (augment.rrc_box) drawn from a
+    generator seeded by the training process, or the eval centre crop's box ((size, "center"))."""
     size, scale = crop
-    if scale == "center":  # timm's eval view (augment.center_crop): shorter side to int(size / 0.875), centre square
-        short = int(size / 0.875)
+    if scale == "center":  # timm's eval view (augment.center_crop): shorter side to int(size / crop_pct), centre
+        short = int(size / augment.CROP_PCT)
         nh, nw = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
         sy, sx = height / nh, width / nw  # that box in the original image's pixels
         return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
@@ -292,9 +292,10 @@ class SeededSampler(torch.utils.data.Sampler):
 
 
 class Loader:
-    """Yields (images, labels) on `device` for one pass: images are a uint8 (B, 3, H, W) batch (in-memory sets) or
-    a list of uint8 (3, H, W) images (files). Shuffling draws from torch's global RNG (DistributedSampler under DDP),
-    which checkpoints save, so a resumed run sees the same order."""
+    """Yields (images, labels) on `device` for one pass: images are a uint8 (B, 3, H, W) batch (in-memory sets), or
+    for files augment.Views (one uint8 batch per crop in `crops`), or without crops a list of whole uint8 images.
+    Shuffling draws from torch's global RNG (DistributedSampler under DDP), which checkpoints save, so a resumed run
+    sees the same order."""
 
     def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None, crops=None, prefetch=None):
         drop_last = train if drop_last is None else drop_last

@@ -115,6 +115,10 @@ def timm_init(vit):
     return vit
 
 
+def crops(cfg):  # what the loader crops for files, in its workers: train_transform's one view
+    return [(cfg.img_size, (cfg.crop_min_scale, 1.0))]
+
+
 def train_transform(cfg):
     """timm's fine-tuning train transform on a uint8 batch on the device: bicubic RandomResizedCrop, flip,
     RandAugment with timm's semantics (the paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour
@@ -173,8 +177,7 @@ def main(cfg):
                         crops=[(cfg.img_size, "center")])
     if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
         train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
-                        crops=[(cfg.img_size, (cfg.crop_min_scale, 1.0))])  # files: cropped in the workers
+        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
         transform = train_transform(cfg)
         mix = make_mixer(cfg, num_classes)
 

@@ -157,6 +157,10 @@ class MAE(nn.Module):
         return mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss), {}
 
 
+def crops(cfg):  # what the loader crops for files, in its workers: augment_batch's one view
+    return [(cfg.img_size, (cfg.crop_min_scale, 1.0))]
+
+
 def augment_batch(imgs, cfg):
     """MAE's only augmentation, on a uint8 batch on the device: RandomResizedCrop (scale crop_min_scale..1, bicubic),
     horizontal flip, ImageNet normalisation."""
@@ -205,8 +209,7 @@ def main(cfg, model=None):
 
     # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
     dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device,
-                    crops=[(cfg.img_size, (cfg.crop_min_scale, 1.0))])  # files: cropped in the workers
+    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
     view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
 
     # --- model ---
