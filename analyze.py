@@ -31,7 +31,7 @@ import figures
 import pretrain_mae
 from checkpoint import config_of, load_ckpt
 from common import check, check_ranges, cli, print0
-from data import Loader, build_dataset, figure_images, figure_indices, load_rgb
+from data import Loader, build_dataset, figure_images, figure_indices, label_names, load_rgb
 from model import VIT_SIZES, pretrained_vit, read_state_dict, vit_heads
 
 
@@ -49,6 +49,7 @@ class Config:
     # data
     data: str = "embedded"  # images to analyse (the test/val split): embedded | imagefolder | ...
     data_root: str = ""  # folder of the data; unused for embedded
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     num_images: int = 512  # images for the averages (the paper: 1024)
     batch_size: int = 128  # CKA minibatch (the paper: 128); at least 4 for the unbiased estimator
     num_map_images: int = 4  # test images in the per-head attention-map figure (class-balanced)
@@ -151,7 +152,9 @@ def save_plots(result, out_dir, grid, patch_size):
     im = ax.imshow(cka_vals.numpy(), origin="lower", cmap="magma", vmin=lo, vmax=1)
     ax.set_xlabel(f"after block k ({names[0]}; 0 = embedding)")
     ax.set_ylabel(f"after block k ({names[-1]})")
-    ax.set_title(f"Linear CKA between layers ({result['num_images']} test images)", fontsize=9)
+    pair = ("of the model with itself (no --ckpt2: the diagonal is 1 by construction)" if len(result["names"]) == 1
+            else "between two models' layers")
+    ax.set_title(f"Linear CKA {pair}, {result['num_images']} test images", fontsize=9)
     fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
     fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
     pyplot.close(fig)
@@ -175,16 +178,32 @@ def save_plots(result, out_dir, grid, patch_size):
         pyplot.close(fig)
 
 
+def what_it_reads(vit):
+    """What the attention figures say about the classifier: a fine-tuned model never reads the cls token."""
+    return ("its classifier reads the mean of the patch tokens, never cls: these maps show where cls looks, not "
+            "what decides the class" if vit.global_pool else "")
+
+
+def figure_stems(paths):
+    """A name per image file for its figures: its own (000), or, where two files share one, its path below their
+    common folder (val/a/000.jpg, val/b/000.jpg -> a_000_jpg, b_000_jpg)."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root).replace(os.sep, "_").replace(".", "_") for p in paths]
+
+
 def image_figures(cfg, vit, ccfg, ckpt, device):
     """--image: per file, its attention maps and (with a decoder) its masked input and reconstruction."""
     mae, written = mae_of(vit, ccfg, ckpt, cfg.key, device), []
-    for path in cfg.image:
+    for path, name in zip(cfg.image, figure_stems(cfg.image)):
         img = TF.pil_to_tensor(load_rgb(path)).to(device)
         crop = augment.center_crop(img[None], vit.patch_embed.img_size)  # the eval view: resize, centre crop
-        stem = os.path.join(cfg.out_dir, os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.join(cfg.out_dir, name)
         figures.attention_panels(crop, last_layer_maps(vit, crop),
                                  f"{os.path.basename(path)} through {cfg.ckpt}", f"{stem}_attention.png",
-                                 [os.path.basename(path)], cfg.shared_scale)
+                                 [os.path.basename(path)], cfg.shared_scale, what_it_reads(vit))
         written.append(f"{stem}_attention.png")
         if mae is not None:
             pretrain_mae.save_reconstructions(mae, augment.normalize(crop), f"{os.path.basename(path)}"
@@ -207,7 +226,7 @@ def main(cfg):
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images)
+    dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
     loader = Loader(dataset, cfg.batch_size, False, 0, device, drop_last=True,  # equal minibatches for HSIC
                     crops=[(img_size, "center")])
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
@@ -244,12 +263,12 @@ def main(cfg):
         written.append("recon.png")
 
     # --- per-head attention maps of each model on test images, one per class first ---
-    labels = [f"class {dataset.labels[j]}" for j in figure_indices(dataset.labels, cfg.num_map_images)]
+    labels = label_names(dataset, cfg.data, figure_indices(dataset.labels, cfg.num_map_images))
     for i, ((vit, *_), name) in enumerate(zip(models, names)):
         crops = augment.center_crop(figure_images(dataset, cfg.num_map_images, device), vit.patch_embed.img_size)
         figures.attention_panels(crops, last_layer_maps(vit, crops), name,
                                  os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"), labels,
-                                 cfg.shared_scale)
+                                 cfg.shared_scale, what_it_reads(vit))
         written.append(f"attn_maps{i + 1 if i else ''}.png")
 
     # --- save ---

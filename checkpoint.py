@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import BadData, MissingFile, RunError, print0
+from common import BadData, Interrupted, MissingFile, RunError, print0
 
 # Fields that may differ when a run resumes (logged); any other difference is another run, refused.
 RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir")
@@ -42,9 +42,11 @@ def save_ckpt(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C mid-write: no temporary file is left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         if e.errno == errno.ENOSPC:
             raise BadData(f"no space left on device while writing {path} ({len(buf.getbuffer()) / 2**20:.0f} MB); "
                           "the previous checkpoint is kept: free some space and re-run to resume") from None
@@ -111,92 +113,178 @@ def restore_rng(states, rank):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-# --- the out_dir: lock, config check, resume, end of epoch ---
-_LOCKS = {}  # out_dir -> (open lock file, whether this process created the folder)
+# --- the out_dir: one run folder, as a context manager ---
+def stage_name(cfg):
+    """The stage that runs cfg, by its file's name: run as `python pretrain_mae.py`, its module is `__main__`."""
+    return os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
 
 
-def lock_out_dir(out_dir):
-    """One run per out_dir: an flock on out_dir/.lock held for the process's life (the OS drops it on any exit,
-    kill -9 included, so a stale lock never blocks). A second process is refused at once."""
-    key = os.path.realpath(out_dir)
-    if key in _LOCKS:  # this process already holds it (distill.py, then pretrain_mae.main; or a notebook re-run)
-        return
-    created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunError(f"out_dir {out_dir} is in use by {holder}; wait for it to finish, or pass another "
-                       "--out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _LOCKS[key] = (f, created)
-
-
-def unlock_out_dir(out_dir, discard=False):
-    """Release the folder. discard=True (a run that failed before its first step): leave it as it was found, i.e.
-    remove the lock file, and the folder too if this run created it."""
-    f, created = _LOCKS.pop(os.path.realpath(out_dir), (None, False))
-    if f is None:
-        return
-    f.close()  # closing the file releases the flock
-    if discard and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out_dir, ".lock"))
-            if created:
-                os.rmdir(out_dir)  # only when empty: nothing of anyone else's is removed
-
-
-def discard_unstarted_runs():
-    """cli()'s clean-up after a failure: every folder this process locked is released as it was found."""
-    for key in list(_LOCKS):
-        unlock_out_dir(key, discard=True)
-
-
-def stage_of(ckpt):
-    """Which stage wrote a checkpoint of ours ('stage' key; older ones are recognised by their config)."""
-    if ckpt.get("stage"):
-        return ckpt["stage"]
-    c = ckpt.get("config") or {}
+def stage_of(saved):
+    """Which stage wrote a checkpoint of ours (or a config.json, given as {"config": ...}): its 'stage'; the ones
+    written by `python <stage>.py` before bfbdbd2's fix say '__main__' and, like those with none, are recognised by
+    their config."""
+    if saved.get("stage") not in (None, "", "__main__"):
+        return saved["stage"]
+    c = saved.get("config") or {}
     return ("distill" if "teacher_ckpt" in c else "pretrain_mae" if "mask_ratio" in c else
             "pretrain_contrastive" if "method" in c else "finetune" if "mode" in c else "unknown")
 
 
-def prepare_out_dir(cfg, inputs=()):
-    """Master only, before anything is written: lock the folder; refuse to write over `inputs` (the checkpoints
-    this run reads) or over another stage's run; if it holds a checkpoint to resume, refuse a different run (one
-    message, every difference, the two ways out). Nothing is written here: config.json comes with the first step."""
-    stage = type(cfg).__module__
-    for path in inputs:
-        if path and os.path.dirname(os.path.realpath(path)) == os.path.realpath(cfg.out_dir):
-            raise RunError(f"--out_dir {cfg.out_dir} holds {path}, which this run reads; {stage}.py would write "
+def lock_out_dir(out_dir):
+    """One run per out_dir: an flock on out_dir/.lock held while the returned file is open (the OS drops it on any
+    exit, kill -9 included, so a stale lock never blocks). A second process is refused at once. The holder removes
+    the file when it is done (unlock_out_dir), so a lock taken on a file just removed is taken again."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunError(f"out_dir {out_dir} is in use by {holder}; wait for it to finish, or pass another "
+                           "--out_dir") from None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        f.close()  # its holder removed it as we opened it: lock the new one
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def unlock_out_dir(lock):
+    """Remove the lock file while still holding it, then release it: a finished or refused run leaves no .lock."""
+    with contextlib.suppress(OSError):
+        os.remove(lock.name)
+    lock.close()
+
+
+class RunFolder:
+    """The out_dir of one training run, entered by every rank of a stage's main():
+
+        with RunFolder(cfg, rank, inputs=[cfg.init_ckpt]) as run:  # master: lock, refuse what must not be written over
+            ...                                                     # data, model, optimizer: nothing written yet
+            ckpt = run.start(model=raw_model, optimizer=optimizer)  # config.json, script; a resumed run's state
+            for epoch in ...: run.save_epoch(history, row, model=...)
+
+    On leaving, the lock is released and its file removed; a run that failed before start() leaves the folder as it
+    found it (the folder removed too if this run created it); Ctrl-C says where the run stopped and how to resume.
+    active=False (finetune --eval_only): a run that writes nothing, anywhere."""
+
+    def __init__(self, cfg, rank=0, inputs=(), active=True):
+        self.cfg, self.master, self.inputs, self.active = cfg, rank == 0, [p for p in inputs if p], active
+        self.stage, self.dir, self.lock, self.created, self.started = stage_name(cfg), cfg.out_dir, None, False, False
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    def __enter__(self):
+        if self.master and self.active:
+            try:
+                self.claim()
+            except BaseException:
+                self.__exit__(None, None, None)  # refused: release the lock, leave the folder as it was
+                raise
+        return self
+
+    def claim(self):
+        """Refuse to write over `inputs` (the checkpoints this run reads) or another stage's run; lock; if the folder
+        holds a run of this stage, refuse different settings (one message, every difference, the ways out)."""
+        for path in self.inputs:
+            if os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.dir):
+                raise RunError(f"--out_dir {self.dir} holds {path}, which this run reads; {self.stage}.py would write "
+                               "over it: pass another --out_dir")
+        saved = self.saved_run()
+        if saved is not None and stage_of(saved) != self.stage:
+            what = f"ckpt.pt, epoch {saved.get('epoch')}" if "epoch" in saved else "config.json"
+            raise RunError(f"{self.dir} holds a {stage_of(saved)}.py run ({what}); {self.stage}.py will not write "
                            "over it: pass another --out_dir")
-    lock_out_dir(cfg.out_dir)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        return
-    ckpt = load_ckpt(path, "out_dir's checkpoint")
-    if stage_of(ckpt) != stage:
-        unlock_out_dir(cfg.out_dir)
-        raise RunError(f"{cfg.out_dir} holds a {stage_of(ckpt)}.py run (ckpt.pt, epoch {ckpt.get('epoch')}); "
-                       f"{stage}.py will not write over it: pass another --out_dir")
-    if cfg.resume:
-        saved, new = ckpt.get("config", {}), dataclasses.asdict(cfg)
-        diffs = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
+        self.created = not os.path.isdir(self.dir)
+        self.lock = lock_out_dir(self.dir)
+        if saved is None or "epoch" not in saved or not self.cfg.resume:
+            return
+        new = dataclasses.asdict(self.cfg)
+        diffs = {k: (saved["config"][k], v) for k, v in new.items() if k in saved["config"] and saved["config"][k] != v}
         allowed = {k: d for k, d in diffs.items() if k in RESUMABLE and not (k == "epochs" and d[1] < d[0])}
         refused = {k: d for k, d in diffs.items() if k not in allowed}
         if refused:
-            raise RunError(f"{cfg.out_dir} holds a {stage}.py run with other settings: "
+            raise RunError(f"{self.dir} holds a {self.stage}.py run with other settings: "
                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                           + "; pass another --out_dir, or --resume=false to start over there")
+                           + "; pass another --out_dir, or --resume=false to start that run over")
         for k, (a, b) in allowed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
+
+    def saved_run(self):
+        """What the folder holds: its checkpoint, else the config.json of a run that never finished an epoch."""
+        if os.path.exists(self.ckpt_path):
+            return load_ckpt(self.ckpt_path, "out_dir's checkpoint")
+        config = os.path.join(self.dir, "config.json")
+        if os.path.exists(config):
+            with open(config) as f, contextlib.suppress(ValueError):
+                return {"config": json.load(f)}
+        return None
+
+    def start(self, rank=0, **stateful):
+        """Right before the first step. If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=,
+        optimizer=, ...) and this rank's RNG, and return the checkpoint (else None). Only then, the master writes
+        config.json and the script and re-derives log.jsonl (and best.pt) from the checkpoint: a checkpoint that does
+        not fit is refused with the folder untouched."""
+        ckpt = None
+        if self.active and self.cfg.resume and os.path.exists(self.ckpt_path):
+            ckpt = load_ckpt(self.ckpt_path, "out_dir's checkpoint")
+            for name, obj in stateful.items():
+                try:
+                    obj.load_state_dict(ckpt[name])
+                except (KeyError, RuntimeError, ValueError) as e:
+                    raise BadData(f"{self.ckpt_path} does not fit this run's {name} ({str(e).splitlines()[0][:100]});"
+                                  " pass another --out_dir, or --resume=false to start that run over") from None
+            restore_rng(ckpt["rng"], rank)
+        self.started = True
+        if not (self.master and self.active):
+            return ckpt
+        describe_run(self.cfg)
+        if ckpt is not None:
+            write_log(self.dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
+            best = os.path.join(self.dir, "best.pt")
+            if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
+                save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
+            print0(f"resumed from {self.ckpt_path} at epoch {ckpt['epoch']}")
+        return ckpt
+
+    def save_epoch(self, history, row, best=None, **state):
+        """The end of an epoch; collective (every rank calls it). The master writes best.pt (when given), then
+        ckpt.pt (the state, this epoch's row appended to every earlier one, each rank's RNG, and `best`), then
+        log.jsonl rewritten from those rows: after a kill anywhere in between, resume re-derives the later files."""
+        rng = gather_rng_states()
+        history.append(row)
+        if not self.master:
+            return
+        if best is not None and best["epoch"] == row["epoch"]:
+            save_ckpt(best, os.path.join(self.dir, "best.pt"))
+        save_ckpt(dict(state, stage=self.stage, epoch=row["epoch"], step=row["step"],
+                       config=dataclasses.asdict(self.cfg), rng=rng, log=history, **({"best": best} if best else {})),
+                  self.ckpt_path)
+        write_log(self.dir, history)
+
+    def __exit__(self, kind, error, traceback):
+        if self.lock is not None:
+            unlock_out_dir(self.lock)
+            if self.created and not self.started:  # nothing was written: leave no folder behind either
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.dir)  # only when empty: nothing of anyone else's is removed
+        if kind is KeyboardInterrupt and self.master and self.active:
+            raise Interrupted(self.resume_note()) from None
+
+    def resume_note(self):
+        """Where a run stopped by Ctrl-C stands, and the command that continues it."""
+        if not os.path.exists(self.ckpt_path):
+            return f"no epoch of {self.cfg.epochs} had ended, nothing was saved: the same command starts the run again"
+        done = load_ckpt(self.ckpt_path)["epoch"]
+        how = "the same command" if self.cfg.resume else "the same command without --resume=false"
+        return f"{self.ckpt_path} holds epoch {done} of {self.cfg.epochs}: {how} resumes from epoch {done + 1}"
 
 
 def describe_run(cfg):
@@ -206,50 +294,6 @@ def describe_run(cfg):
     for klass in type(cfg).__mro__[:-1]:
         script = sys.modules[klass.__module__].__file__
         shutil.copy(script, os.path.join(cfg.out_dir, os.path.basename(script)))
-
-
-def start_run(cfg, rank, **stateful):
-    """Right before the first step: the master writes config.json and the script. Then, if cfg.resume and
-    out_dir/ckpt.pt exists: load each object's state (model=, optimizer=, ...) and this rank's RNG, re-derive
-    log.jsonl (and best.pt) from it on the master, and return the checkpoint; otherwise None."""
-    if rank == 0:
-        describe_run(cfg)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not (cfg.resume and os.path.exists(path)):
-        return None
-    ckpt = load_ckpt(path, "out_dir's checkpoint")
-    for name, obj in stateful.items():
-        try:
-            obj.load_state_dict(ckpt[name])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise BadData(f"{path} does not fit this run's {name} ({str(e).splitlines()[0][:100]}); use another "
-                          "--out_dir, or --resume=false to start over") from None
-    restore_rng(ckpt["rng"], rank)
-    if "log" not in ckpt:  # a checkpoint from before the rows travelled in it: keep the log's rows up to its epoch
-        ckpt["log"] = read_log(cfg.out_dir, ckpt["epoch"])
-    if rank == 0:
-        write_log(cfg.out_dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
-        best = os.path.join(cfg.out_dir, "best.pt")
-        if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
-            save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}")
-    return ckpt
-
-
-def save_epoch(cfg, history, row, best=None, **state):
-    """The end of an epoch; collective (every rank calls it). The master writes best.pt (when given), then ckpt.pt
-    (the state, this epoch's row appended to every earlier one, each rank's RNG, and `best`), then log.jsonl
-    rewritten from those rows: after a kill anywhere in between, resume re-derives the later files."""
-    rng = gather_rng_states()
-    history.append(row)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    if best is not None and best["epoch"] == row["epoch"]:
-        save_ckpt(best, os.path.join(cfg.out_dir, "best.pt"))
-    save_ckpt(dict(state, stage=type(cfg).__module__, epoch=row["epoch"], step=row["step"],
-                   config=dataclasses.asdict(cfg), rng=rng, log=history, **({"best": best} if best else {})),
-              os.path.join(cfg.out_dir, "ckpt.pt"))
-    write_log(cfg.out_dir, history)
 
 
 def read_log(out_dir, last_epoch):

@@ -36,16 +36,24 @@ class BadData(RunError, RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where the run stood and how to continue it (checkpoint.RunFolder adds that)."""
+
+
 def cli(main, cls):
-    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss is one line, exit 2."""
+    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss is one line, exit 2;
+    Ctrl-C is one line saying where the run stopped and how to continue it, exit 130."""
     cfg = parse_config(cls)
+    prog = os.path.basename(sys.argv[0])
     try:
         main(cfg)
     except (RunError, FloatingPointError) as e:
-        import checkpoint  # a run that failed before its first step leaves its out_dir as it found it
-        checkpoint.discard_unstarted_runs()
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line says it
+            print(f"\n{prog}: stopped by Ctrl-C" + (f"; {e}" if str(e) else ""), file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 # --- distributed & precision ---
@@ -127,8 +135,8 @@ def _field_comments(cls):
 
 def parse_config(cls, argv=None):
     """Turn a Config dataclass into --field=value flags; bad values end with a message naming the flag."""
-    parser = OneLineParser(description=sys.modules[cls.__module__].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=sys.modules[cls.__module__].__doc__, allow_abbrev=False,  # --epoch: a typo
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         conv = _parse_bool if f.type is bool else str if f.type is list else f.type  # int("3.5") fails loudly
@@ -240,12 +248,18 @@ def set_weight_decay(optimizer, weight_decay):
             g["weight_decay"] = weight_decay
 
 
-def optimizer_step(optimizer, scaler, model, clip_grad=0.0, before_step=None):
-    """Unscale, clip the gradient norm (0 = off), let the method edit the gradients (DINO's frozen last layer), step
-    through the scaler (a no-op without fp16), clear the gradients."""
+def optimizer_step(optimizer, scaler, model, clip_grad=0.0, before_step=None, per_parameter=False):
+    """Unscale, clip the gradient norm (0 = off: the whole model's, or each parameter's own with per_parameter), let
+    the method edit the gradients (DINO's frozen last layer), step through the scaler (a no-op without fp16), clear
+    the gradients."""
     if clip_grad > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if per_parameter:  # DINO's utils.clip_gradients: each tensor scaled by its own norm, only when above clip_grad
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_((clip_grad / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
+        else:  # MoCo-v3's and timm's (fine-tuning): one scale for all, from the total norm of every gradient together
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     if before_step:
         before_step()
     scaler.step(optimizer)
@@ -262,7 +276,7 @@ class EpochSteps:
 
     def __init__(self, loader, epoch, steps_per_epoch, cfg, ddp_model=None):
         self.loader, self.epoch, self.steps_per_epoch, self.accum = loader, epoch, steps_per_epoch, cfg.accum_steps
-        self.sums, self.start = {}, time.time()
+        self.sums, self.start, self.last_step = {}, time.time(), None
         self.ddp = ddp_model if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel) else None
         master = not dist.is_initialized() or dist.get_rank() == 0
         self.bar = tqdm(total=steps_per_epoch * self.accum, desc=f"ep {epoch + 1}/{cfg.epochs}", leave=False,
@@ -276,7 +290,8 @@ class EpochSteps:
             sync = it % self.accum == self.accum - 1
             if self.ddp is not None:
                 self.ddp.require_backward_grad_sync = sync  # what DDP's no_sync() sets
-            yield self.epoch * self.steps_per_epoch + it // self.accum, sync, batch
+            self.last_step = self.epoch * self.steps_per_epoch + it // self.accum  # the epoch's row reads it
+            yield self.last_step, sync, batch
             self.bar.update()
         self.bar.close()
 

@@ -33,6 +33,8 @@ from common import BadData, BadValue, MissingFile
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")  # the committed Fashion-MNIST slice (data/make_slice.py)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+# --classes by name: committed lists of class folders (data/README.md gives their sources)
+CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.txt")}  # CMC's ImageNet-100
 UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
@@ -164,8 +166,24 @@ def class_folders(path):
     return sorted(e.name for e in os.scandir(path) if e.is_dir())
 
 
-def image_folder(root, train):
-    """ImageNet's layout, root/{train,val}/<class>/<image>; labels are the sorted class folders' indices."""
+def class_list(classes):
+    """The class folders --classes names: a file, one folder name per line (or a CLASS_LISTS name)."""
+    path = CLASS_LISTS.get(classes, classes)
+    if not os.path.isfile(path):
+        raise MissingFile(f"--classes file not found: {path} (one class folder name per line, or one of "
+                          f"{sorted(CLASS_LISTS)})")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if not names or twice:  # a class listed twice would get two labels for the same images
+        raise BadData(f"--classes file {path} " + (f"lists {twice[0]} more than once" if twice else "names no class")
+                      + ": give each class folder once")
+    return path, names
+
+
+def image_folder(root, train, classes=""):
+    """ImageNet's layout, root/{train,val}/<class>/<image>; labels are the sorted class folders' indices, or with
+    `classes` (a class_list file) only those folders, labelled in the file's order. Nothing is copied or linked."""
     if not root:
         raise MissingFile("--data=imagefolder needs --data_root: a folder holding train/ and val/, one sub-folder per "
                           "class (ImageNet's layout)")
@@ -174,18 +192,26 @@ def image_folder(root, train):
         raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
                           "per class)")
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-    if os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
+    if classes:  # a subset (ImageNet-100 of ImageNet-1k): the listed folders must be in both splits, the rest is unread
+        list_path, names = class_list(classes)
+        for split in (d for d in (train_dir, val_dir) if os.path.isdir(d)):
+            missing = [c for c in names if not os.path.isdir(os.path.join(split, c))]
+            if missing:
+                more = f" (and {len(missing) - 1} more of its classes)" if len(missing) > 1 else ""
+                raise MissingFile(f"class {missing[0]} of {list_path} is not a folder in {split}{more}: check "
+                                  "--data_root and --classes")
+    elif os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
         only_train, only_val = (sorted(set(class_folders(a)) - set(class_folders(b)))[:10]
                                 for a, b in ((train_dir, val_dir), (val_dir, train_dir)))
         # labels are folder indices: a class missing from one split would shift every later label
         raise BadData(f"train/ and val/ under {root} hold different classes (only in train: {only_train}, only in "
                       f"val: {only_val}); the labels would not match: give both the same class folders")
-    classes = class_folders(path)
-    samples = [(os.path.join(path, c, f), label) for label, c in enumerate(classes)
+    folders = names if classes else class_folders(path)
+    samples = [(os.path.join(path, c, f), label) for label, c in enumerate(folders)
                for f in sorted(os.listdir(os.path.join(path, c))) if not f.startswith(".")]
     if not samples:
         raise MissingFile(f"no images under {path}")
-    return samples, len(classes)
+    return samples, len(folders)
 
 
 def transfer_set(name, root, train):
@@ -230,8 +256,11 @@ def balanced_subset(labels, n, seed=0):
     return sorted(picked)
 
 
-def build_dataset(name, root, train, subset=0):
-    """(dataset, num_classes): MemoryImages or FileImages. See README 'Data' for the names."""
+def build_dataset(name, root, train, subset=0, classes=""):
+    """(dataset, num_classes): MemoryImages or FileImages. See README 'Data' for the names; `classes` (image folders
+    only): a file listing the class folders to keep, labelled in its order ("" = every folder)."""
+    if classes and name != "imagefolder":  # silently ignoring it would train on every class
+        raise BadValue(f"--classes selects class folders of --data=imagefolder, not of --data={name}: drop --classes")
     if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices (data/README.md), or Debian's 70k
         folder, prefix = {"embedded": (EMBEDDED_DIR, "fmnist-"), "mnist": (EMBEDDED_DIR, "mnist-"),
                           "fashion-mnist": (root or FASHION_MNIST_DIR, "")}[name]
@@ -240,7 +269,7 @@ def build_dataset(name, root, train, subset=0):
                           read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz")))
         classes = 10
     elif name == "imagefolder":
-        samples, classes = image_folder(root, train)
+        samples, classes = image_folder(root, train, classes)
         ds = FileImages(samples)
         if not train:
             check_headers(samples)
@@ -259,6 +288,17 @@ def figure_indices(labels, n):
         by_class.setdefault(int(y), []).append(i)
     order = [q[r] for r in range(max(map(len, by_class.values()))) for _, q in sorted(by_class.items()) if r < len(q)]
     return order[:n]
+
+
+FASHION_MNIST_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+def label_names(dataset, data, indices):
+    """The classes of these images by name, for figures: an image folder's class folder, Fashion-MNIST's names."""
+    if data == "imagefolder":
+        return [os.path.basename(os.path.dirname(dataset.samples[i][0])) for i in indices]
+    names = {"embedded": FASHION_MNIST_NAMES, "fashion-mnist": FASHION_MNIST_NAMES, "mnist": range(10)}.get(data)
+    return [str(names[int(dataset.labels[i])]) if names else f"class {int(dataset.labels[i])}" for i in indices]
 
 
 def figure_images(dataset, n, device):

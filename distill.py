@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrain_mae
-from checkpoint import load_ckpt, prepare_out_dir
+from checkpoint import load_ckpt
 from common import check, check_ranges, cli, print0, seed_everything, setup_dist
 from model import VIT_SIZES, pretrained_vit
 
@@ -34,7 +34,7 @@ class Config(pretrain_mae.Config):
     hidden_layers: str = ""  # comma-separated hidden-state indices 0..depth for feature distillation; "" = none
     alpha_attn: float = 1.0  # weight of the attention loss (the paper: 1.0)
     alpha_hidden: float = 1.0  # weight of the feature loss
-    out_dir: str = "out/distill"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png
+    out_dir: str = "out/distill"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png (epochs 1, 2, 4, ..., last)
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,7 +58,7 @@ def load_teacher(cfg, device, verbose=True):
     """The frozen teacher: its size and heads from its checkpoint (or --teacher_model / --teacher_num_heads), on the
     student's patch grid, so both see the same visible patches (another patch size fails loudly)."""
     teacher, _ = pretrained_vit(cfg.teacher_ckpt, cfg.teacher_key, cfg.teacher_model, cfg.teacher_num_heads,
-                                ("--teacher_model", "--teacher_num_heads"), verbose,
+                                ("--teacher_model", "--teacher_num_heads", "--teacher_key"), verbose,
                                 load_ckpt(cfg.teacher_ckpt, "teacher checkpoint"), img_size=cfg.img_size,
                                 patch_size=cfg.patch_size, num_classes=0)
     if verbose:
@@ -101,10 +101,8 @@ class DistilledMAE(pretrain_mae.MAE):
 def main(cfg):
     rank, _, device = setup_dist()
     seed_everything(cfg.seed + rank)  # the student's init, as pretrain_mae.main would seed it
-    if rank == 0:
-        prepare_out_dir(cfg, inputs=[cfg.teacher_ckpt])  # never write over the teacher
     teacher = load_teacher(cfg, device, verbose=rank == 0)
-    return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))
+    return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))  # its run folder never takes the teacher's
 
 
 if __name__ == "__main__":

@@ -62,11 +62,12 @@ def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
     pyplot.close(fig)
 
 
-def attention_panels(images, maps, title, path, row_labels=None, shared_scale=True):
+def attention_panels(images, maps, title, path, row_labels=None, shared_scale=True, note=""):
     """Attention maps laid over their images: images (n, 3, S, S) in [0, 1], maps (n, P, g, g) for P panels (heads,
     then their mean). shared_scale: one colour scale for the whole figure (from 0 to the largest value), so
     near-uniform attention looks flat; else each map is stretched to its own maximum (shows structure, hides level).
-    The uniform value 1/g^2 is marked on the colour bar."""
+    The uniform value 1/g^2 is marked on the colour bar. The input is drawn in its colours, the maps over its grey
+    version (a heat map reads best on grey); `note` adds a line to the title."""
     pyplot = plt()
     n, panels, g = maps.shape[0], maps.shape[1], maps.shape[-1]
     grey = images.float().mean(1).cpu()
@@ -74,7 +75,7 @@ def attention_panels(images, maps, title, path, row_labels=None, shared_scale=Tr
     fig, axes = pyplot.subplots(n, panels + 1, figsize=(size * (panels + 1) + 0.8, size * n + 0.7), squeeze=False)
     top = maps.max().item()
     for i in range(n):
-        axes[i, 0].imshow(grey[i], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        axes[i, 0].imshow(images[i].float().cpu().permute(1, 2, 0).clamp(0, 1), interpolation="nearest")
         axes[i, 0].set_ylabel((row_labels or [f"image {j + 1}" for j in range(n)])[i], fontsize=8)
         for p in range(panels):
             m = maps[i, p]
@@ -92,6 +93,7 @@ def attention_panels(images, maps, title, path, row_labels=None, shared_scale=Tr
         bar.ax.axhline(1 / g ** 2, color="cyan", lw=1.5)
         bar.set_label(f"attention weight (cyan: uniform, 1/{g * g})", fontsize=7)
     scale = "one colour scale for every map" if shared_scale else "each map scaled to its own maximum"
-    fig.suptitle(f"{title}\nlast layer, cls-to-patch attention ({scale}; bright = most attended)", fontsize=9)
+    note = f"\n{note}" if note else ""
+    fig.suptitle(f"{title}\nlast layer, cls-to-patch attention ({scale}; bright = most attended){note}", fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     pyplot.close(fig)

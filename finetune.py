@@ -21,7 +21,7 @@ import torchvision.transforms.v2 as v2
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
-from checkpoint import load_ckpt, prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from checkpoint import RunFolder, load_ckpt
 from common import (EpochSteps, all_reduce_sum, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli,
                     cosine_schedule, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
                     setup_dist)
@@ -40,6 +40,7 @@ class Config:
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); quick checks, data-poor studies
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)
     num_workers: int = 2  # data-loading processes per GPU
     # model
@@ -163,110 +164,113 @@ def main(cfg):
     seed_everything(cfg.seed + rank)
     init = load_ckpt(cfg.init_ckpt, "init_ckpt") if cfg.mode != "scratch" or cfg.eval_only else None
     if init is not None:  # the size and heads the checkpoint records (ours), or what its weights say (others)
-        size, heads, _ = vit_spec(init, cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads, verbose=master)
+        size, heads, _ = vit_spec(init, cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads,
+                                  ("--model", "--num_heads", "--init_key"), verbose=master)
         if master and size != cfg.model:
             print(f"init_ckpt {cfg.init_ckpt} holds a {size} ViT: --model={size}")
         cfg = replace(cfg, model=size, num_heads=heads)
     cfg = replace(cfg, model=cfg.model or "cpu", num_heads=vit_heads(cfg.model or "cpu", cfg.num_heads))
-    if master and not cfg.eval_only:  # --eval_only writes nothing, anywhere
-        prepare_out_dir(cfg, inputs=[cfg.init_ckpt if init is not None else ""])
+    # --eval_only writes nothing, anywhere; a run never writes over the checkpoint it starts from
+    with RunFolder(cfg, rank, inputs=[cfg.init_ckpt if init is not None else ""], active=not cfg.eval_only) as run:
 
-    # --- data --- (validation first: a bad val file stops the run before any training)
-    val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False)
-    val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device,
-                        crops=[(cfg.img_size, "center")])
-    if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
-        train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-        loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
-        transform = train_transform(cfg)
-        mix = make_mixer(cfg, num_classes)
+        # --- data --- (validation first: a bad val file stops the run before any training)
+        val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False, classes=cfg.classes)
+        val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device,
+                            crops=[(cfg.img_size, "center")])
+        if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
+            train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
+            loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
+            transform = train_transform(cfg)
+            mix = make_mixer(cfg, num_classes)
 
-    # --- model ---
-    shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes, drop_path=cfg.drop_path,
-                 global_pool=True, learn_pos_embed=True)
-    if init is not None:
-        raw_model, _ = pretrained_vit(cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads, verbose=master,
-                                      ckpt=init, **shape)
-    else:  # the from-scratch baseline is DeiT-Tiny trained with timm's code: timm's init, learned pos_embed
-        raw_model = timm_init(create_vit(cfg.model, cfg.num_heads, **shape))
-    if cfg.reinit_from_block >= 0:  # keep only the lower layers' pre-training ("lower layers matter more")
-        for blk in raw_model.blocks[cfg.reinit_from_block:]:
-            blk.apply(raw_model._init_weights)
-    if cfg.mode == "linear":  # only the head learns; fc_norm stays at (1, 0): a parameter-free normalisation
-        for name, p in raw_model.named_parameters():
-            p.requires_grad = name.startswith("head.")
-    raw_model.to(device)
+        # --- model ---
+        shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
+                     drop_path=cfg.drop_path, global_pool=True, learn_pos_embed=True)
+        if init is not None:
+            raw_model, _ = pretrained_vit(cfg.init_ckpt, cfg.init_key, cfg.model, cfg.num_heads, verbose=master,
+                                          ckpt=init, **shape)
+        else:  # the from-scratch baseline is DeiT-Tiny trained with timm's code: timm's init, learned pos_embed
+            raw_model = timm_init(create_vit(cfg.model, cfg.num_heads, **shape))
+        if cfg.reinit_from_block >= 0:  # keep only the lower layers' pre-training ("lower layers matter more")
+            for blk in raw_model.blocks[cfg.reinit_from_block:]:
+                blk.apply(raw_model._init_weights)
+        if cfg.mode == "linear":  # only the head learns; fc_norm stays at (1, 0): a parameter-free normalisation
+            for name, p in raw_model.named_parameters():
+                p.requires_grad = name.startswith("head.")
+        raw_model.to(device)
 
-    if cfg.eval_only:
-        top1, top5 = evaluate(raw_model, val_loader, cfg.img_size, device)
-        print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f}" + (f" top-5 {top5:.2f}" if num_classes > 5 else ""))
-        return top1, top5
+        if cfg.eval_only:
+            top1, top5 = evaluate(raw_model, val_loader, cfg.img_size, device)
+            print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f}" + (f" top-5 {top5:.2f}" if num_classes > 5 else ""))
+            return top1, top5
 
-    # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
-    lr = cfg.base_lr * global_batch / 256
-    depth = raw_model.depth
-    decay = 1.0 if cfg.mode == "scratch" else cfg.layer_decay  # DeiT's from-scratch recipe has no layer decay
-    groups = param_groups(raw_model, cfg.weight_decay, lambda name: decay ** (depth + 1 - layer_id(name, depth)))
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    scaler = make_scaler(device)
-    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    lr_schedule = cosine_schedule(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr)
-    print0(f"{cfg.mode}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
-           f"global batch {global_batch}, lr {lr:.2e}, {num_classes} classes, {len(train_set)} train images")
+        # --- optimizer & schedule ---
+        global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
+        lr = cfg.base_lr * global_batch / 256
+        depth = raw_model.depth
+        decay = 1.0 if cfg.mode == "scratch" else cfg.layer_decay  # DeiT's from-scratch recipe has no layer decay
+        groups = param_groups(raw_model, cfg.weight_decay,
+                              lambda name: decay ** (depth + 1 - layer_id(name, depth)))
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        scaler = make_scaler(device)
+        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        lr_schedule = cosine_schedule(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, lr,
+                                      cfg.min_lr)
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print0(f"{cfg.mode}: {trainable / 1e6:.2f}M trainable, global batch {global_batch}, lr {lr:.2e}, "
+               f"{num_classes} classes, {len(train_set)} train images")
 
-    # --- resume ---
-    ckpt = start_run(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-    start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
-    best_top1 = ckpt["best_top1"] if ckpt else 0.0
-    model = ddp_model = DDP(raw_model) if world > 1 else raw_model
-    if cfg.compile:
-        model = torch.compile(model)
+        # --- resume ---
+        ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+        start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
+        best_top1 = ckpt["best_top1"] if ckpt else 0.0
+        model = ddp_model = DDP(raw_model) if world > 1 else raw_model
+        if cfg.compile:
+            model = torch.compile(model)
 
-    # --- train loop ---
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
-        for step, sync, (imgs, labels) in steps:
-            set_lr(optimizer, lr_schedule[step])
-            imgs = transform(imgs)
-            if mix is not None:
-                imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
-            else:
-                targets = F.one_hot(labels, num_classes).float()
-            with autocast_ctx(device):
-                logits = model(imgs)
-            # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            steps.add(loss=check_finite(loss, epoch, step))
-            scaler.scale(loss / cfg.accum_steps).backward()
-            if sync:
-                optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad)
-        imgs_per_s = steps.imgs_per_s(global_batch)
+        # --- train loop ---
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            for step, sync, (imgs, labels) in steps:
+                set_lr(optimizer, lr_schedule[step])
+                imgs = transform(imgs)
+                if mix is not None:
+                    imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
+                else:
+                    targets = F.one_hot(labels, num_classes).float()
+                with autocast_ctx(device):
+                    logits = model(imgs)
+                # cross_entropy takes soft targets; smoothing mixes them with the uniform distribution
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                steps.add(loss=check_finite(loss, epoch, step))
+                scaler.scale(loss / cfg.accum_steps).backward()
+                if sync:
+                    optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad)
+            imgs_per_s = steps.imgs_per_s(global_batch)
 
-        # --- eval ---
-        top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
-        is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
-        best_top1 = top1 if is_best else best_top1
-        row = dict(epoch=epoch + 1, step=step + 1, loss=steps.means()["loss"],
-                   lr=lr_schedule[step], top1=top1, **({"top5": top5} if num_classes > 5 else {}),  # else says nothing
-                   best_top1=best_top1, imgs_per_s=imgs_per_s)
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} "
-               + (f"top-5 {top5:.2f} " if num_classes > 5 else "") + f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
+            # --- eval ---
+            top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
+            is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
+            best_top1 = top1 if is_best else best_top1
+            top5_part = {"top5": top5} if num_classes > 5 else {}  # top-5 of 5 classes or fewer says nothing
+            row = dict(epoch=epoch + 1, step=steps.last_step + 1, loss=steps.means()["loss"],
+                       lr=lr_schedule[steps.last_step], top1=top1, **top5_part, best_top1=best_top1,
+                       imgs_per_s=imgs_per_s)
+            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} "
+                   + (f"top-5 {top5:.2f} " if top5_part else "") + f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
 
-        # --- save --- best.pt, then ckpt.pt (with the best weights and every log row), then log.jsonl: after a kill
-        # at any point the checkpoint and log never claim a best that best.pt lacks, and resume re-derives both
-        if is_best:
-            best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
-                        epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
-        save_epoch(cfg, history, row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                   scaler=scaler.state_dict(), best_top1=best_top1)
-    if master:
-        unlock_out_dir(cfg.out_dir)
+            # --- save --- best.pt, then ckpt.pt (with the best weights and every log row), then log.jsonl: after a
+            # kill at any point the checkpoint and log never claim a best that best.pt lacks; resume re-derives both
+            if is_best:
+                best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
+                            epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
+            run.save_epoch(history, row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                           scaler=scaler.state_dict(), best_top1=best_top1)
     return best_top1
 
 

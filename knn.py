@@ -35,6 +35,7 @@ class Config:
     data: str = "embedded"  # its train split is the memory bank, its test split is evaluated
     data_root: str = ""  # folder of the data; unused for the embedded slices
     subset: int = 0  # a seeded, class-balanced subset of N training images in the bank (0 = all)
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     # k-NN
     k: int = 20  # neighbours (DINO: 20)
     temperature: float = 0.07  # vote weight exp(similarity / T) (DINO: 0.07)
@@ -92,8 +93,8 @@ def main(cfg):
     img_size = vit.patch_embed.img_size
 
     # --- data ---
-    train, num_classes = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    test, _ = build_dataset(cfg.data, cfg.data_root, False)
+    train, num_classes = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
+    test, _ = build_dataset(cfg.data, cfg.data_root, False, classes=cfg.classes)
 
     # --- eval ---
     train_f, train_y, test_f, test_y = (t for split in (train, test) for t in features(

@@ -4,6 +4,7 @@ Parameter names follow timm / MAE, so published ViT weights load and ours load e
 `return_attn=True` it hands back every layer's pre-softmax scores (B, H, N, N), with gradients (`.softmax(-1)` gives
 the maps): what the paper distils (§4, scaled q·kᵀ) and what its analysis re-normalises over patches (§5.2).
 """
+import difflib
 import math
 
 import torch
@@ -206,7 +207,7 @@ PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, MAE-Lite's
 SKIPPED, RPE_KEYS = ("tch_model.", "attn_adapter."), ("relative_position", "q_bias", "v_bias", "gamma_1")
 
 
-def read_state_dict(ckpt, key="model", source="checkpoint", verbose=False):  # ckpt: loaded, or a path
+def read_state_dict(ckpt, key="model", source="checkpoint", verbose=False, key_flag="--key"):  # ckpt: loaded or a path
     """The backbone weights inside a loaded checkpoint, in our names: ckpt[key] (ours, MAE, MAE-Lite),
     ckpt['state_dict'] or a flat state dict (timm); under `encoder.` (ours), `base_encoder.` (MoCo-v3) or not.
     MAE's decoder and D-MAE's teacher / adapter keys (SKIPPED) are dropped; MAE-Lite's RPE variant is refused."""
@@ -214,7 +215,10 @@ def read_state_dict(ckpt, key="model", source="checkpoint", verbose=False):  # c
     sd = next((ckpt[k] for k in (key, "state_dict") if isinstance(ckpt.get(k), dict)), ckpt) if isinstance(ckpt, dict) \
         else {"": ckpt}
     if not all(torch.is_tensor(v) for v in sd.values()):
-        raise BadValue(f"{source} has no {key!r} weights (it holds {sorted(sd)[:8]}); choose them with the key flag")
+        keys = [k for k, v in sd.items() if isinstance(v, dict) and v and all(map(torch.is_tensor, v.values()))]
+        close = difflib.get_close_matches(key, keys, 1, 0.5) or keys
+        raise BadValue(f"{source} has no {key!r} weights (its weights: {', '.join(keys) or 'none'})"
+                       + (f": did you mean {key_flag}={close[0]}?" if keys else ""))
     out = {}
     for k, v in sd.items():
         while k.startswith(PREFIXES):
@@ -243,12 +247,12 @@ def describe_weights(sd):
     return size, patch, f"{size or 'a'} ViT (width {width}, depth {depth}, {patch}-px patches)"
 
 
-def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "--num_heads"), verbose=True):
+def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "--num_heads", "--key"), verbose=True):
     """(size, heads, patch size) of a checkpoint's ViT. Ours carry them in their config; timm / MAE / MAE-Lite files
     do not: the size is read off the weights' shapes and the heads are the flag's or the size's default (said). A flag
     that contradicts the checkpoint is one line naming what to pass."""
     ccfg = config_of(ckpt)
-    found, patch, what = describe_weights(read_state_dict(ckpt, key, path))
+    found, patch, what = describe_weights(read_state_dict(ckpt, key, path, key_flag=flags[2]))
     size, heads = ccfg.get("model") or found, ccfg.get("num_heads")
     if model and size and model != size:
         raise BadValue(f"{path} holds a {what}, not {model}: drop {flags[0]} or pass {flags[0]}={size}")
@@ -284,12 +288,15 @@ def load_backbone(model, ckpt, key="model", verbose=True):
         raise BadValue(f"checkpoint does not fit this model (architecture mismatch): it holds a {theirs}, this model "
                        f"is a {ours} ({len(bad)} keys differ, first: {bad[0]}); {hint}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    if verbose and (missing or unexpected):
-        print(f"load_backbone: new (missing) keys {missing}; ignored (unexpected) keys {unexpected}")
+    if verbose and (missing or unexpected):  # in words: a new head is what fine-tuning on a new task means
+        new = [f"a {own['head.weight'].shape[0]}-class head" if "head.weight" in missing else "",
+               "fc_norm (the pooled tokens' LayerNorm)" if "fc_norm.weight" in missing else ""]
+        print("; ".join(["backbone weights loaded"] + [f"new: {', '.join(n for n in new if n)}"] * any(new)
+                        + [f"not used: {', '.join(unexpected)}"] * bool(unexpected)))
     return missing, unexpected
 
 
-def pretrained_vit(path, key="model", model="", num_heads=0, flags=("--model", "--num_heads"), verbose=True,
+def pretrained_vit(path, key="model", model="", num_heads=0, flags=("--model", "--num_heads", "--key"), verbose=True,
                    ckpt=None, **vit_kwargs):
     """A ViT that fits the weights in `path` (ours, timm, MAE, MAE-Lite) with them loaded, and the checkpoint: size,
     heads and patch size from vit_spec; vit_kwargs (img_size, num_classes, global_pool, ...) build the rest."""

@@ -8,7 +8,7 @@ before_step), so the train loop has no method branch. The backbone is saved unde
 --init_key=teacher).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
-    python pretrain_contrastive.py --method=dino --out_dir=out/dino
+    python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
     torchrun --nproc_per_node=8 pretrain_contrastive.py --model=tiny --img_size=224 --patch_size=16 \
         --data=imagefolder --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=128 \
         --base_lr=1.5e-4 --head_hidden_dim=4096 --head_out_dim=256     # the paper's MoCo-v3-Tiny recipe
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
-from checkpoint import prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from checkpoint import RunFolder
 from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check, check_finite, check_ranges,
                     clamp_warmup, cli, cosine_schedule, make_scaler, optimizer_step, param_groups, print0,
                     seed_everything, set_lr, set_weight_decay, setup_dist)
@@ -38,6 +38,7 @@ class Config:
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | ... (see README)
     data_root: str = ""  # folder of the data; unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all)
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # global view side in pixels; the paper: 224
     num_workers: int = 2  # data-loading processes per GPU
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
@@ -46,11 +47,11 @@ class Config:
     head_hidden_dim: int = None  # MoCo-v3's MLPs (the paper: 4096) / DINO's head MLP (DINO: 2048)
     head_out_dim: int = None  # MoCo-v3's embedding / DINO's prototypes (DINO's ViT recipe: 65536)
     # the method's recipe
-    ema_momentum: float = None  # teacher EMA momentum at the start, rising to 1 by cosine
+    ema_momentum: float = None  # teacher EMA momentum at the start, rising to 1 by cosine (DINO's recipe: 0.996)
     base_lr: float = None  # lr = base_lr x global batch / 256 (MoCo-v3 paper: 1.5e-4; short CPU runs like more)
     weight_decay: float = None  # MoCo-v3 decays every weight; DINO not biases/norms, and rises to weight_decay_end
     weight_decay_end: float = None  # cosine target of the weight decay (MoCo-v3: constant)
-    clip_grad: float = None  # max grad norm, 0 = off
+    clip_grad: float = None  # max gradient norm (DINO: of each parameter, as its clip_gradients); 0 = off
     temperature: float = 0.2  # MoCo-v3 InfoNCE temperature
     local_crops: int = 4  # DINO local crops per image (DINO: 8)
     local_crop_size: int = 16  # DINO local crop side; 96 at 224
@@ -60,9 +61,9 @@ class Config:
     teacher_temp_warmup_epochs: int = 3  # DINO: 30 of 300 at full scale
     center_momentum: float = 0.9  # DINO centre EMA
     freeze_last_layer_epochs: int = 1  # DINO keeps the prototypes fixed at first, for stability
-    epochs: int = 10  # the paper: 400 (10 epochs: about 6 min for MoCo-v3, 10 for DINO on 2 CPU cores)
+    epochs: int = 10  # the paper: 400 (10 epochs on 2 CPU cores: about 10 min for MoCo-v3, 40 for DINO)
     warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
-    batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; MoCo-v3-Tiny: 1024
+    batch_size_per_gpu: int = None  # global batch = this x world size x accum_steps; MoCo-v3-Tiny, DINO: 1024
     accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
@@ -72,7 +73,8 @@ class Config:
     @classmethod
     def shown_default(cls, name):  # --help: "MoCo-v3 0.99 / DINO 0.996"
         if name in MoCoV3.DEFAULTS:
-            return f"MoCo-v3 {MoCoV3.DEFAULTS[name] or 'constant'} / DINO {DINO.DEFAULTS[name]}"
+            moco = MoCoV3.DEFAULTS[name]
+            return f"MoCo-v3 {'constant' if moco is None else moco} / DINO {DINO.DEFAULTS[name]}"
 
     def __post_init__(self):
         check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
@@ -132,7 +134,8 @@ def info_nce(q, k, temperature):
 class MoCoV3(nn.Module):
     # MoCo-v3's recipe (its CPU lr raised for short runs; weight_decay_end None = constant)
     DEFAULTS = dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
-                    head_hidden_dim=1024, head_out_dim=256)
+                    head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256)
+    CLIP_PER_PARAMETER = False  # MoCo-v3's code clips nothing; a --clip_grad given clips the total norm
 
     def __init__(self, encoder, cfg):
         super().__init__()
@@ -178,8 +181,13 @@ def update_center(center, teacher_out, momentum):
 
 class DINO(nn.Module):
     """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
-    DEFAULTS = dict(ema_momentum=0.996, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
-                    head_hidden_dim=1024, head_out_dim=65536)  # DINO's ViT recipe: 65,536 prototypes
+    # The setting that learns at CPU scale (the study's sweep: at batch 256 with DINO's own 65,536 prototypes and
+    # momentum 0.996 the output goes uniform); DINO's ViT recipe, --preset=paper's: batch 1024, 65536, 0.996
+    DEFAULTS = dict(ema_momentum=0.99, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+                    head_hidden_dim=1024, head_out_dim=4096, batch_size_per_gpu=64)
+    # DINO's utils.clip_gradients clips each parameter's gradient norm by itself (clip 3.0), not the total norm: a
+    # large gradient in one tensor does not shrink every other tensor's step with it (a different optimizer step)
+    CLIP_PER_PARAMETER = True
 
     def __init__(self, encoder, cfg, bottleneck_dim=256):
         super().__init__()
@@ -250,75 +258,74 @@ METHODS = {"mocov3": MoCoV3, "dino": DINO}
 def main(cfg):
     # --- setup ---
     rank, world, device = setup_dist()
-    master = rank == 0
     seed_everything(cfg.seed + rank)
-    if master:
-        prepare_out_dir(cfg)
+    with RunFolder(cfg, rank) as run:
 
-    # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
+        # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
+        dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
+        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
 
-    # --- model ---
-    encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
-    raw_model = METHODS[cfg.method](encoder, cfg)
-    teacher = raw_model.make_teacher()
-    if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
-        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    raw_model.to(device)
-    teacher.to(device).requires_grad_(False)  # updated only by EMA
+        # --- model ---
+        encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                             num_classes=0)
+        raw_model = METHODS[cfg.method](encoder, cfg)
+        teacher = raw_model.make_teacher()
+        if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
+            raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        raw_model.to(device)
+        teacher.to(device).requires_grad_(False)  # updated only by EMA
 
-    # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
-    lr = cfg.base_lr * global_batch / 256
-    optimizer = torch.optim.AdamW(raw_model.param_groups(), lr=lr)
-    scaler = make_scaler(device)
-    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    total_steps = cfg.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
-    wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
-    # the EMA momentum rises from ema_momentum to 1 by a half cosine (written as MoCo-v3 / DINO write it)
-    momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
-                         for s in range(total_steps)]
-    raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
-    print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
+        # --- optimizer & schedule ---
+        global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
+        lr = cfg.base_lr * global_batch / 256
+        optimizer = torch.optim.AdamW(raw_model.param_groups(), lr=lr)
+        scaler = make_scaler(device)
+        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        total_steps = cfg.epochs * steps_per_epoch
+        lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
+        wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
+        # the EMA momentum rises from ema_momentum to 1 by a half cosine (written as MoCo-v3 / DINO write it)
+        momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
+                             for s in range(total_steps)]
+        raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
+        print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
-    # --- resume ---
-    ckpt = start_run(cfg, rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
-    start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-    model = ddp_model = DDP(raw_model) if world > 1 else raw_model
-    if cfg.compile:
-        model = torch.compile(model)
+        # --- resume ---
+        ckpt = run.start(rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
+        start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
+        model = ddp_model = DDP(raw_model) if world > 1 else raw_model
+        if cfg.compile:
+            model = torch.compile(model)
 
-    # --- train loop ---
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
-        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
-        for step, sync, (imgs, _) in steps:
-            set_lr(optimizer, lr_schedule[step])
-            set_weight_decay(optimizer, wd_schedule[step])
-            views = make_views(imgs, cfg)
-            with autocast_ctx(device):
-                loss, extra = model(views, teacher, step)
-            steps.add(loss=check_finite(loss, epoch, step), **extra)
-            scaler.scale(loss / cfg.accum_steps).backward()
-            if sync:
-                optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch))
-                ema_update(teacher, raw_model, momentum_schedule[step])
-        imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
-        row = dict(epoch=epoch + 1, step=step + 1, loss=means.pop("loss"), lr=lr_schedule[step],
-                   momentum=momentum_schedule[step], imgs_per_s=imgs_per_s, **means)
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} " + "".join(f"{k} {v:.4f} " for k, v in
-               means.items()) + f"lr {row['lr']:.1e} m {row['momentum']:.4f} {imgs_per_s:.0f} img/s")
+        # --- train loop ---
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            for step, sync, (imgs, _) in steps:
+                set_lr(optimizer, lr_schedule[step])
+                set_weight_decay(optimizer, wd_schedule[step])
+                views = make_views(imgs, cfg)
+                with autocast_ctx(device):
+                    loss, extra = model(views, teacher, step)
+                steps.add(loss=check_finite(loss, epoch, step), **extra)
+                scaler.scale(loss / cfg.accum_steps).backward()
+                if sync:
+                    optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch),
+                                   per_parameter=raw_model.CLIP_PER_PARAMETER)
+                    ema_update(teacher, raw_model, momentum_schedule[step])
+            imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
+            last = steps.last_step
+            row = dict(epoch=epoch + 1, step=last + 1, loss=means.pop("loss"), lr=lr_schedule[last],
+                       momentum=momentum_schedule[last], imgs_per_s=imgs_per_s, **means)
+            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} " + "".join(f"{k} {v:.4f} " for k, v in
+                   means.items()) + f"lr {row['lr']:.1e} m {row['momentum']:.4f} {imgs_per_s:.0f} img/s")
 
-        # --- save ---
-        save_epoch(cfg, history, row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
-                   optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-    if master:
-        unlock_out_dir(cfg.out_dir)
+            # --- save ---
+            run.save_epoch(history, row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
+                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     return raw_model, teacher
 
 

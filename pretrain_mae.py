@@ -2,7 +2,8 @@ r"""MAE pre-training of a plain ViT, with the MAE-Lite light decoder (PAPER §1.
 
 Random masking keeps exactly (1 - mask_ratio) of the patches per image; the encoder sees only those plus cls;
 a 1-block, 96-wide decoder fills in mask tokens and predicts pixels; the loss is MSE on the removed patches
-against per-patch normalised pixels (norm-pix). After each epoch the master writes a reconstruction grid.
+against per-patch normalised pixels (norm-pix). After epochs 1, 2, 4, 8, ... and the last, the master draws a
+reconstruction grid.
 
     python pretrain_mae.py                                   # CPU: cpu-sized ViT on the embedded data, minutes
     python pretrain_mae.py --model=tiny --img_size=224 --patch_size=16 --data=imagefolder --data_root=/imagenet
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
 import figures
-from checkpoint import prepare_out_dir, save_epoch, start_run, unlock_out_dir
+from checkpoint import RunFolder
 from common import (EpochSteps, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli, cosine_schedule,
                     make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist)
 from data import Loader, build_dataset, figure_images
@@ -32,6 +33,7 @@ class Config:
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); for quick checks
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # input side in pixels; the paper: 224
     crop_min_scale: float = 0.2  # RandomResizedCrop lower area bound; MAE-Lite: 0.08, MAE: 0.2
     num_workers: int = 2  # data-loading processes per GPU
@@ -52,7 +54,7 @@ class Config:
     base_lr: float = 1.5e-3  # lr = base_lr x global batch / 256; the paper: 1.5e-4 (short CPU runs like more)
     weight_decay: float = 0.05  # AdamW, not on biases/norms/tokens
     # run
-    out_dir: str = "out/mae"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png
+    out_dir: str = "out/mae"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png (epochs 1, 2, 4, ..., last)
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
     compile: bool = False  # torch.compile the model (CUDA)
@@ -171,19 +173,21 @@ def augment_batch(imgs, cfg):
 def reconstruction_rows(mae, imgs, seed=0):
     """(row label, images in [0, 1]) for a figure: the original, the masked input, the reconstruction with the
     visible patches pasted in, and with norm-pix the prediction and the target in normalised-patch units (what the
-    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches grey)."""
+    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches, not scored, teal)."""
     p, grid = mae.cfg.patch_size, mae.encoder.grid
     g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
     pred, mask, *_ = mae.encode_decode(imgs, generator=g)
     target, m = patchify(imgs, p), mask[..., None]  # m: (B, L, 1), 1 = removed
     mean, std = target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
     pixels = pred * std + mean if mae.cfg.norm_pix_loss else pred  # de-normalised with the TRUE patch's mean, std
-    rows = [("original", imgs), ("masked input", unpatchify(target * (1 - m), p, grid)),
+    rows = [("original", imgs), ("masked input\n(grey: removed)", unpatchify(target * (1 - m), p, grid)),
             ("reconstruction", unpatchify(target * (1 - m) + pixels * m, p, grid))]
     rows = [(label, figures.to_pixels(x)) for label, x in rows]
     if mae.cfg.norm_pix_loss:
-        units = lambda x: unpatchify(((0.5 + x / 4) * m + 0.5 * (1 - m)).clamp(0, 1), p, grid)  # noqa: E731
-        rows += [("prediction\n(patch units)", units(pred)), ("target\n(patch units)", units((target - mean) / std))]
+        teal = torch.tensor([0.0, 0.5, 0.5], device=imgs.device).repeat(p * p)  # (p*p*C): pixels (row, col, channel)
+        units = lambda x: unpatchify((0.5 + x / 4).clamp(0, 1) * m + teal * (1 - m), p, grid)  # noqa: E731
+        rows += [("prediction\n(patch units;\nteal: visible)", units(pred)),
+                 ("target\n(patch units;\nteal: visible)", units((target - mean) / std))]
     return rows
 
 
@@ -198,75 +202,81 @@ def save_reconstructions(mae, imgs, title, path, seed=0):
         figures.image_grid([x for _, x in rows], [label for label, _ in rows], title, path)
 
 
+def recon_epoch(epoch, epochs):
+    """The epochs that draw a reconstruction figure: 1, 2, 4, 8, ... and the last, so that a long run leaves a
+    handful of figures to compare, not one per epoch."""
+    return epoch & (epoch - 1) == 0 or epoch == epochs
+
+
 def main(cfg, model=None):
     """Train. `model` lets distill.py reuse this loop with an MAE subclass that adds distillation losses."""
     # --- setup ---
     rank, world, device = setup_dist()
     master = rank == 0
     seed_everything(cfg.seed + rank)
-    if master:
-        prepare_out_dir(cfg, inputs=[getattr(cfg, "teacher_ckpt", "")])
+    with RunFolder(cfg, rank, inputs=[getattr(cfg, "teacher_ckpt", "")]) as run:  # never over distill's teacher
 
-    # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
-    dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset)
-    loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
-    view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
+        # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
+        dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
+        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
+        view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
 
-    # --- model ---
-    raw_model = (model or MAE(cfg)).to(device)
-    print0(f"encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M params, "
-           f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
+        # --- model ---
+        raw_model = (model or MAE(cfg)).to(device)
+        print0(f"encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M params, "
+               f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
 
-    # --- optimizer & schedule ---
-    global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
-    lr = cfg.base_lr * global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
-    scaler = make_scaler(device)
-    steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-    check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
-    total_steps = cfg.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
-    print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+        # --- optimizer & schedule ---
+        global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
+        lr = cfg.base_lr * global_batch / 256
+        optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
+        scaler = make_scaler(device)
+        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
+        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        total_steps = cfg.epochs * steps_per_epoch
+        lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
+        print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
-    # --- resume ---
-    ckpt = start_run(cfg, rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-    start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-    model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
-    ddp_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+        # --- resume ---
+        ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+        start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
+        model = ddp_model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
+        if cfg.compile:
+            model = torch.compile(model)
 
-    # --- train loop ---
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
-        for step, sync, (imgs, _) in steps:
-            set_lr(optimizer, lr_schedule[step])
-            imgs = augment_batch(imgs, cfg)
-            with autocast_ctx(device):
-                loss, extra = model(imgs)
-            loss_value = check_finite(loss, epoch, step)
-            scaler.scale(loss / cfg.accum_steps).backward()
-            if sync:
-                optimizer_step(optimizer, scaler, raw_model)
-            steps.add(loss=loss_value, **{k: v.item() for k, v in extra.items()})  # distill.py's loss parts
-            steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
-        imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
-        row = dict(epoch=epoch + 1, step=step + 1, lr=lr_schedule[step], imgs_per_s=imgs_per_s, **means)
-        parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {row['lr']:.1e} {imgs_per_s:.0f} img/s")
+        # --- train loop ---
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            for step, sync, (imgs, _) in steps:
+                set_lr(optimizer, lr_schedule[step])
+                imgs = augment_batch(imgs, cfg)
+                with autocast_ctx(device):
+                    loss, extra = model(imgs)
+                loss_value = check_finite(loss, epoch, step)
+                scaler.scale(loss / cfg.accum_steps).backward()
+                if sync:
+                    optimizer_step(optimizer, scaler, raw_model)
+                steps.add(loss=loss_value, **{k: v.item() for k, v in extra.items()})  # distill.py's loss parts
+                steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
+            imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
+            row = dict(epoch=epoch + 1, step=steps.last_step + 1, lr=lr_schedule[steps.last_step],
+                       imgs_per_s=imgs_per_s, **means)
+            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {row['lr']:.1e} "
+                   f"{imgs_per_s:.0f} img/s")
 
-        # --- eval: reconstructions (MAE has no accuracy to measure during pre-training) ---
-        if master:
-            raw_model.eval()
-            save_reconstructions(raw_model, view_imgs, f"{type(raw_model).__name__} reconstructions, {cfg.out_dir} "
-                                 f"epoch {epoch + 1}", os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
+            # --- eval: reconstructions of 8 training images (MAE has no accuracy to measure while pre-training) ---
+            if master and recon_epoch(epoch + 1, cfg.epochs):
+                raw_model.eval()
+                title = (f"{type(raw_model).__name__} reconstructions of 8 training images (centre crops), "
+                         f"{cfg.out_dir} epoch {epoch + 1}")
+                save_reconstructions(raw_model, view_imgs, title,
+                                     os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
 
-        # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
-        save_epoch(cfg, history, row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                   scaler=scaler.state_dict())
-    if master:
-        unlock_out_dir(cfg.out_dir)
+            # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
+            run.save_epoch(history, row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                           scaler=scaler.state_dict())
     return raw_model
 
 

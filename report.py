@@ -91,14 +91,21 @@ def header(cfg, runs, results, wall):
     return [
         "# Reproduction study\n",
         f"Regenerate: `python reproduce.py{' --quick' if cfg.quick else ''}`{'' if cfg.quick else ' (the defaults)'}; "
-        f"it skips runs whose result.json exists, so delete `{cfg.out_dir}/` to start over. Seeds {cfg.seeds}; every "
+        f"it skips runs whose result.json exists, so delete `{cfg.out_dir}/runs/` to start over (this report and "
+        f"its figures are rewritten at the end). Seeds {cfg.seeds}; every "
         f"table cell is mean ± sample std over them (n = seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes ("
         f"the sum of every run's own time{adopted_note(results)}), {wall / 60:.0f} min wall-clock in the invocation "
         "that wrote this report (finished runs are read back).\n",
-        f"Setting: data `{cfg.data}` ({train_size(cfg.data, cfg.data_root, cfg.subset)} training images), ViT "
+        f"Setting: data `{cfg.data}`{f' (classes: {cfg.classes})' if cfg.classes else ''} "
+        f"({train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)} training images), ViT "
         f"`{cfg.model}` {VIT_SIZES[cfg.model]} at {cfg.img_size} px with {cfg.patch_size}-px patches; pre-training "
-        f"{cfg.pretrain_epochs} epochs for every method (D-MAE's teacher: one `{cfg.teacher_model}` MAE, first seed, "
-        f"shared); fine-tuning and the from-scratch baseline {cfg.finetune_epochs} epochs, linear probes "
+        + (f"{cfg.pretrain_epochs} epochs for MAE and D-MAE, {cfg.contrastive_epochs} for MoCo-v3 and DINO"
+           if cfg.contrastive_epochs else f"{cfg.pretrain_epochs} epochs for every method")
+        + (f" (D-MAE's teacher: `{cfg.teacher_ckpt}`); " if cfg.teacher_ckpt else
+           f" (D-MAE's teacher: one `{cfg.teacher_model}` MAE, first seed, shared); ")
+        + (f"fine-tuning {cfg.finetune_epochs} epochs and the from-scratch baseline {cfg.scratch_epochs}, linear "
+           "probes " if cfg.scratch_epochs else
+           f"fine-tuning and the from-scratch baseline {cfg.finetune_epochs} epochs, linear probes ") +
         f"{cfg.linear_epochs}, the layer study {cfg.layer_epochs}, all with the paper's fine-tuning recipe (AdamW, "
         "warm-up + cosine; MAE layer decay 0.85, MoCo-v3/DINO 0.75, none from scratch) at base lr "
         f"{cfg.finetune_lr:g}, mixup {cfg.finetune_mixup:g}, RandAugment magnitude {cfg.finetune_randaug} (the paper: "
@@ -139,9 +146,11 @@ def claim1(cfg, runs, results, figs):
     ax.set_title(f"Fine-tuning on {dname}: test top-1 per epoch (mean of {len(seeds)} seeds)")
     ax.legend(fontsize=8)
     out.append(f"Is the baseline converged? From scratch, mean top-1 of the last five epochs: "
-               f"{', '.join(f'{v:.1f}' for v in curve[-5:])}. The same recipe for twice the epochs (seed {seeds[0]}): "
-               f"{long[0][-1]:.1f} (vs {scr[0]:.1f} at {cfg.finetune_epochs} epochs). "
-               f"![top-1 per epoch]({figs.save(fig, 'curves.png')})\n")
+               f"{', '.join(f'{v:.1f}' for v in curve[-5:])}. "
+               + (f"The same recipe for twice the epochs (seed {seeds[0]}): {long[0][-1]:.1f} (vs {scr[0]:.1f} at "
+                  f"{cfg.scratch_epochs or cfg.finetune_epochs} epochs). " if long else
+                  "(No run at twice the epochs: --long_baseline=false.) ")
+               + f"![top-1 per epoch]({figs.save(fig, 'curves.png')})\n")
     out += dino(cfg, runs, results, figs)
     return out, signs
 
@@ -156,10 +165,12 @@ def dino(cfg, runs, results, figs):
     study_dino = [r for r in runs if r.kind == "pretrain" and r.tags.get("method") == "dino" and r.name in results]
     moco = [r for r in runs if r.kind == "pretrain" and r.tags.get("method") == "mocov3"]
     if study_dino and moco:  # equal epochs; a smaller batch is more steps, and the report says so
-        n = train_size(cfg.data, cfg.data_root, cfg.subset)
-        steps = {r.tags["method"]: n // r.cfg.batch_size_per_gpu * r.cfg.epochs for r in (study_dino[0], moco[0])}
-        out.append(f"DINO trains the same {cfg.pretrain_epochs} epochs as every method, at batch "
-                   f"{study_dino[0].cfg.batch_size_per_gpu} with {study_dino[0].cfg.head_out_dim} prototypes: "
+        n = train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)
+        batch = {r.tags["method"]: r.cfg.batch_size_per_gpu * r.cfg.accum_steps for r in (study_dino[0], moco[0])}
+        steps = {r.tags["method"]: n // batch[r.tags["method"]] * r.cfg.epochs for r in (study_dino[0], moco[0])}
+        out.append(f"DINO trains the same {study_dino[0].cfg.epochs} epochs as "
+                   f"{'MoCo-v3' if cfg.contrastive_epochs else 'every method'}, at batch "
+                   f"{batch['dino']} with {study_dino[0].cfg.head_out_dim} prototypes: "
                    f"{steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} (the sweep below shows "
                    "what fewer steps give).")
     sweep = [r for r in runs if r.tags.get("sweep") and r.name in results]
@@ -221,13 +232,13 @@ def dino(cfg, runs, results, figs):
 
 def claim2(cfg, runs, results, figs):
     depth = VIT_SIZES[cfg.model]["depth"]
-    layer = {m: [select(runs, results, method=m, eval="keep", keep=k) for k in range(depth + 1)]
-             for m in ("mae", "mocov3")}
+    ks = cfg.keep_list  # every K from 0 to depth, or --layer_keep's (0, depth // 2 and depth among them)
+    layer = {m: {k: select(runs, results, method=m, eval="keep", keep=k) for k in ks} for m in ("mae", "mocov3")}
     out = ["## Claim 2: the lower layers matter more\n",
            f"Fine-tuning for {cfg.layer_epochs} epochs after keeping only the first K pre-trained blocks (the rest "
            f"re-initialised; K = {depth} keeps them all).\n",
            "| K | " + " | ".join(METHODS[m] for m in layer) + " |", "|---|---|---|"]
-    out += [f"| {k} | {fmt(layer['mae'][k])} | {fmt(layer['mocov3'][k])} |" for k in range(depth + 1)]
+    out += [f"| {k} | {fmt(layer['mae'][k])} | {fmt(layer['mocov3'][k])} |" for k in ks]
     half, found, signs = depth // 2, [], []
     for m in layer:  # the claim needs a gain from the pre-trained blocks, most of it from the lower half
         lo, mid, hi = (stats(layer[m][k])[0] for k in (0, half, depth))
@@ -240,7 +251,7 @@ def claim2(cfg, runs, results, figs):
                      f"({lo:.1f} -> {mid:.1f} -> {hi:.1f})")
     fig, ax = figs.new()
     for m in layer:
-        mean_std_line(ax, range(depth + 1), layer[m], METHODS[m])
+        mean_std_line(ax, ks, [layer[m][k] for k in ks], METHODS[m])
     ax.set_xlabel("pre-trained blocks kept (K), the rest re-initialised")
     ax.set_ylabel("fine-tuned test top-1 (%)")
     ax.set_title(f"Which pre-trained layers matter ({PRETTY.get(cfg.data, cfg.data)}, {cfg.layer_epochs} epochs, "

@@ -15,6 +15,7 @@ one two-threaded run at these sizes); a fixed thread count keeps every run deter
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan    # GPU-hours
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
     python reproduce.py --preset=paper ...     # the paper's schedules (400 + 300 epochs): see README
+    python reproduce.py --preset=in100 --data_root=/imagenet --transfer_root=/data/flowers --plan   # ImageNet-100
 
 Claims (PAPER §3-§5): (1) MAE pre-training beats scratch and MoCo-v3 after fine-tuning; (2) lower layers matter more;
 (3) MAE is worse than supervised / contrastive pre-training on data-poor tasks of another domain; (4) D-MAE helps,
@@ -30,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import analyze
 import distill
@@ -55,6 +56,22 @@ CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, 
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
+# JPEG img/s that one worker core reads, decodes and crops to 224 px, per kind of run: bench.py's "one worker core"
+# (README's bench section: ImageNet-sized JPEGs, 375x500 to 480x640, on this project's 2-core CPU): MAE's view 265
+# (fine-tuning's one crop is the same work), the eval centre crop 252, MoCo-v3's two views 178. DINO's 2 + 8 crops
+# were not measured: ~ = PIL's decode alone (528 img/s) + two global views at MoCo-v3's cost per view + eight local
+# ones at a third of that each. On a GPU the workers only read bytes and nvjpeg decodes (3,800 img/s with the crops,
+# measured on an H100 before the worker-side crops): the data path bounds a run there too when it asks for more.
+WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
+                "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
+                "analyze": (252, "measured")}
+# The largest micro-batch per GPU (ViT-Tiny, 224 px, bf16, an 80 GB GPU) of each kind of run, for --fit_gpu: larger
+# global batches accumulate micro-batches. bench.py measured batch 1024 at 9.2 GB for the MAE step and 17.8 GB for
+# the ViT train step (README), so MAE, D-MAE (+ a frozen MAE-Base forward on the visible quarter) and fine-tuning take
+# 1024. Not measured, so with room to spare (an estimate from the tokens per step): MoCo-v3's 2 views of 512 are
+# the tokens of a fine-tuning batch of 1024 (~20 GB); DINO's 2 global + 8 local (112 px) views of 256 about as many,
+# plus its 65,536-way outputs per view (~25 GB)
+MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear": 1024, "mocov3": 512, "dino": 256}
 # Settings of the two GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
              seeds="0", pretrain_epochs=400, pretrain_warmup=40, mae_batch=4096, mae_lr=1.5e-4, mae_crop=0.08,
@@ -67,16 +84,27 @@ PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, da
 # and 100 fine-tuning epochs keep every comparison on equal epochs; the layer study and probes at 30
 PRESETS = {"paper": PAPER, "fewgpu": dict(PAPER, pretrain_epochs=100, pretrain_warmup=10, finetune_epochs=100,
                                           linear_epochs=30, layer_epochs=30)}
+# in100: ImageNet-100 (CMC's 100 classes of the ImageNet-1k folder, nothing copied), one seed in under 12 GPU-hours
+# on one H100 (--plan): MAE-Lite's MAE recipe whole for MAE and D-MAE (400 epochs at 4096, base lr 1.5e-4, crop
+# 0.08, 40 warm-up), MoCo-v3 and DINO 300 epochs (their ViT recipes' length; an epoch of theirs costs 5-10 of MAE's),
+# scratch 300 (DeiT's), fine-tuning 100 (MAE-Lite's issue #6); probes 50 and the layer study 20 epochs at 5 values
+# of K; no second, 600-epoch baseline (1.7 GPU-hours); D-MAE's teacher a published MAE-Base (--teacher_ckpt);
+# global batches as the paper's, accumulated on fewer GPUs (fit_gpu)
+NO_TEACHER = "MAE_BASE.pth"  # in100's --plan without --teacher_ckpt: the placeholder in D-MAE's commands
+PRESETS["in100"] = dict(PAPER, seeds="0,1,2", classes="imagenet100", fit_gpu=True, contrastive_epochs=300,
+                        scratch_epochs=300, finetune_epochs=100, linear_epochs=50, layer_epochs=20,
+                        layer_keep="0,3,6,9,12", long_baseline=False)
 
 
 @dataclass
 class Config:
     seeds: str = "0,1,2"  # comma-separated; every number in the claims' tables is a mean over these
-    preset: str = ""  # paper | fewgpu: fill every setting below for ImageNet-1k (flags given too still win)
+    preset: str = ""  # paper | fewgpu | in100: fill every setting below for ImageNet-1k / -100 (given flags still win)
     # data
     data: str = "embedded"  # pre-training and fine-tuning data (claims 1, 2): embedded | fashion-mnist | imagefolder
     data_root: str = ""  # folder of the data; unused for the embedded slices
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all)
+    classes: str = ""  # imagefolder: only the class folders this file lists (imagenet100: CMC's 100); "" = all
     transfer_data: str = "mnist"  # another domain, few labels (claim 3): mnist (committed slice) | cifar10 | ...
     transfer_root: str = ""  # folder of the transfer data
     transfer_shots: str = "10,50,100"  # labelled images per class; "" = the whole training split
@@ -90,8 +118,9 @@ class Config:
     teacher_model: str = "cpu"  # D-MAE's larger MAE teacher (cpu: width 96, depth 6; the paper: base)
     img_size: int = 28  # input side (Fashion-MNIST's own 28 px)
     patch_size: int = 7  # patch side: a 4 x 4 grid
-    # schedules (equal for every method: no row wins by having more epochs)
-    pretrain_epochs: int = 20  # MAE, D-MAE, MoCo-v3, DINO and the teacher
+    # schedules (equal for every method unless a preset follows each method's own recipe, as in100 does)
+    pretrain_epochs: int = 20  # MAE, D-MAE and the teacher; MoCo-v3 and DINO too unless contrastive_epochs
+    contrastive_epochs: int = 0  # MoCo-v3 and DINO pre-training epochs (0 = pretrain_epochs)
     pretrain_warmup: int = 0  # warm-up epochs (0 = a tenth of the epochs)
     mae_batch: int = 256  # MAE / D-MAE global batch (the paper: 4096)
     mae_lr: float = 1.5e-3  # MAE / D-MAE base lr (x batch / 256; the paper: 1.5e-4)
@@ -107,11 +136,14 @@ class Config:
     dino_prototypes: int = 4096  # DINO's output dimension (DINO's ViT recipe: 65536)
     dino_local_crops: int = 4  # DINO's local crops per image (DINO: 8)
     teacher_ckpt: str = ""  # D-MAE's teacher from a file (the paper: MAE's mae_pretrain_vit_base.pth); "" = train one
-    finetune_epochs: int = 40  # claim 1's fine-tuning and the from-scratch baseline (twice this checks convergence)
+    finetune_epochs: int = 40  # claim 1's fine-tuning, and the from-scratch baseline unless scratch_epochs
+    scratch_epochs: int = 0  # the from-scratch baseline (0 = finetune_epochs)
+    long_baseline: bool = True  # that baseline again at twice its epochs (first seed): is it converged?
     finetune_warmup: int = 0  # warm-up epochs (0 = a tenth)
     finetune_batch: int = 128  # fine-tuning global batch (the paper: 1024)
     linear_epochs: int = 20  # linear probes
     layer_epochs: int = 10  # claim 2's fine-tuning runs, every K alike (shorter: depth + 1 runs per seed and method)
+    layer_keep: str = ""  # claim 2's values of K (pre-trained blocks kept), comma-separated; "" = every K 0..depth
     # the fine-tuning recipe. The paper's mixup 0.2 + RandAugment m10 at lr 1e-3 keep the from-scratch model rising for
     # 60+ epochs at the CPU scale, so the CPU study turns them off and raises the lr (README); the presets keep them
     finetune_lr: float = 4e-3  # base lr (x batch / 256); the paper: 1e-3
@@ -120,10 +152,11 @@ class Config:
     # where it runs
     gpus: str = "auto"  # GPUs to use: auto = every visible one (none on a CPU machine), or a list like 0,1,2,3
     gpus_per_run: int = 1  # GPUs of each pre-training and claim-1 fine-tuning run (torchrun DDP; the rest take 1)
+    fit_gpu: bool = False  # a batch above what one GPU holds (MICRO_BATCH) accumulates micro-batches; same global batch
     jobs: int = 2  # CPU only: runs at a time, one process each
     threads: int = 1  # torch threads per process (fixed, so results do not depend on the machine)
     num_workers: int = 0  # data-loading processes per run (file data; in-memory sets need none)
-    out_dir: str = "results"  # REPORT.md, figures/, runs/<run>/
+    out_dir: str = "results"  # REPORT.md, figures/, runs/<run>/ (--quick: out/quick)
     dino_sweep: bool = True  # DINO at 3 other settings (seed 0; about 50 of the study's run-minutes on 2 cores)
     plan: bool = False  # print every run with its estimated GPU-hours and its own command; run nothing
     quick: bool = False  # micro sizes, 1 seed, 1 epoch: every step in about a minute (a smoke test, not results)
@@ -134,6 +167,8 @@ class Config:
             if getattr(self, name) == getattr(Config, name):
                 setattr(self, name, value)
         if self.quick:  # overrides the sizes, keeps the flags that say where and how
+            if self.out_dir == Config.out_dir:  # never over the committed results/REPORT.md and its figures
+                self.out_dir = "out/quick"
             self.seeds, self.subset, self.model, self.teacher_model = "0", 200, "micro", "micro"
             self.pretrain_epochs = self.finetune_epochs = self.linear_epochs = self.layer_epochs = 1
             self.transfer_shots, self.transfer_steps, self.transfer_batch = "2,4", 2, 8
@@ -145,6 +180,19 @@ class Config:
                            f"{self.transfer_shots!r}") from None
         check(self.seed_list and min(self.seed_list) >= 0, f"--seeds must be non-negative, got {self.seeds!r}")
         check(min(self.shot_list, default=1) > 0, f"--transfer_shots must be positive, got {self.transfer_shots!r}")
+        depth = VIT_SIZES.get(self.model, {}).get("depth", 0)
+        try:  # claim 2's K values: 0 (none kept), the half and the whole depth are what its verdict compares
+            self.keep_list = sorted({int(k) for k in self.layer_keep.split(",") if k.strip()} or range(depth + 1))
+        except ValueError:
+            raise BadValue(f"--layer_keep must be comma-separated integers, got {self.layer_keep!r}") from None
+        check({0, depth // 2, depth} <= set(self.keep_list) <= set(range(depth + 1)),
+              f"--layer_keep must lie in 0..{depth} and hold 0, {depth // 2} and {depth} (its verdict compares "
+              f"them), got {self.layer_keep!r}")
+        # in100's D-MAE distils a published MAE-Base, as the paper (trained on ImageNet-1k); one trained here on
+        # ImageNet-100 would be another teacher and about 7 more GPU-hours
+        check(self.preset != "in100" or self.teacher_ckpt or self.plan,
+              "--preset=in100 needs --teacher_ckpt: a published MAE-Base, e.g. MAE's mae_pretrain_vit_base.pth "
+              "(--plan shows the study without it)")
         check_ranges(self, ">=0", transfer_steps=">0", transfer_lr=">0", transfer_crop="(0,1]", finetune_lr=">0",
                      finetune_randaug="[0,10]", transfer_batch=">0", img_size=">0", patch_size=">0",
                      pretrain_epochs=">0", finetune_epochs=">0", linear_epochs=">0", layer_epochs=">0", jobs=">0",
@@ -191,10 +239,10 @@ class Run:
         """Images it processes: epochs x its training set (k-NN: bank + test; analysis: both models' images)."""
         c = self.cfg
         if self.stage == "knn":
-            return 2 * train_size(c.data, c.data_root, c.subset)
+            return 2 * train_size(c.data, c.data_root, c.subset, c.classes)
         if self.stage == "analyze":
             return 2 * c.num_images
-        return c.epochs * train_size(c.data, c.data_root, c.subset)
+        return c.epochs * train_size(c.data, c.data_root, c.subset, c.classes)
 
     def speed_key(self):
         if self.stage == "pretrain_contrastive":
@@ -203,25 +251,40 @@ class Run:
 
 
 # Training-set sizes and classes, for a --plan on a machine that does not hold the data (else they are counted)
-NOMINAL = {"imagefolder": (1281167, 1000), "flowers102": (2040, 102), "cifar10": (50000, 10),
-           "cifar100": (50000, 100), "pets": (3680, 37), "aircraft": (6667, 100), "cars": (8144, 196)}
+# (name, or name:classes for a --classes subset); ImageNet-100 (CMC's list) also has 5,000 val images
+NOMINAL = {"imagefolder": (1281167, 1000), "imagefolder:imagenet100": (126689, 100), "flowers102": (2040, 102),
+           "cifar10": (50000, 10), "cifar100": (50000, 100), "pets": (3680, 37), "aircraft": (6667, 100),
+           "cars": (8144, 196)}
 
 
 @functools.lru_cache(maxsize=None)
-def data_size(name, root, subset=0):
+def data_size(name, root, subset=0, classes=""):
     """(training images, classes) of a dataset, counted; the nominal figures when it is not here (ImageNet-1k...)."""
     try:
-        ds, classes = build_dataset(name, root, True, subset)
-        return len(ds), classes
+        ds, n_classes = build_dataset(name, root, True, subset, classes)
+        return len(ds), n_classes
     except RunError:
-        if name not in NOMINAL:
+        key = f"{name}:{classes}" if classes else name
+        if key not in NOMINAL:
             raise
-        n, classes = NOMINAL[name]
-        return min(n, subset) if subset else n, classes
+        n, n_classes = NOMINAL[key]
+        return min(n, subset) if subset else n, n_classes
 
 
-def train_size(name, root, subset):
-    return data_size(name, root, subset)[0]
+def train_size(name, root, subset, classes=""):
+    return data_size(name, root, subset, classes)[0]
+
+
+def split_batch(global_batch, world, limit, what="the batch"):
+    """{batch_size_per_gpu, accum_steps} that make `global_batch` over `world` processes in micro-batches of at most
+    `limit` images: the fewest accumulation steps that divide each process's share (e.g. 4096 at most 1024: 1024 x 4
+    on 1 GPU, 1024 x 2 on 2, 512 x 1 on 8)."""
+    check(global_batch % world == 0, f"{what} {global_batch} does not split over {world} processes")
+    share = global_batch // world
+    accum = math.ceil(share / limit)
+    while share % accum:
+        accum += 1
+    return dict(batch_size_per_gpu=share // accum, accum_steps=accum)
 
 
 # --- the study ---
@@ -230,19 +293,25 @@ def study(cfg):
     runs = []
     folder = lambda name: os.path.join(cfg.out_dir, "runs", name)
     ckpt = lambda name: os.path.join(folder(name), "ckpt.pt")
-    n_train = train_size(cfg.data, cfg.data_root, cfg.subset)
+    n_train = train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)
     transfer_classes = data_size(cfg.transfer_data, cfg.transfer_root)[1]
     shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, num_workers=cfg.num_workers)
-    data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset)
+    data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset, classes=cfg.classes)
     pe, fe = cfg.pretrain_epochs, cfg.finetune_epochs
+    ce, se = cfg.contrastive_epochs or pe, cfg.scratch_epochs or fe
     warm = lambda epochs, given=0: given or max(1, epochs // 10)
+    # a global batch as one GPU runs it: whole, or with fit_gpu in accumulated micro-batches that fit (launch()
+    # re-splits it over a run's GPUs, the global batch unchanged)
+    batch_of = lambda kind, n: split_batch(min(n, n_train), 1, MICRO_BATCH[kind] if cfg.fit_gpu else min(n, n_train))
     pre = dict(epochs=pe, warmup_epochs=warm(pe, cfg.pretrain_warmup), **shape, **data)
-    mae = dict(pre, batch_size_per_gpu=min(cfg.mae_batch, n_train), base_lr=cfg.mae_lr, crop_min_scale=cfg.mae_crop)
-    contrastive = dict(pre, batch_size_per_gpu=min(cfg.moco_batch, n_train))
+    mae = dict(pre, **batch_of("pretrain_mae", cfg.mae_batch), base_lr=cfg.mae_lr, crop_min_scale=cfg.mae_crop)
+    contrastive = dict(pre, epochs=ce, warmup_epochs=warm(ce, cfg.pretrain_warmup),
+                       **batch_of("mocov3", cfg.moco_batch))
     ft = dict(model=cfg.model, epochs=fe, warmup_epochs=warm(fe, cfg.finetune_warmup),
-              batch_size_per_gpu=min(cfg.finetune_batch, n_train), base_lr=cfg.finetune_lr, mixup=cfg.finetune_mixup,
+              **batch_of("finetune", cfg.finetune_batch), base_lr=cfg.finetune_lr, mixup=cfg.finetune_mixup,
               randaug_magnitude=cfg.finetune_randaug, **shape, **data)
-    knn_data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset, num_workers=cfg.num_workers)
+    knn_data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset, classes=cfg.classes,
+                    num_workers=cfg.num_workers)
 
     def add(name, c, deps=(), ddp=False, **tags):
         if hasattr(c, "out_dir"):
@@ -251,16 +320,18 @@ def study(cfg):
             c.out = os.path.join(folder(name), "knn.json")
         runs.append(Run(name, c, tuple(deps), tags, ddp))
 
-    # D-MAE's teacher: one larger MAE (first seed), shared by every D-MAE seed
-    if not cfg.teacher_ckpt:
+    # D-MAE's teacher: --teacher_ckpt, else one larger MAE (first seed), shared by every D-MAE seed; in100 takes a
+    # published MAE-Base only (its --plan without one names a placeholder)
+    own_teacher = not cfg.teacher_ckpt and cfg.preset != "in100"
+    if own_teacher:
         add("teacher", pretrain_mae.Config(model=cfg.teacher_model, seed=cfg.seed_list[0], **mae), ddp=True)
-    teacher, teacher_deps = (cfg.teacher_ckpt, []) if cfg.teacher_ckpt else (ckpt("teacher"), ["teacher"])
+    teacher, teacher_deps = (ckpt("teacher"), ["teacher"]) if own_teacher else (cfg.teacher_ckpt or NO_TEACHER, [])
     local = max(cfg.patch_size, cfg.img_size // 2 // cfg.patch_size * cfg.patch_size)  # DINO's local crops: half side
     dino = dict(contrastive, method="dino", model=cfg.model, local_crop_size=local, local_crops=cfg.dino_local_crops,
                 head_hidden_dim=cfg.dino_hidden, head_out_dim=cfg.dino_prototypes, ema_momentum=cfg.dino_momentum,
-                batch_size_per_gpu=min(cfg.dino_batch, n_train))
+                **batch_of("dino", cfg.dino_batch))
     for s in cfg.seed_list:
-        # pre-training, the same epochs for every method
+        # pre-training, the same epochs for every method (in100: MoCo-v3 and DINO their own recipes' 300)
         add(f"mae_s{s}", pretrain_mae.Config(model=cfg.model, seed=s, **mae), ddp=True, method="mae", seed=s)
         add(f"dmae_s{s}", distill.Config(model=cfg.model, teacher_ckpt=teacher, teacher_model=cfg.teacher_model,
                                          seed=s, **mae), teacher_deps, ddp=True, method="dmae", seed=s)
@@ -269,7 +340,8 @@ def study(cfg):
             head_hidden_dim=cfg.moco_hidden, **contrastive), ddp=True, method="mocov3", seed=s)
         add(f"dino_s{s}", pretrain_contrastive.Config(**dino, seed=s), ddp=True, method="dino", seed=s)
         # claim 1: fine-tune, linear probe, k-NN of each; the supervised baseline on the same schedule
-        add(f"scratch_s{s}", finetune.Config(mode="scratch", seed=s, **ft), ddp=True, method="scratch", seed=s,
+        scratch = dict(ft, epochs=se, warmup_epochs=warm(se, cfg.finetune_warmup))  # in100: DeiT's 300 epochs
+        add(f"scratch_s{s}", finetune.Config(mode="scratch", seed=s, **scratch), ddp=True, method="scratch", seed=s,
             eval="ft")
         add(f"random_knn_s{s}", knn.Config(ckpt="random", model=cfg.model, seed=s, img_size=cfg.img_size,
                                            patch_size=cfg.patch_size, **knn_data), method="random", seed=s, eval="knn")
@@ -286,7 +358,7 @@ def study(cfg):
         # claim 2: keep only the first K pre-trained blocks, re-initialise the rest (K = depth: keep them all)
         depth, ye = VIT_SIZES[cfg.model]["depth"], cfg.layer_epochs
         for m in ("mae", "mocov3"):
-            for k in range(depth + 1):
+            for k in cfg.keep_list:
                 add(f"{m}_keep{k}_s{s}", finetune.Config(**dict(
                     ft, init_ckpt=ckpt(f"{m}_s{s}"), reinit_from_block=k if k < depth else -1, epochs=ye,
                     warmup_epochs=warm(ye), layer_decay=0.75 if m == "mocov3" else 0.85, seed=s)), [f"{m}_s{s}"],
@@ -307,14 +379,15 @@ def study(cfg):
                     shots=shots)
     s = cfg.seed_list[0]
     # is the baseline converged? the same recipe for twice the epochs
-    add(f"scratch_long_s{s}", finetune.Config(mode="scratch", seed=s, **dict(ft, epochs=2 * fe,
-                                                                             warmup_epochs=warm(2 * fe))),
-        ddp=True, method="scratch", seed=s, eval="ft_long")
+    if cfg.long_baseline:
+        add(f"scratch_long_s{s}", finetune.Config(mode="scratch", seed=s, **dict(ft, epochs=2 * se,
+                                                                                 warmup_epochs=warm(2 * se))),
+            ddp=True, method="scratch", seed=s, eval="ft_long")
     # DINO's sweep at CPU scale (issue 18), seed 0: each setting changes the study's DINO (batch 64, 4096 prototypes,
     # teacher momentum 0.99) as stated, to show what it takes for DINO to learn at this scale
-    moco_batch = contrastive["batch_size_per_gpu"]
-    sweep = {"b256": dict(batch_size_per_gpu=moco_batch, head_out_dim=256, ema_momentum=0.996),  # before issue 18
-             "b256t04": dict(batch_size_per_gpu=moco_batch, head_out_dim=1024, warmup_teacher_temp=0.04,
+    moco_batch = batch_of("mocov3", cfg.moco_batch)  # MoCo-v3's batch (and its accumulation, with --fit_gpu)
+    sweep = {"b256": dict(**moco_batch, head_out_dim=256, ema_momentum=0.996),  # before issue 18
+             "b256t04": dict(**moco_batch, head_out_dim=1024, warmup_teacher_temp=0.04,
                              teacher_temp=0.04, base_lr=1e-3),  # a sharper teacher, a higher lr instead of more steps
              "b64": dict(ema_momentum=0.996)}  # more steps and prototypes, DINO's own teacher momentum
     for name, change in sweep.items() if cfg.dino_sweep and not cfg.preset else ():
@@ -326,7 +399,8 @@ def study(cfg):
     n_img, batch = (32, 16) if cfg.quick else (512, 128)
     for m, a, b in (("mae", f"mae_s{s}", f"scratch_s{s}"), ("mocov3", f"mocov3_s{s}", ""), ("dmae", f"dmae_s{s}", "")):
         add(f"analysis_{m}", analyze.Config(ckpt=ckpt(a), ckpt2=ckpt(b) if b else "", data=cfg.data,
-                                            data_root=cfg.data_root, num_images=n_img, batch_size=batch),
+                                            data_root=cfg.data_root, classes=cfg.classes, num_images=n_img,
+                                            batch_size=batch),
             [a] + ([b] if b else []), method=m, eval="analysis")
     return runs
 
@@ -392,6 +466,13 @@ def settings(run):
     return json.loads(json.dumps(asdict(run.cfg), default=str))
 
 
+def added_since(run, old):
+    """Settings the stage's Config gained after `old` was recorded (e.g. classes), at their default value: the run
+    recorded without them ran with that default, so it is still this run."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(run.cfg)}, default=str))
+    return {k for k, v in settings(run).items() if k not in old and v == defaults.get(k)}
+
+
 def finished(run):
     """The run's result, if it finished with these settings (a different run in its folder is refused); a run
     finished outside the study (its stage command) is adopted from its log."""
@@ -401,7 +482,8 @@ def finished(run):
     with open(path) as f:
         result = json.load(f)
     old, new = result["config"], settings(run)
-    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k not in ("num_workers",)]
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k not in ("num_workers",)
+               and k not in added_since(run, old)]
     check(not changed, f"{run.folder} holds a run with other settings ({', '.join(changed)}); use another --out_dir, "
                        f"or delete that folder to redo it")
     return result
@@ -419,8 +501,11 @@ def adopt(run):
         done = bool(rows) and rows[-1]["epoch"] == c["epochs"]
         with open(os.path.join(run.folder, "config.json")) as f:
             given = json.load(f)
-        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu")
-                            and not (k == "num_heads" and v == 0))  # 0: the checkpoint's; config.json has the count
+        # a rank's batch and accumulation depend on how many GPUs ran it; the global batch is the study's
+        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu",
+                                                                                  "accum_steps")
+                            and not (k == "num_heads" and v == 0)  # 0: the checkpoint's; config.json has the count
+                            and k not in added_since(run, given))
     if not done:
         return None
     result = dict(name=run.name, stage=run.stage, config=c, seconds=0.0, devices=[], world_size=0, adopted=True,
@@ -435,10 +520,9 @@ def launch(run, cfg, devices):
     processes for a DDP run (how the tests check the DDP path)."""
     world = len(devices) if devices else (cfg.gpus_per_run if run.ddp else 1)
     c = settings(run)
-    if world > 1:  # the study's batch is the global batch; each rank takes its share
-        check(c["batch_size_per_gpu"] % world == 0, f"{run.name}: batch {c['batch_size_per_gpu']} does not split "
-                                                    f"over {world} processes")
-        c["batch_size_per_gpu"] //= world
+    if world > 1:  # the study's batch is the global batch (as one process runs it); each rank takes its share
+        c.update(split_batch(c["batch_size_per_gpu"] * c["accum_steps"], world, c["batch_size_per_gpu"],
+                             f"{run.name}: batch"))
     os.makedirs(run.folder, exist_ok=True)
     spec = os.path.join(run.folder, "run.json")
     write_json(spec, dict(name=run.name, stage=run.stage, config=c, devices=devices, world_size=world,
@@ -501,12 +585,17 @@ def run_all(runs, cfg):
 
 
 # --- the plan: GPU-hours before anything runs ---
+def on_gpus(cfg):
+    """Whether the study's unit is a GPU (a preset, or GPUs here) or a CPU core (the CPU study on a CPU machine)."""
+    return bool(cfg.devices or cfg.preset)
+
+
 def cost(run, cfg):
-    """Estimated seconds on one CPU core (CPU study) or one GPU (GPU study, --plan) for the ETA and the plan: the
+    """Estimated seconds on one CPU core (CPU study) or one GPU (GPU study, a preset) for the ETA and the plan: the
     speed of its kind, scaled by its model's width^2 x depth x tokens against the size the speed was measured at."""
     size = VIT_SIZES[getattr(run.cfg, "model", "") or cfg.model]
     work = size["embed_dim"] ** 2 * size["depth"] * (cfg.img_size // cfg.patch_size) ** 2
-    if cfg.devices or cfg.plan:  # GPU_SPEED: tiny at 224/16
+    if on_gpus(cfg):  # GPU_SPEED: tiny at 224/16
         return run.images() / GPU_SPEED[run.speed_key()][0] * work / (192 ** 2 * 12 * 196)
     return run.images() / CPU_SPEED[run.speed_key()] * work / (64 ** 2 * 4 * 16)  # CPU_SPEED: mini at 28/7
 
@@ -517,47 +606,112 @@ def command(run, cfg):
     if hasattr(run.cfg, "method"):  # --method brings the method's own defaults (DINO's momentum, lr, ...)
         given["method"] = run.cfg.method
     defaults = settings(Run("", type(run.cfg)(**given)))
-    flags = [f"--{k}={v}" for k, v in settings(run).items() if defaults.get(k) != v or k in ("out_dir", "method")]
-    gpus = cfg.gpus_per_run if run.ddp else 1
+    gpus, c = cfg.gpus_per_run if run.ddp else 1, settings(run)
+    if gpus > 1:  # the study's batch is global: each GPU takes its share, in fewer micro-batches where they fit
+        c.update(split_batch(c["batch_size_per_gpu"] * c["accum_steps"], gpus, c["batch_size_per_gpu"],
+                             f"{run.name}: batch"))
+    flags = [f"--{k}={v}" for k, v in c.items() if defaults.get(k) != v or k in ("out_dir", "method")]
     launcher = f"torchrun --nproc_per_node={gpus}" if gpus > 1 else "python"
-    if gpus > 1:  # the study's batch is global: each GPU takes its share
-        flags = [f"--batch_size_per_gpu={run.cfg.batch_size_per_gpu // gpus}" if f.startswith("--batch_size_per_gpu")
-                 else f for f in flags]
     return f"{launcher} {run.stage}.py " + " ".join(flags)
 
 
-def wall_clock(runs, cfg, gpus):
-    """Hours the study takes on `gpus` GPUs, scheduled as run_all does (dependencies first, the longest ready run
-    first, a DDP run on --gpus_per_run GPUs at 1/K of its time): a simulation with the estimated costs."""
+def wall_clock(runs, cfg, gpus, seconds=None):
+    """Hours the study takes on `gpus` GPUs (CPU: job slots), scheduled as run_all does (dependencies first, the
+    longest ready run first, a DDP run on --gpus_per_run GPUs at 1/K of its time; on CPU one slot each): a simulation
+    with `seconds` per run (default: the estimated costs)."""
+    seconds = seconds or {r.name: cost(r, cfg) for r in runs}
     done, todo, going, free, now = {}, list(runs), [], gpus, 0.0
     while todo or going:
-        for r in sorted((r for r in todo if all(d in done for d in r.deps)), key=lambda r: -cost(r, cfg)):
-            k = cfg.gpus_per_run if r.ddp else 1
+        for r in sorted((r for r in todo if all(d in done for d in r.deps)), key=lambda r: -seconds[r.name]):
+            k = cfg.gpus_per_run if r.ddp and on_gpus(cfg) else 1
             if k <= free:
                 todo.remove(r)
                 free -= k
-                going.append((now + cost(r, cfg) / k / 3600, r, k))
+                going.append((now + seconds[r.name] / k / 3600, r, k))
         end, r, k = min(going, key=lambda g: g[0])
         going.remove((end, r, k))
         now, free, done[r.name] = end, free + k, end
     return now
 
 
+FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
+NVJPEG_SPEED = 3800  # img/s of the GPU path (nvjpeg decode + crops, one H100, measured before the worker-side crops)
+
+
+def data_path(run, cfg):
+    """(worker cores per GPU the run's data path needs to keep up with its GPU, its GPU-seconds when each GPU has
+    only the run's own num_workers cores): WORKER_SPEED's JPEG rates; (0, cost) for data held in memory."""
+    seconds = cost(run, cfg)
+    if run.cfg.data not in FILE_DATA:
+        return 0.0, seconds
+    per_core = WORKER_SPEED[run.speed_key()][0]
+    workers = max(1, getattr(run.cfg, "num_workers", 0))  # no workers: the training process decodes
+    return run.images() / seconds / per_core, max(seconds, run.images() / (workers * per_core))
+
+
+def measured(run):
+    """The seconds a run took here (its result.json), if it finished with these settings; else None."""
+    path = os.path.join(run.folder, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    old, skip = result.get("config", {}), added_since(run, result.get("config", {}))
+    same = all(old.get(k) == v for k, v in settings(run).items() if k != "num_workers" and k not in skip)
+    return (result.get("seconds") or None) if same else None  # adopted runs record 0: not timed here
+
+
 def print_plan(runs, cfg):
-    gpus = max(1, len(cfg.devices))
-    rows, total = [], 0.0
-    for r in runs:
-        hours = cost(r, cfg) / 3600  # GPU-hours: a K-GPU run takes 1/K of the time on each of K GPUs
-        total += hours
-        rows.append((r.name, hours, GPU_SPEED[r.speed_key()][1], command(r, cfg)))
+    """Every run with its cost and its own command, then the totals and the wall-clock: GPU-hours for a GPU study
+    (and the worker cores per GPU its data path needs), CPU minutes for the CPU study (measured where it ran here)."""
+    if not on_gpus(cfg):
+        return print_cpu_plan(runs, cfg)
+    gpus = len(cfg.devices) or cfg.gpus_per_run  # no GPUs here: as many as one run spans
     print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px), from bench.py's "
           "model-step figures (measured: MAE 31,100 img/s and fine-tuning 12,600 img/s compiled at batch 1024; ~ = "
-          "derived from those by FLOPs); they assume the data path keeps up (bench.py: worker cores per GPU)")
-    for name, hours, how, cmd in rows:
-        print(f"{name:24s} {hours:8.2f} GPU-h {how:8s} {cmd}")
+          "derived from those by FLOPs), if the data path keeps up; then the worker cores per GPU it needs to (JPEG "
+          "read + decode + crops per core: bench.py's 265 img/s for one view, 178 for MoCo-v3's two; DINO's ~95 an "
+          f"estimate) and, where the run's --num_workers={cfg.num_workers} cores are fewer, its GPU-hours at that pace")
+    total = bound_total = 0.0
+    bound, gpu_decode = {}, []  # GPU-seconds at num_workers cores; runs asking more than nvjpeg's path gives
+    for r in runs:
+        hours = cost(r, cfg) / 3600  # GPU-hours: a K-GPU run takes 1/K of the time on each of K GPUs
+        cores, bound[r.name] = data_path(r, cfg)
+        total, bound_total = total + hours, bound_total + bound[r.name] / 3600
+        if cores and r.images() / cost(r, cfg) > NVJPEG_SPEED:
+            gpu_decode.append(r.name)
+        data = "in memory" if not cores else f"{cores:.0f} cores/GPU" + (
+            f", {bound[r.name] / 3600:.2f} GPU-h at {cfg.num_workers}" if bound[r.name] > cost(r, cfg) else "")
+        print(f"{r.name:24s} {hours:8.2f} GPU-h {GPU_SPEED[r.speed_key()][1]:8s} data: {data:30s} {command(r, cfg)}")
     hours = wall_clock(runs, cfg, gpus)
     print(f"total {total:.1f} GPU-hours; on {gpus} GPU(s), {cfg.gpus_per_run} per pre-training / fine-tuning run: "
           f"about {hours:.1f} h wall-clock (scheduled as the study runs them; {total / gpus:.1f} h if never idle)")
+    limited = [r for r in runs if bound[r.name] > cost(r, cfg)]
+    if limited:
+        print(f"data path: {len(limited)} of {len(runs)} runs need more worker cores per GPU than their "
+              f"--num_workers={cfg.num_workers} to keep up; with {cfg.num_workers} cores per GPU the study takes "
+              f"{bound_total:.1f} GPU-hours, about {wall_clock(runs, cfg, gpus, bound):.1f} h wall-clock. On a GPU the "
+              f"workers only read the files and nvjpeg decodes ({NVJPEG_SPEED:,} img/s with the crops, measured on "
+              f"one H100 before the worker-side crops): {len(gpu_decode)} runs ask more of it than that")
+    if NO_TEACHER in {getattr(r.cfg, "teacher_ckpt", "") for r in runs}:
+        print(f"D-MAE's teacher: {NO_TEACHER} above stands for the published MAE-Base the study needs: pass "
+              "--teacher_ckpt=mae_pretrain_vit_base.pth (MAE's) to run it")
+    return total, hours
+
+
+def print_cpu_plan(runs, cfg):
+    """The CPU study: each run's CPU minutes on its one thread, measured (result.json) or estimated (CPU_SPEED)."""
+    timed = {r.name: measured(r) for r in runs}
+    seconds = {r.name: timed[r.name] or cost(r, cfg) for r in runs}
+    print(f"{len(runs)} runs; CPU minutes, one core and --threads={cfg.threads} each: measured = the run's own "
+          f"seconds in its result.json here ({sum(bool(s) for s in timed.values())} runs), ~ = estimated from "
+          "CPU_SPEED (img/s per core of the `mini` ViT per kind of run, scaled by the run's model size)")
+    for r in runs:
+        how = "measured" if timed[r.name] else "~"
+        print(f"{r.name:24s} {seconds[r.name] / 60:8.1f} CPU-min {how:8s} {command(r, cfg)}")
+    total, hours = sum(seconds.values()) / 3600, wall_clock(runs, cfg, cfg.jobs, seconds)
+    print(f"total {total * 60:.0f} CPU-minutes; {cfg.jobs} runs at a time (--jobs): about {hours * 60:.0f} min "
+          "wall-clock (scheduled as the study runs them)")
     return total, hours
 
 

@@ -82,7 +82,6 @@ class TestKillPoints(unittest.TestCase):
                 mock.patch.object(checkpoint, "write_log", guard(real_log, "log")):
             with contextlib.suppress(KilledAt):
                 finetune.main(finetune.Config(**self.cfg, out_dir=out_dir))
-        checkpoint.unlock_out_dir(out_dir)  # the killed process would have dropped its lock
         with quiet():
             finetune.main(finetune.Config(**self.cfg, out_dir=out_dir))
         return writes
@@ -128,7 +127,6 @@ class TestKillPoints(unittest.TestCase):
 
         with quiet(), mock.patch.object(checkpoint, "write_log", kill_first_log), contextlib.suppress(KilledAt):
             pretrain_mae.main(cfg)
-        checkpoint.unlock_out_dir(out)
         self.assertFalse(os.path.exists(os.path.join(out, "log.jsonl")))  # the row of epoch 1 was never written
         with quiet():
             pretrain_mae.main(cfg)
@@ -148,7 +146,7 @@ class TestOutDir(unittest.TestCase):
 
     def test_second_run_in_the_same_folder_is_refused_and_a_dead_lock_is_not(self):
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                   "import checkpoint; checkpoint.lock_out_dir(sys.argv[2]); "
+                                   "import checkpoint; lock = checkpoint.lock_out_dir(sys.argv[2]); "
                                    "print('locked', flush=True); time.sleep(60)", ROOT, self.out],
                                   stdout=subprocess.PIPE, text=True)
         try:

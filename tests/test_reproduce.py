@@ -27,17 +27,46 @@ FIGURES = ("curves.png", "knn.png", "dino_loss.png", "layers.png", "transfer.png
            "attn_maps_supervised.png")
 
 
+def clone_of_this_tree(dest):
+    """A git repository at dest holding this working tree's files (tracked, and untracked but not ignored): what a
+    fresh clone of the submitted code holds."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dest, name))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clone"]):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+
+
 class TestReproduce(unittest.TestCase):
+    """The README's `python reproduce.py --quick`, typed in a fresh clone; then the study read back in-process."""
+
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp()
-        cls.cfg = reproduce.Config(quick=True, out_dir=cls.tmp)
+        cls.clone, cls.cwd = tempfile.mkdtemp(), os.getcwd()
+        clone_of_this_tree(cls.clone)
+        cls.typed = subprocess.run([sys.executable, "reproduce.py", "--quick"], cwd=cls.clone, capture_output=True,
+                                   text=True, timeout=900)
+        os.chdir(cls.clone)  # the study's folders are relative, as typed: out/quick/runs/<run>
+        cls.tmp = os.path.join(cls.clone, "out", "quick")
+        cls.cfg = reproduce.Config(quick=True)
         with quiet():
-            cls.results = reproduce.main(cls.cfg)
+            cls.results = reproduce.main(cls.cfg)  # every run finished: read back
 
     @classmethod
     def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        os.chdir(cls.cwd)
+        shutil.rmtree(cls.clone, ignore_errors=True)
+
+    def test_the_typed_quick_study_leaves_git_status_clean(self):
+        self.assertEqual(self.typed.returncode, 0, self.typed.stderr[-3000:])
+        self.assertEqual(self.cfg.out_dir, "out/quick")
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=self.clone, capture_output=True, text=True)
+        self.assertEqual(status.stdout, "")  # results/REPORT.md and its figures untouched; out/ is ignored
+        self.assertTrue(os.path.exists(os.path.join(self.tmp, "REPORT.md")))
 
     def test_quick_study_runs_every_step_and_writes_the_report(self):
         runs = reproduce.study(self.cfg)

@@ -1,0 +1,225 @@
+"""Every promise through the command a user types: `python <stage>.py ...` as a subprocess, where the stage's module
+is __main__ (in-process tests see `pretrain_mae`). Following any message's advice leaves every other run's files
+byte-identical; a run that fails leaves its folder byte-identical; Ctrl-C is one line that says how to resume;
+the README's "Your own images" commands work as written."""
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+from PIL import Image
+
+from checkpoint import load_ckpt, save_ckpt
+from data import build_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = ["--model=micro", "--img_size=16", "--patch_size=4", "--subset=64", "--batch_size_per_gpu=16", "--epochs=1",
+         "--warmup_epochs=0", "--num_workers=0"]
+
+
+def stage(script, *flags, cwd):
+    """`python <script> <flags>` in cwd, as typed; output to pipes (not a terminal)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def folder_bytes(folder):
+    """{file: sha256} of everything under folder: byte-identical means equal."""
+    out = {}
+    for here, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(here, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def one_line_error(test, result, pattern):
+    """The run failed with exit 2 and a single line on stderr that matches pattern, no traceback."""
+    test.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    test.assertEqual(len(lines), 1, result.stderr)
+    test.assertRegex(lines[0], pattern)
+    return lines[0]
+
+
+class TestCommandLine(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.dir = cls.tmp.name
+        done = stage("pretrain_mae.py", *MICRO, "--out_dir=mae", cwd=cls.dir)
+        assert done.returncode == 0, done.stderr
+        cls.mae = os.path.join(cls.dir, "mae")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def copy_of_mae(self, name):
+        shutil.copytree(self.mae, os.path.join(self.dir, name))
+        return os.path.join(self.dir, name)
+
+    def test_a_checkpoint_records_its_stage_by_file_name(self):
+        self.assertEqual(load_ckpt(os.path.join(self.mae, "ckpt.pt"))["stage"], "pretrain_mae")  # not __main__
+
+    def test_another_stage_never_writes_over_a_run_even_following_the_advice(self):
+        old = self.copy_of_mae("old_layout")  # written by bfbdbd2 as `python pretrain_mae.py`: stage "__main__"
+        ckpt = load_ckpt(os.path.join(old, "ckpt.pt"))
+        save_ckpt(dict(ckpt, stage="__main__"), os.path.join(old, "ckpt.pt"))
+        for folder in (self.mae, old):
+            before = folder_bytes(folder)
+            for resume in ("true", "false"):
+                result = stage("finetune.py", "--mode=scratch", *MICRO, f"--out_dir={folder}", f"--resume={resume}",
+                               cwd=self.dir)
+                line = one_line_error(self, result, "holds a pretrain_mae.py run .*finetune.py will not write over "
+                                                    "it: pass another --out_dir")
+                self.assertNotIn("--resume=false", line)  # no advice that would write over it
+                self.assertEqual(folder_bytes(folder), before)
+        mae_before = folder_bytes(self.mae)
+        result = stage("finetune.py", "--mode=scratch", *MICRO, "--out_dir=scratch", cwd=self.dir)  # the advice
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(folder_bytes(self.mae), mae_before)
+
+    def test_a_failed_run_leaves_its_folder_byte_identical(self):
+        target = self.copy_of_mae("mae_as_distill_target")  # an MAE run with the same settings as the student
+        before = folder_bytes(target)
+        result = stage("distill.py", f"--teacher_ckpt={self.mae}/ckpt.pt", *MICRO, f"--out_dir={target}",
+                       cwd=self.dir)
+        line = one_line_error(self, result, "holds a pretrain_mae.py run .*distill.py will not write over it")
+        self.assertNotIn("--resume=false", line)
+        self.assertEqual(folder_bytes(target), before)
+        # the same stage, a checkpoint that does not fit (a weight removed): refused before anything is written
+        broken = self.copy_of_mae("broken")
+        ckpt = load_ckpt(os.path.join(broken, "ckpt.pt"))
+        ckpt["model"].pop("encoder.cls_token")
+        save_ckpt(ckpt, os.path.join(broken, "ckpt.pt"))
+        before = folder_bytes(broken)
+        result = stage("pretrain_mae.py", *MICRO, f"--out_dir={broken}", "--epochs=2", cwd=self.dir)
+        one_line_error(self, result, f"{broken}/ckpt.pt does not fit this run's model .*pass another --out_dir, or "
+                                     "--resume=false to start that run over")
+        self.assertEqual(folder_bytes(broken), before)  # config.json and the script copy untouched
+        # other settings in a run of the same stage: one line, nothing written
+        result = stage("pretrain_mae.py", *MICRO, f"--out_dir={broken}", "--mask_ratio=0.5", cwd=self.dir)
+        one_line_error(self, result, "holds a pretrain_mae.py run with other settings: mask_ratio 0.75 -> 0.5")
+        self.assertEqual(folder_bytes(broken), before)
+        # following that advice starts that run over, and touches nothing else
+        mae_before = folder_bytes(self.mae)
+        result = stage("pretrain_mae.py", *MICRO, f"--out_dir={broken}", "--mask_ratio=0.5", "--resume=false",
+                       cwd=self.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(load_ckpt(os.path.join(broken, "ckpt.pt"))["config"]["mask_ratio"], 0.5)
+        self.assertEqual(folder_bytes(self.mae), mae_before)
+
+    def test_a_run_refused_in_a_new_folder_leaves_no_folder(self):
+        result = stage("finetune.py", *MICRO, "--init_ckpt=missing.pt", "--out_dir=never", cwd=self.dir)
+        one_line_error(self, result, "init_ckpt not found: missing.pt")
+        result = stage("pretrain_mae.py", *MICRO, "--data=imagefolder", "--data_root=nowhere", "--out_dir=never",
+                       cwd=self.dir)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+
+    def test_a_near_miss_flag_is_a_typo_not_an_abbreviation(self):
+        result = stage("pretrain_mae.py", *MICRO, "--epoch=2", "--out_dir=never", cwd=self.dir)
+        one_line_error(self, result, "unrecognized arguments: --epoch=2; --epoch: did you mean --epochs\\?")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+
+    def test_a_mistyped_key_names_the_flag_and_the_closest_key(self):
+        ckpt = load_ckpt(os.path.join(self.mae, "ckpt.pt"))
+        two = os.path.join(self.dir, "two_keys.pt")
+        torch.save({"model": ckpt["model"], "teacher": ckpt["model"], "epoch": 1}, two)
+        result = stage("finetune.py", *MICRO, f"--init_ckpt={two}", "--init_key=techer", "--out_dir=ft_key",
+                       cwd=self.dir)
+        one_line_error(self, result, "has no 'techer' weights \\(its weights: model, teacher\\): did you mean "
+                                     "--init_key=teacher\\?")
+
+    def test_a_new_head_is_said_in_plain_words(self):
+        result = stage("finetune.py", *MICRO, f"--init_ckpt={self.mae}/ckpt.pt", "--out_dir=ft_words", cwd=self.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("backbone weights loaded; new: a 10-class head, fc_norm", result.stdout)
+        self.assertNotIn("missing", result.stdout + result.stderr)
+
+    def test_ctrl_c_is_one_line_and_the_same_command_resumes(self):
+        cmd = [sys.executable, os.path.join(ROOT, "pretrain_mae.py"), *MICRO, "--epochs=400", "--out_dir=stopped"]
+        last = None
+        for attempt in range(2):
+            proc = subprocess.Popen(cmd, cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            seen = []
+            for line in proc.stdout:  # two epochs printed: the first is saved (its line comes before its save)
+                seen.append(line)
+                if sum(s.startswith("ep ") for s in seen) == 2:
+                    break
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 130, err)
+            self.assertNotIn("Traceback", err)
+            lines = [line for line in err.splitlines() if line.strip()]
+            self.assertEqual(len(lines), 1, err)
+            found = re.search(r"stopped by Ctrl-C; stopped/ckpt.pt holds epoch (\d+) of 400: the same command "
+                              r"resumes from epoch (\d+)", lines[0])
+            self.assertTrue(found, lines[0])
+            self.assertEqual(int(found.group(2)), int(found.group(1)) + 1)
+            if attempt:
+                self.assertIn(f"resumed from stopped/ckpt.pt at epoch {last}", "".join(seen))
+            last = int(found.group(1))
+
+    def test_two_images_of_the_same_name_get_two_figures(self):
+        for cls in ("a", "b"):
+            os.makedirs(os.path.join(self.dir, "val", cls), exist_ok=True)
+            Image.fromarray(np.full((20, 20, 3), 60 if cls == "a" else 200, np.uint8)).save(
+                os.path.join(self.dir, "val", cls, "000.jpg"))
+        result = stage("analyze.py", f"--ckpt={self.mae}/ckpt.pt", "--image=val/a/000.jpg", "--image=val/b/000.jpg",
+                       "--out_dir=figs", cwd=self.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        written = sorted(os.listdir(os.path.join(self.dir, "figs")))
+        self.assertEqual(written, ["a_000_jpg_attention.png", "a_000_jpg_recon.png", "b_000_jpg_attention.png",
+                                   "b_000_jpg_recon.png"])
+
+
+class TestYourOwnImages(unittest.TestCase):
+    """The README's "Your own images" commands, as written, on a folder of 90 images (30 per class), with only
+    --epochs and --model appended to keep the test short (the last value of a flag wins)."""
+
+    def test_the_readme_commands_work_on_a_small_folder(self):
+        readme = open(os.path.join(ROOT, "README.md")).read()
+        section = readme.split("## Your own images")[1].split("\n## ")[0]
+        commands = [c.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+                    for c in re.split(r"\n(?=python )", block.strip())]
+        commands = [re.sub(r"\s+#.*$", "", c.strip(), flags=re.M).replace("\n", " ") for c in commands]
+        self.assertTrue(any(c.startswith("python pretrain_mae.py") for c in commands), commands)
+        with tempfile.TemporaryDirectory() as tmp:
+            images, _ = build_dataset("embedded", "", True, 90)
+            test_images, _ = build_dataset("embedded", "", False, 30)
+            names = {0: "cats", 1: "dogs", 2: "birds"}
+            for split, ds in (("train", images), ("val", test_images)):
+                for i, (img, y) in enumerate(zip(ds.images, ds.labels.tolist())):
+                    folder = os.path.join(tmp, "my_images", split, names[y % 3])
+                    os.makedirs(folder, exist_ok=True)
+                    Image.fromarray(img.numpy()).convert("RGB").save(os.path.join(folder, f"{i:03d}.jpg"))
+            cats = os.path.join(tmp, "my_images/val/cats")
+            if not os.path.exists(os.path.join(cats, "001.jpg")):  # the README's example file
+                shutil.copyfile(os.path.join(cats, sorted(os.listdir(cats))[0]), os.path.join(cats, "001.jpg"))
+            main_job = stage("pretrain_mae.py", "--model=micro", "--epochs=1", "--subset=64", "--batch_size_per_gpu=32",
+                           cwd=tmp)  # out/mae, as the main job leaves it
+            self.assertEqual(main_job.returncode, 0, main_job.stderr)
+            for command in commands:
+                script, *flags = command.split()[1:]
+                extra = ["--epochs=3"] + (["--model=micro"] if script == "pretrain_mae.py" else [])
+                result = stage(script, *flags, *(extra if script != "analyze.py" else []), cwd=tmp)
+                self.assertEqual(result.returncode, 0, f"{command}\n{result.stderr[-3000:]}")
+            for folder in {re.search(r"--out_dir=(\S+)", c).group(1) for c in commands if "--out_dir" in c}:
+                self.assertTrue(os.path.exists(os.path.join(tmp, folder, "ckpt.pt")), folder)
+            mae_out = next(re.search(r"--out_dir=(\S+)", c).group(1) for c in commands if "pretrain_mae" in c)
+            self.assertEqual(sorted(f for f in os.listdir(os.path.join(tmp, mae_out)) if f.endswith(".png")),
+                             ["recon_e001.png", "recon_e002.png", "recon_e003.png"])  # 1, 2, 4, ... and the last
+            self.assertTrue(os.path.exists(os.path.join(tmp, "out/analyze/001_attention.png")))
+
+
+if __name__ == "__main__":
+    unittest.main()
