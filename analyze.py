@@ -32,7 +32,8 @@ import pretrain_mae
 from checkpoint import config_of, load_ckpt
 from common import check, check_ranges, cli, print0
 from data import Loader, build_dataset, figure_images, figure_indices, label_names, load_rgb
-from model import VIT_SIZES, pretrained_vit, read_state_dict, vit_heads
+from model import VIT_SIZES, vit_heads
+from weights import pretrained_vit, read_state_dict
 
 
 @dataclass

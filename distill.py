@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import pretrain_mae
 from checkpoint import load_ckpt
 from common import check, check_ranges, cli, print0, seed_everything, setup_dist
-from model import VIT_SIZES, pretrained_vit
+from model import VIT_SIZES
+from weights import pretrained_vit
 
 
 @dataclass

@@ -26,7 +26,8 @@ from common import (EpochSteps, all_reduce_sum, autocast_ctx, check, check_finit
                     cosine_schedule, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
                     setup_dist)
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, pretrained_vit, vit_heads, vit_spec
+from model import VIT_SIZES, create_vit, vit_heads
+from weights import pretrained_vit, vit_spec
 
 
 @dataclass

@@ -19,7 +19,8 @@ import augment
 from checkpoint import config_of, load_ckpt
 from common import autocast_ctx, check, check_ranges, cli, print0
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, pretrained_vit, vit_heads
+from model import VIT_SIZES, create_vit, vit_heads
+from weights import pretrained_vit
 
 
 @dataclass

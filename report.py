@@ -1,6 +1,7 @@
 """results/REPORT.md and its figures from the study's results (reproduce.py): one function per claim, each a table,
 a verdict by a stated rule and a figure. Runs are chosen by their tags (method, seed, eval, shots, keep), never by
 parsing their names."""
+import functools
 import json
 import math
 import os
@@ -8,11 +9,25 @@ import platform
 import shutil
 
 import figures
+from analyze import uniform_values
+from data import build_dataset
 from model import VIT_SIZES
-from reproduce import METHODS, select, train_size
 
+METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}  # the pre-trainings compared
 NAMES = dict(METHODS, scratch="supervised (scratch)", supervised="supervised (scratch)", random="random init")
 PRETTY = {"embedded": "Fashion-MNIST slice", "mnist": "MNIST slice"}
+
+
+def select(runs, results, key="top1", **tags):
+    """The values of every finished run whose tags match, in seed order: what the report's tables are made of."""
+    return [results[r.name][key] for r in runs if r.name in results and all(r.tags.get(k) == v for k, v in
+                                                                              tags.items())]
+
+
+@functools.lru_cache(maxsize=None)
+def train_images(data, root, subset, classes):
+    """The study's training-set size, counted as the stages count it."""
+    return len(build_dataset(data, root, True, subset, classes)[0])
 
 
 # --- statistics and verdicts ---
@@ -97,7 +112,7 @@ def header(cfg, runs, results, wall):
         f"the sum of every run's own time{adopted_note(results)}), {wall / 60:.0f} min wall-clock in the invocation "
         "that wrote this report (finished runs are read back).\n",
         f"Setting: data `{cfg.data}`{f' (classes: {cfg.classes})' if cfg.classes else ''} "
-        f"({train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)} training images), ViT "
+        f"({train_images(cfg.data, cfg.data_root, cfg.subset, cfg.classes)} training images), ViT "
         f"`{cfg.model}` {VIT_SIZES[cfg.model]} at {cfg.img_size} px with {cfg.patch_size}-px patches; pre-training "
         + (f"{cfg.pretrain_epochs} epochs for MAE and D-MAE, {cfg.contrastive_epochs} for MoCo-v3 and DINO"
            if cfg.contrastive_epochs else f"{cfg.pretrain_epochs} epochs for every method")
@@ -165,7 +180,7 @@ def dino(cfg, runs, results, figs):
     study_dino = [r for r in runs if r.kind == "pretrain" and r.tags.get("method") == "dino" and r.name in results]
     moco = [r for r in runs if r.kind == "pretrain" and r.tags.get("method") == "mocov3"]
     if study_dino and moco:  # equal epochs; a smaller batch is more steps, and the report says so
-        n = train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)
+        n = train_images(cfg.data, cfg.data_root, cfg.subset, cfg.classes)
         batch = {r.tags["method"]: r.cfg.batch_size_per_gpu * r.cfg.accum_steps for r in (study_dino[0], moco[0])}
         steps = {r.tags["method"]: n // batch[r.tags["method"]] * r.cfg.epochs for r in (study_dino[0], moco[0])}
         out.append(f"DINO trains the same {study_dino[0].cfg.epochs} epochs as "
@@ -323,7 +338,6 @@ def inside(cfg, runs, figs):
         with open(os.path.join(folder(m), "analysis.json")) as f:
             attn.update(zip(labels, json.load(f)["attn_distance"]))
     grid = cfg.img_size // cfg.patch_size
-    from analyze import uniform_values
     uniform = uniform_values(grid, cfg.patch_size)[0]
     fig, axes = figs.plt.subplots(1, len(attn), figsize=(3 * len(attn), 3), sharey=True, squeeze=False)
     for ax, (label, d) in zip(axes[0], attn.items()):

@@ -11,7 +11,7 @@ On CPU, `--jobs` runs go side by side, one thread each (two single-threaded runs
 one two-threaded run at these sizes); a fixed thread count keeps every run deterministic.
 
     python reproduce.py                        # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 45, 2 cores)
-    python reproduce.py --quick                # every step at micro size in about a minute (the tests run it)
+    python reproduce.py --quick                # every step at micro size in about 3 minutes, into out/quick
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan    # GPU-hours
     python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
     python reproduce.py --preset=paper ...     # the paper's schedules (400 + 300 epochs): see README
@@ -43,8 +43,8 @@ from checkpoint import read_log
 from common import BadValue, RunError, check, check_ranges, cli
 from data import build_dataset
 from model import VIT_SIZES
+from report import METHODS, write_report
 
-METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}
 # Images per second of one CPU core with the `mini` model, per kind of run: only for the first ETA
 CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, "finetune": 1100, "linear": 2500,
              "knn": 5000, "analyze": 500}
@@ -159,7 +159,7 @@ class Config:
     out_dir: str = "results"  # REPORT.md, figures/, runs/<run>/ (--quick: out/quick)
     dino_sweep: bool = True  # DINO at 3 other settings (seed 0; about 50 of the study's run-minutes on 2 cores)
     plan: bool = False  # print every run with its estimated GPU-hours and its own command; run nothing
-    quick: bool = False  # micro sizes, 1 seed, 1 epoch: every step in about a minute (a smoke test, not results)
+    quick: bool = False  # micro sizes, 1 seed, 1 epoch: every step in about 3 minutes (a smoke test, not results)
 
     def __post_init__(self):
         check(self.preset in ("", *PRESETS), f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -403,12 +403,6 @@ def study(cfg):
                                             batch_size=batch),
             [a] + ([b] if b else []), method=m, eval="analysis")
     return runs
-
-
-def select(runs, results, key="top1", **tags):
-    """The values of every finished run whose tags match, in seed order: what the report's tables are made of."""
-    return [results[r.name][key] for r in runs if r.name in results and all(r.tags.get(k) == v for k, v in
-                                                                              tags.items())]
 
 
 # --- running one run (in its own process) ---
@@ -719,9 +713,8 @@ def main(cfg):
     runs = study(cfg)
     if cfg.plan:
         return print_plan(runs, cfg)
-    import report
     results, wall = run_all(runs, cfg)
-    report.write_report(cfg, runs, results, wall)
+    write_report(cfg, runs, results, wall)
     return results
 
 

@@ -73,9 +73,9 @@ class TestCommandLine(unittest.TestCase):
         old = self.copy_of_mae("old_layout")  # written by bfbdbd2 as `python pretrain_mae.py`: stage "__main__"
         ckpt = load_ckpt(os.path.join(old, "ckpt.pt"))
         save_ckpt(dict(ckpt, stage="__main__"), os.path.join(old, "ckpt.pt"))
-        for folder in (self.mae, old):
+        for folder, flags in ((self.mae, ("false",)), (old, ("true", "false"))):
             before = folder_bytes(folder)
-            for resume in ("true", "false"):
+            for resume in flags:
                 result = stage("finetune.py", "--mode=scratch", *MICRO, f"--out_dir={folder}", f"--resume={resume}",
                                cwd=self.dir)
                 line = one_line_error(self, result, "holds a pretrain_mae.py run .*finetune.py will not write over "
@@ -120,9 +120,6 @@ class TestCommandLine(unittest.TestCase):
     def test_a_run_refused_in_a_new_folder_leaves_no_folder(self):
         result = stage("finetune.py", *MICRO, "--init_ckpt=missing.pt", "--out_dir=never", cwd=self.dir)
         one_line_error(self, result, "init_ckpt not found: missing.pt")
-        result = stage("pretrain_mae.py", *MICRO, "--data=imagefolder", "--data_root=nowhere", "--out_dir=never",
-                       cwd=self.dir)
-        self.assertEqual(result.returncode, 2, result.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
 
     def test_a_near_miss_flag_is_a_typo_not_an_abbreviation(self):

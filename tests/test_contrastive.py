@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import pretrain_contrastive as pc
 from checkpoint import load_ckpt
-from model import create_vit, load_backbone
+from model import create_vit
+from weights import load_backbone
 from tests.helpers import TINY, crash_then_resume, quiet
 
 

@@ -18,10 +18,12 @@ import augment
 import distill
 import finetune
 import pretrain_contrastive as pc
+import reproduce
 from checkpoint import load_ckpt
 from data import Loader, build_dataset, figure_images
 from finetune import timm_init
-from model import ViT, create_vit, load_backbone, read_state_dict
+from model import ViT, create_vit
+from weights import load_backbone, read_state_dict
 from pretrain_mae import random_masking
 from tests.helpers import TINY, quiet
 
@@ -264,11 +266,16 @@ class TestRecipeDetails(unittest.TestCase):
 
     def test_dino_gets_dino_defaults(self):
         dino, moco = pc.Config(method="dino"), pc.Config()
-        self.assertEqual((dino.base_lr, dino.weight_decay, dino.weight_decay_end, dino.ema_momentum, dino.clip_grad),
-                         (5e-4, 0.04, 0.4, 0.996, 3.0))
+        self.assertEqual((dino.base_lr, dino.weight_decay, dino.weight_decay_end, dino.clip_grad),
+                         (5e-4, 0.04, 0.4, 3.0))
+        # the setting that learns at CPU scale (the study's sweep); --preset=paper passes DINO's own
+        self.assertEqual((dino.batch_size_per_gpu, dino.head_out_dim, dino.ema_momentum), (64, 4096, 0.99))
+        paper = reproduce.PRESETS["paper"]
+        self.assertEqual((paper["dino_batch"], paper["dino_prototypes"], paper["dino_momentum"]), (1024, 65536, 0.996))
         self.assertEqual((dino.warmup_teacher_temp, dino.teacher_temp), (0.04, 0.07))
         self.assertEqual((moco.weight_decay, moco.weight_decay_end, moco.ema_momentum, moco.clip_grad),
                          (0.1, 0.1, 0.99, 0))
+        self.assertEqual(moco.batch_size_per_gpu, 256)
         self.assertEqual(pc.Config(method="dino", base_lr=1e-3).base_lr, 1e-3)  # a flag still wins
 
 

@@ -71,7 +71,8 @@ class TestNothingIsLost(unittest.TestCase):
         sd = {k[len("encoder."):]: v for k, v in load_ckpt(self.ckpt)["model"].items() if k.startswith("encoder.")}
         path = os.path.join(self.tmp.name, "timm_style.pth")
         torch.save(sd, path)  # no config: the size is read off the weights
-        from model import create_vit, load_backbone
+        from model import create_vit
+        from weights import load_backbone
         with self.assertRaises(ValueError) as e:
             load_backbone(create_vit("cpu", img_size=16, patch_size=4), path, verbose=False)
         self.assertNotIn("\n", str(e.exception))
@@ -133,7 +134,9 @@ class TestFirstTries(unittest.TestCase):
             self.assertIn("micro | mini | cpu | tiny | small | base", text, module.__name__)
             self.assertIn("seeded, class-balanced subset", text, module.__name__)
         r = stage("pretrain_contrastive.py", "--help")
-        self.assertIn("MoCo-v3 0.99 / DINO 0.996", " ".join(r.stdout.split()))
+        text = " ".join(r.stdout.split())
+        for shown in ("MoCo-v3 256 / DINO 64", "MoCo-v3 0.0 / DINO 3.0", "MoCo-v3 constant / DINO 0.4"):
+            self.assertIn(shown, text)
         self.assertNotIn("-1.0", r.stdout)
 
     def test_top5_only_with_more_than_five_classes(self):
@@ -194,8 +197,16 @@ class TestFigures(unittest.TestCase):
         for norm_pix in (True, False):
             mae = pretrain_mae.MAE(pretrain_mae.Config(**{**TINY, "norm_pix_loss": norm_pix})).eval()
             labels[norm_pix] = [label for label, _ in pretrain_mae.reconstruction_rows(mae, imgs)]
-        self.assertEqual(labels[False], ["original", "masked input", "reconstruction"])
-        self.assertEqual(labels[True], labels[False] + ["prediction\n(patch units)", "target\n(patch units)"])
+        self.assertEqual(labels[False], ["original", "masked input\n(grey: removed)", "reconstruction"])
+        self.assertEqual(labels[True], labels[False] + ["prediction\n(patch units;\nteal: visible)",
+                                                        "target\n(patch units;\nteal: visible)"])
+        mae = pretrain_mae.MAE(pretrain_mae.Config(**TINY)).eval()  # norm-pix: visible patches teal, never grey
+        rows = dict(pretrain_mae.reconstruction_rows(mae, imgs))
+        mask = rows["masked input\n(grey: removed)"]
+        teal = torch.tensor([0.0, 0.5, 0.5])[:, None, None]
+        visible = (rows["target\n(patch units;\nteal: visible)"] - teal).abs().amax(1) < 1e-6  # (B, H, W)
+        self.assertAlmostEqual(visible.float().mean().item(), 1 - pretrain_mae.Config().mask_ratio, places=5)
+        self.assertEqual(mask.shape, imgs.shape)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import unittest
 
 import torch
 
-from model import ViT, create_vit, load_backbone, patchify, read_state_dict, sincos_pos_embed, unpatchify
+from model import ViT, create_vit, patchify, sincos_pos_embed, unpatchify
+from weights import load_backbone, read_state_dict
 from pretrain_mae import MAEDecoder, random_masking
 
 

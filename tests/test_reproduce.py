@@ -54,7 +54,7 @@ class TestReproduce(unittest.TestCase):
         cls.tmp = os.path.join(cls.clone, "out", "quick")
         cls.cfg = reproduce.Config(quick=True)
         with quiet():
-            cls.results = reproduce.main(cls.cfg)  # every run finished: read back
+            cls.results, _ = reproduce.run_all(reproduce.study(cls.cfg), cls.cfg)  # every run finished: read back
 
     @classmethod
     def tearDownClass(cls):
