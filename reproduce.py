@@ -76,10 +76,10 @@ MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear"
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
              seeds="0", pretrain_epochs=400, pretrain_warmup=40, mae_batch=4096, mae_lr=1.5e-4, mae_crop=0.08,
              moco_batch=1024, moco_lr=1.5e-4, moco_hidden=4096, dino_batch=1024, dino_momentum=0.996,
-             dino_hidden=2048, dino_prototypes=65536, dino_local_crops=8, finetune_epochs=300, finetune_warmup=5,
-             finetune_batch=1024, finetune_lr=1e-3, finetune_mixup=0.2, finetune_randaug=10, linear_epochs=90,
-             layer_epochs=100, transfer_data="flowers102", transfer_shots="", transfer_epochs=50, transfer_lr=0.1,
-             transfer_batch=512, transfer_crop=0.08)
+             dino_hidden=2048, dino_prototypes=65536, dino_local_crops=8, dino_local_size=96, finetune_epochs=300,
+             finetune_warmup=5, finetune_batch=1024, finetune_lr=1e-3, finetune_mixup=0.2, finetune_randaug=10,
+             linear_epochs=90, layer_epochs=100, transfer_data="flowers102", transfer_shots="", transfer_epochs=50,
+             transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08)
 # fewgpu: a day on 4-8 GPUs. 100 pre-training epochs (MAE-Lite's MAE-Tiny reaches 76.2 after 400 + 100, issue #6)
 # and 100 fine-tuning epochs keep every comparison on equal epochs; the layer study and probes at 30
 PRESETS = {"paper": PAPER, "fewgpu": dict(PAPER, pretrain_epochs=100, pretrain_warmup=10, finetune_epochs=100,
@@ -135,6 +135,7 @@ class Config:
     dino_momentum: float = 0.99  # DINO's teacher momentum (DINO: 0.996)
     dino_prototypes: int = 4096  # DINO's output dimension (DINO's ViT recipe: 65536)
     dino_local_crops: int = 4  # DINO's local crops per image (DINO: 8)
+    dino_local_size: int = 0  # DINO's local crop side; 0 = half the image side (DINO: 96 at 224)
     teacher_ckpt: str = ""  # D-MAE's teacher from a file (the paper: MAE's mae_pretrain_vit_base.pth); "" = train one
     finetune_epochs: int = 40  # claim 1's fine-tuning, and the from-scratch baseline unless scratch_epochs
     scratch_epochs: int = 0  # the from-scratch baseline (0 = finetune_epochs)
@@ -326,7 +327,7 @@ def study(cfg):
     if own_teacher:
         add("teacher", pretrain_mae.Config(model=cfg.teacher_model, seed=cfg.seed_list[0], **mae), ddp=True)
     teacher, teacher_deps = (ckpt("teacher"), ["teacher"]) if own_teacher else (cfg.teacher_ckpt or NO_TEACHER, [])
-    local = max(cfg.patch_size, cfg.img_size // 2 // cfg.patch_size * cfg.patch_size)  # DINO's local crops: half side
+    local = cfg.dino_local_size or max(cfg.patch_size, cfg.img_size // 2 // cfg.patch_size * cfg.patch_size)
     dino = dict(contrastive, method="dino", model=cfg.model, local_crop_size=local, local_crops=cfg.dino_local_crops,
                 head_hidden_dim=cfg.dino_hidden, head_out_dim=cfg.dino_prototypes, ema_momentum=cfg.dino_momentum,
                 **batch_of("dino", cfg.dino_batch))

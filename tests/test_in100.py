@@ -170,8 +170,8 @@ class TestIn100Preset(unittest.TestCase):
                          (300, 40, 1024, 4096, 256))
         self.assertAlmostEqual(moco.base_lr * glob(moco) / 256, 6e-4)
         self.assertEqual((moco.temperature, moco.ema_momentum, moco.weight_decay), (0.2, 0.99, 0.1))
-        self.assertEqual((dino.epochs, glob(dino), dino.head_out_dim, dino.head_hidden_dim, dino.local_crops),
-                         (300, 1024, 65536, 2048, 8))
+        self.assertEqual((dino.epochs, glob(dino), dino.head_out_dim, dino.head_hidden_dim, dino.local_crops,
+                          dino.local_crop_size), (300, 1024, 65536, 2048, 8, 96))  # DINO's local crops: 96 at 224
         self.assertEqual((dino.ema_momentum, dino.base_lr, dino.teacher_temp, dino.clip_grad), (0.996, 5e-4, 0.07,
                                                                                                 3.0))
         scratch, ft = runs["scratch_s0"].cfg, runs["mae_ft_s0"].cfg
