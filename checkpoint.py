@@ -121,8 +121,8 @@ def stage_name(cfg):
 
 def stage_of(saved):
     """Which stage wrote a checkpoint of ours (or a config.json, given as {"config": ...}): its 'stage'; the ones
-    written by `python <stage>.py` before bfbdbd2's fix say '__main__' and, like those with none, are recognised by
-    their config."""
+    written by `python <stage>.py` up to bfbdbd2 say '__main__' and, like those with none, are recognised by their
+    config."""
     if saved.get("stage") not in (None, "", "__main__"):
         return saved["stage"]
     c = saved.get("config") or {}
