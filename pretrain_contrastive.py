@@ -2,10 +2,10 @@ r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and 
 
 MoCo-v3: two BYOL-style views; InfoNCE between one view's query (predictor(projector(encoder))) and the other's
 momentum key, against every rank's keys. DINO: 2 global + N local crops; the student matches the EMA teacher's
-centred, sharpened output on the global ones by cross-entropy. Each method is one class behind the same interface
-(DEFAULTS, view_specs, forward(views, teacher, step) -> (loss, logs), make_teacher, param_groups, schedule,
-before_step), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's EMA teacher:
---init_key=teacher).
+centred, sharpened output on the global ones by cross-entropy. Each method is one class behind one small interface
+(`Method`: view_specs, make_teacher, param_groups, forward(views, teacher, step) -> (loss, logs), and two hooks that
+do nothing unless a method needs them), so the train loop has no method branch; the recipes are METHOD_DEFAULTS.
+The backbone is saved under `encoder.` (DINO's EMA teacher: --init_key=teacher).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
@@ -30,6 +30,18 @@ from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, c
                     seed_everything, set_lr, set_weight_decay, setup_dist)
 from data import Loader, build_dataset
 from model import VIT_SIZES, create_vit, vit_heads
+
+# Each method's recipe, for the Config fields left at None. MoCo-v3's (its lr raised for short CPU runs;
+# weight_decay_end None = constant). DINO's: the setting that learns at CPU scale (the study's sweep: at batch 256
+# with DINO's own 65,536 prototypes and momentum 0.996 the output goes uniform); --preset=paper passes DINO's ViT
+# recipe (batch 1024, 65536, 0.996).
+METHOD_DEFAULTS = {
+    "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
+                   head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256),
+    "dino": dict(ema_momentum=0.99, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+                 head_hidden_dim=1024, head_out_dim=4096, batch_size_per_gpu=64),
+}
+STUDENT_TEMP = 0.1  # DINO's student temperature
 
 
 @dataclass
@@ -72,13 +84,13 @@ class Config:
 
     @classmethod
     def shown_default(cls, name):  # --help: "MoCo-v3 0.99 / DINO 0.996"
-        if name in MoCoV3.DEFAULTS:
-            moco = MoCoV3.DEFAULTS[name]
-            return f"MoCo-v3 {'constant' if moco is None else moco} / DINO {DINO.DEFAULTS[name]}"
+        if name in METHOD_DEFAULTS["mocov3"]:
+            moco, dino = METHOD_DEFAULTS["mocov3"][name], METHOD_DEFAULTS["dino"][name]
+            return f"MoCo-v3 {'constant' if moco is None else moco} / DINO {dino}"
 
     def __post_init__(self):
-        check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        for name, value in METHODS[self.method].DEFAULTS.items():  # unset: the method's own value
+        check(self.method in METHOD_DEFAULTS, f"method must be one of {sorted(METHOD_DEFAULTS)}, got {self.method!r}")
+        for name, value in METHOD_DEFAULTS[self.method].items():  # unset: the method's own value
             if getattr(self, name) is None:
                 setattr(self, name, self.weight_decay if name == "weight_decay_end" and value is None else value)
         check_ranges(self, ">=0", img_size=">0", patch_size=">0", head_hidden_dim=">0", head_out_dim=">0",
@@ -101,6 +113,19 @@ def make_views(images, cfg):
 
 def crops(cfg):  # what the loader crops for files: (side, scale range) of each view
     return [(size, scale) for size, scale, *_ in METHODS[cfg.method].view_specs(cfg)]
+
+
+class Method(nn.Module):
+    """What the train loop asks of a method, the student (encoder + heads): view_specs(cfg), each view's (side, crop
+    scale range, blur p, solarize p); make_teacher(), the parts of itself the EMA teacher copies; param_groups(), for
+    AdamW; forward(views, teacher, step) -> (loss, {name: 0-d tensor to log}); and the two hooks below."""
+    CLIP_PER_PARAMETER = False  # --clip_grad clips the whole model's gradient norm (True: each parameter's)
+
+    def schedule(self, total_steps, steps_per_epoch):  # the method's own per-step schedules, built once
+        pass
+
+    def before_step(self, epoch):  # edit the gradients before the optimizer steps
+        pass
 
 
 @torch.no_grad()
@@ -131,11 +156,7 @@ def info_nce(q, k, temperature):
     return F.cross_entropy(logits, labels) * 2 * temperature  # MoCo-v3 scales by 2T
 
 
-class MoCoV3(nn.Module):
-    # MoCo-v3's recipe (its CPU lr raised for short runs; weight_decay_end None = constant)
-    DEFAULTS = dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
-                    head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256)
-    CLIP_PER_PARAMETER = False  # MoCo-v3's code clips nothing; a --clip_grad given clips the total norm
+class MoCoV3(Method):  # MoCo-v3's code clips nothing; a --clip_grad given clips the total norm
 
     def __init__(self, encoder, cfg):
         super().__init__()
@@ -160,11 +181,9 @@ class MoCoV3(nn.Module):
             k1, k2 = (teacher.projector(teacher.encoder(x)) for x in crops)
         return info_nce(q1, k2, self.cfg.temperature) + info_nce(q2, k1, self.cfg.temperature), {}
 
-    schedule = before_step = lambda self, *args: None  # no schedule of its own, no gradient edits
-
 
 # --- DINO ---
-def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=0.1, n_global=2):
+def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=STUDENT_TEMP, n_global=2):
     """Cross-entropy between the sharpened, centred teacher on each global crop and the student on every other crop."""
     s = (student_out / student_temp).chunk(len(student_out) // (len(teacher_out) // n_global))
     t = F.softmax((teacher_out - center) / teacher_temp, dim=-1).chunk(n_global)
@@ -179,12 +198,8 @@ def update_center(center, teacher_out, momentum):
     return center * momentum + batch_center * (1 - momentum)
 
 
-class DINO(nn.Module):
+class DINO(Method):
     """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
-    # The setting that learns at CPU scale (the study's sweep: at batch 256 with DINO's own 65,536 prototypes and
-    # momentum 0.996 the output goes uniform); DINO's ViT recipe, --preset=paper's: batch 1024, 65536, 0.996
-    DEFAULTS = dict(ema_momentum=0.99, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
-                    head_hidden_dim=1024, head_out_dim=4096, batch_size_per_gpu=64)
     # DINO's utils.clip_gradients clips each parameter's gradient norm by itself (clip 3.0), not the total norm: a
     # large gradient in one tensor does not shrink every other tensor's step with it (a different optimizer step)
     CLIP_PER_PARAMETER = True
@@ -241,9 +256,9 @@ class DINO(nn.Module):
         loss = dino_loss(student_out.float(), teacher_out, self.center, temp)
         with torch.no_grad():  # collapse shows here, as in DINO's paper: entropy ln K = uniform, 0 = one prototype
             t = F.softmax((teacher_out - self.center) / temp, dim=-1)  # (2B, K) the teacher's targets
-            s = F.log_softmax(student_out[:len(t)].float() / 0.1, dim=-1)  # the student on the same global crops
-            logs = dict(teacher_entropy=torch.special.entr(t).sum(-1).mean().item(),
-                        teacher_student_kl=(torch.special.xlogy(t, t) - t * s).sum(-1).mean().item())
+            s = F.log_softmax(student_out[:len(t)].float() / STUDENT_TEMP, dim=-1)  # the student, same crops
+            logs = dict(teacher_entropy=torch.special.entr(t).sum(-1).mean(),
+                        teacher_student_kl=(torch.special.xlogy(t, t) - t * s).sum(-1).mean())
         self.center.copy_(update_center(self.center, teacher_out, self.cfg.center_momentum))
         return loss, logs
 
@@ -310,7 +325,7 @@ def main(cfg):
                 views = make_views(imgs, cfg)
                 with autocast_ctx(device):
                     loss, extra = model(views, teacher, step)
-                steps.add(loss=check_finite(loss, epoch, step), **extra)
+                steps.add(loss=check_finite(loss, epoch, step), **{k: v.item() for k, v in extra.items()})
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:
                     optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch),
