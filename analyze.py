@@ -207,7 +207,7 @@ def image_figures(cfg, vit, ccfg, ckpt, device):
                                  [os.path.basename(path)], cfg.shared_scale, what_it_reads(vit))
         written.append(f"{stem}_attention.png")
         if mae is not None:
-            pretrain_mae.save_reconstructions(mae, augment.normalize(crop), f"{os.path.basename(path)}"
+            figures.save_reconstructions(mae, augment.normalize(crop), f"{os.path.basename(path)}"
                                               f" through {cfg.ckpt}", f"{stem}_recon.png", cfg.mask_seed)
             written.append(f"{stem}_recon.png")
     print0("wrote " + ", ".join(written))
@@ -259,7 +259,7 @@ def main(cfg):
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
         view = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), img_size))
-        pretrain_mae.save_reconstructions(mae, view, f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
+        figures.save_reconstructions(mae, view, f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
                                           os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
         written.append("recon.png")
 

@@ -1,11 +1,13 @@
 """Figures for people, shared by the stages, analyze.py and reproduce.py: labelled image grids with every image
-upscaled by nearest neighbour (each patch stays a visible square), and attention maps laid over their images."""
+upscaled by nearest neighbour (each patch stays a visible square), MAE reconstructions, and attention maps laid over
+their images."""
 import math
 import textwrap
 
 import torch
 
 import augment
+from model import patchify, unpatchify
 
 MIN_SIDE = 112  # pixels on screen per image, at least: a 28-px digit is drawn 4x
 
@@ -97,3 +99,36 @@ def attention_panels(images, maps, title, path, row_labels=None, shared_scale=Tr
     fig.suptitle(f"{title}\nlast layer, cls-to-patch attention ({scale}; bright = most attended){note}", fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     pyplot.close(fig)
+
+
+@torch.no_grad()
+def reconstruction_rows(mae, imgs, seed=0):
+    """(row label, images in [0, 1]) for a figure: the original, the masked input, the reconstruction with the
+    visible patches pasted in, and with norm-pix the prediction and the target in normalised-patch units (what the
+    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches, not scored, teal)."""
+    p, grid = mae.cfg.patch_size, mae.encoder.grid
+    g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
+    pred, mask, *_ = mae.encode_decode(imgs, generator=g)
+    target, m = patchify(imgs, p), mask[..., None]  # m: (B, L, 1), 1 = removed
+    mean, std = target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    pixels = pred * std + mean if mae.cfg.norm_pix_loss else pred  # de-normalised with the TRUE patch's mean, std
+    rows = [("original", imgs), ("masked input\n(grey: removed)", unpatchify(target * (1 - m), p, grid)),
+            ("reconstruction", unpatchify(target * (1 - m) + pixels * m, p, grid))]
+    rows = [(label, to_pixels(x)) for label, x in rows]
+    if mae.cfg.norm_pix_loss:
+        teal = torch.tensor([0.0, 0.5, 0.5], device=imgs.device).repeat(p * p)  # (p*p*C): pixels (row, col, channel)
+        units = lambda x: unpatchify((0.5 + x / 4).clamp(0, 1) * m + teal * (1 - m), p, grid)  # noqa: E731
+        rows += [("prediction\n(patch units;\nteal: visible)", units(pred)),
+                 ("target\n(patch units;\nteal: visible)", units((target - mean) / std))]
+    return rows
+
+
+def save_reconstructions(mae, imgs, title, path, seed=0):
+    rows = reconstruction_rows(mae, imgs, seed)
+    how = ("each predicted patch drawn with the true patch's mean and std (norm-pix): judge the prediction by the "
+           "patch-unit rows" if mae.cfg.norm_pix_loss else "predicted pixels as they are (no norm-pix)")
+    title = f"{title}\nmask ratio {mae.cfg.mask_ratio:g}, fixed masks (seed {seed}); reconstruction: {how}"
+    if len(imgs) == 1:  # one image: its rows side by side
+        image_grid([torch.cat([x for _, x in rows])], [""], title, path, [label for label, _ in rows])
+    else:
+        image_grid([x for _, x in rows], [label for label, _ in rows], title, path)

@@ -24,7 +24,7 @@ from checkpoint import RunFolder
 from common import (EpochSteps, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli, cosine_schedule,
                     make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist)
 from data import Loader, build_dataset, figure_images
-from model import VIT_SIZES, Block, ViT, create_vit, patchify, sincos_pos_embed, unpatchify, vit_heads
+from model import VIT_SIZES, Block, ViT, create_vit, patchify, sincos_pos_embed, vit_heads
 
 
 @dataclass
@@ -169,39 +169,6 @@ def augment_batch(imgs, cfg):
     return augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
 
 
-@torch.no_grad()
-def reconstruction_rows(mae, imgs, seed=0):
-    """(row label, images in [0, 1]) for a figure: the original, the masked input, the reconstruction with the
-    visible patches pasted in, and with norm-pix the prediction and the target in normalised-patch units (what the
-    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches, not scored, teal)."""
-    p, grid = mae.cfg.patch_size, mae.encoder.grid
-    g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
-    pred, mask, *_ = mae.encode_decode(imgs, generator=g)
-    target, m = patchify(imgs, p), mask[..., None]  # m: (B, L, 1), 1 = removed
-    mean, std = target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-    pixels = pred * std + mean if mae.cfg.norm_pix_loss else pred  # de-normalised with the TRUE patch's mean, std
-    rows = [("original", imgs), ("masked input\n(grey: removed)", unpatchify(target * (1 - m), p, grid)),
-            ("reconstruction", unpatchify(target * (1 - m) + pixels * m, p, grid))]
-    rows = [(label, figures.to_pixels(x)) for label, x in rows]
-    if mae.cfg.norm_pix_loss:
-        teal = torch.tensor([0.0, 0.5, 0.5], device=imgs.device).repeat(p * p)  # (p*p*C): pixels (row, col, channel)
-        units = lambda x: unpatchify((0.5 + x / 4).clamp(0, 1) * m + teal * (1 - m), p, grid)  # noqa: E731
-        rows += [("prediction\n(patch units;\nteal: visible)", units(pred)),
-                 ("target\n(patch units;\nteal: visible)", units((target - mean) / std))]
-    return rows
-
-
-def save_reconstructions(mae, imgs, title, path, seed=0):
-    rows = reconstruction_rows(mae, imgs, seed)
-    how = ("each predicted patch drawn with the true patch's mean and std (norm-pix): judge the prediction by the "
-           "patch-unit rows" if mae.cfg.norm_pix_loss else "predicted pixels as they are (no norm-pix)")
-    title = f"{title}\nmask ratio {mae.cfg.mask_ratio:g}, fixed masks (seed {seed}); reconstruction: {how}"
-    if len(imgs) == 1:  # one image: its rows side by side
-        figures.image_grid([torch.cat([x for _, x in rows])], [""], title, path, [label for label, _ in rows])
-    else:
-        figures.image_grid([x for _, x in rows], [label for label, _ in rows], title, path)
-
-
 def recon_epoch(epoch, epochs):
     """The epochs that draw a reconstruction figure: 1, 2, 4, 8, ... and the last, so that a long run leaves a
     handful of figures to compare, not one per epoch."""
@@ -271,7 +238,7 @@ def main(cfg, model=None):
                 raw_model.eval()
                 title = (f"{type(raw_model).__name__} reconstructions of 8 training images (centre crops), "
                          f"{cfg.out_dir} epoch {epoch + 1}")
-                save_reconstructions(raw_model, view_imgs, title,
+                figures.save_reconstructions(raw_model, view_imgs, title,
                                      os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
 
             # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)

@@ -17,6 +17,7 @@ from PIL import Image
 import analyze
 import checkpoint
 import distill
+import figures
 import finetune
 import pretrain_contrastive as pc
 import pretrain_mae
@@ -196,12 +197,12 @@ class TestFigures(unittest.TestCase):
         labels = {}
         for norm_pix in (True, False):
             mae = pretrain_mae.MAE(pretrain_mae.Config(**{**TINY, "norm_pix_loss": norm_pix})).eval()
-            labels[norm_pix] = [label for label, _ in pretrain_mae.reconstruction_rows(mae, imgs)]
+            labels[norm_pix] = [label for label, _ in figures.reconstruction_rows(mae, imgs)]
         self.assertEqual(labels[False], ["original", "masked input\n(grey: removed)", "reconstruction"])
         self.assertEqual(labels[True], labels[False] + ["prediction\n(patch units;\nteal: visible)",
                                                         "target\n(patch units;\nteal: visible)"])
         mae = pretrain_mae.MAE(pretrain_mae.Config(**TINY)).eval()  # norm-pix: visible patches teal, never grey
-        rows = dict(pretrain_mae.reconstruction_rows(mae, imgs))
+        rows = dict(figures.reconstruction_rows(mae, imgs))
         mask = rows["masked input\n(grey: removed)"]
         teal = torch.tensor([0.0, 0.5, 0.5])[:, None, None]
         visible = (rows["target\n(patch units;\nteal: visible)"] - teal).abs().amax(1) < 1e-6  # (B, H, W)
