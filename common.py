@@ -274,10 +274,11 @@ class EpochSteps:
     nanoGPT's require_backward_grad_sync; at accum_steps=1 every batch syncs). A last incomplete group is skipped.
     The progress bar shows on a terminal only; a redirected run writes the stage's one line per epoch."""
 
-    def __init__(self, loader, epoch, steps_per_epoch, cfg, ddp_model=None):
+    def __init__(self, loader, epoch, steps_per_epoch, cfg, model=None):
         self.loader, self.epoch, self.steps_per_epoch, self.accum = loader, epoch, steps_per_epoch, cfg.accum_steps
         self.sums, self.start, self.last_step = {}, time.time(), None
-        self.ddp = ddp_model if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel) else None
+        model = getattr(model, "_orig_mod", model)  # under torch.compile: the module it wraps
+        self.ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         master = not dist.is_initialized() or dist.get_rank() == 0
         self.bar = tqdm(total=steps_per_epoch * self.accum, desc=f"ep {epoch + 1}/{cfg.epochs}", leave=False,
                         disable=not (master and sys.stderr.isatty()))

@@ -229,14 +229,14 @@ def main(cfg):
         ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
         start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
         best_top1 = ckpt["best_top1"] if ckpt else 0.0
-        model = ddp_model = DDP(raw_model) if world > 1 else raw_model
+        model = DDP(raw_model) if world > 1 else raw_model
         if cfg.compile:
             model = torch.compile(model)
 
         # --- train loop ---
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (imgs, labels) in steps:
                 set_lr(optimizer, lr_schedule[step])
                 imgs = transform(imgs)

@@ -310,7 +310,7 @@ def main(cfg):
         # --- resume ---
         ckpt = run.start(rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
         start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-        model = ddp_model = DDP(raw_model) if world > 1 else raw_model
+        model = DDP(raw_model) if world > 1 else raw_model
         if cfg.compile:
             model = torch.compile(model)
 
@@ -318,7 +318,7 @@ def main(cfg):
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
-            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (imgs, _) in steps:
                 set_lr(optimizer, lr_schedule[step])
                 set_weight_decay(optimizer, wd_schedule[step])

@@ -207,14 +207,14 @@ def main(cfg, model=None):
         # --- resume ---
         ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
         start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-        model = ddp_model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
+        model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
         if cfg.compile:
             model = torch.compile(model)
 
         # --- train loop ---
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, ddp_model)
+            steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (imgs, _) in steps:
                 set_lr(optimizer, lr_schedule[step])
                 imgs = augment_batch(imgs, cfg)
