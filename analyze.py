@@ -228,16 +228,16 @@ def main(cfg):
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
     img_size = models[0][0].patch_embed.img_size
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
-    loader = Loader(dataset, cfg.batch_size, False, 0, device, drop_last=True,  # equal minibatches for HSIC
-                    crops=[(img_size, "center")])
+    loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)  # HSIC: equal
+    # minibatches
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
     # --- measure ---
     sums = dict(xy=0.0, xx=0.0, yy=0.0)
     dist_sum = [0.0 for _ in models]
     ent_sum = [0.0 for _ in models]
-    for imgs, _ in loader:
-        imgs = augment.normalize(augment.center_crop(imgs, img_size))
+    for crops, _ in loader:
+        imgs = augment.normalize(crops[0])
         per_model = [vit.forward_features(imgs, return_attn=True, return_hidden=True) for vit, *_ in models]
         grams_a = [gram(h[:, 1:]) for h in per_model[0][2]]  # [:, 1:] drops the cls token
         grams_b = [gram(h[:, 1:]) for h in per_model[-1][2]]
@@ -258,7 +258,7 @@ def main(cfg):
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
-        view = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), img_size))
+        view = augment.normalize(figure_images(dataset, 8, img_size, device))
         figures.save_reconstructions(mae, view, f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
                                           os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
         written.append("recon.png")
@@ -266,7 +266,7 @@ def main(cfg):
     # --- per-head attention maps of each model on test images, one per class first ---
     labels = label_names(dataset, cfg.data, figure_indices(dataset.labels, cfg.num_map_images))
     for i, ((vit, *_), name) in enumerate(zip(models, names)):
-        crops = augment.center_crop(figure_images(dataset, cfg.num_map_images, device), vit.patch_embed.img_size)
+        crops = figure_images(dataset, cfg.num_map_images, vit.patch_embed.img_size, device)
         figures.attention_panels(crops, last_layer_maps(vit, crops), name,
                                  os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"), labels,
                                  cfg.shared_scale, what_it_reads(vit))

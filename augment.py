@@ -1,16 +1,14 @@
 """Batched augmentation on the training device: one code path for CPU and GPU, per-sample randomness.
 
-Images arrive as uint8 (B, 3, H, W) batches (in-memory sets), as Views already cropped by the loader's workers
-(files: then only the flip is left to do here), or as lists of whole (3, H, W) images of different sizes (figures,
-tests), and leave as float (B, 3, S, S) in [0, 1]; `normalize` applies ImageNet's mean and std last. Every random
-draw is per sample and comes from torch's RNG on the images' device, which checkpoints save, so a resumed run draws
-the same augmentations.
+The crops are cut first, by data.Loader from the stage's views (files in its workers, with rrc_box; in-memory sets on
+the device, with random_resized_crop); everything here then works on float (B, 3, S, S) batches in [0, 1], and
+`normalize` applies ImageNet's mean and std last. Every random draw is per sample and comes from torch's RNG on the
+images' device, which checkpoints save, so a resumed run draws the same augmentations.
 
-- random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback);
-  a same-size batch is cropped and resized by one affine grid_sample (bicubic); a list of files is padded into
-  chunks and resampled by one supersampled bilinear grid_sample per chunk (area-filtered when shrinking).
+- random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback), a
+  batch cropped and resized by one affine grid_sample (bicubic).
 - center_crop: the eval transform, resize the shorter side to S / 0.875 then crop the centre (timm, PAPER §3.1).
-- byol_view: MoCo-v3 / DINO views: colour jitter in random order, grayscale, Gaussian blur, solarize.
+- random_flip, and byol_view: MoCo-v3 / DINO views: colour jitter in random order, grayscale, blur, solarize.
 - rand_augment: timm's `rand-m10-mstd0.5-inc1` (PAPER §3.1), the paper's strength; torchvision's RandAugment(10)
   is bin 10 of 31, a third of it. 2 ops of 15, each applied with p 0.5, magnitude ~ N(10, 0.5) clipped to [0, 10],
   random sign; at 10: rotate 30 deg, shear 0.3, translate 0.45 x side, enhance 1 +- 0.9, posterize to 0 bits,
@@ -24,34 +22,34 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = tuple(round(255 * m) / 255 for m in IMAGENET_MEAN)  # timm's img_mean, (124, 116, 104) / 255
-CROP_PCT = 0.875  # timm's eval view: the centre crop covers 87.5% of the resized shorter side
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision (PIL rounds 0.2989 to 0.299)
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
 
 def _rand(n, device, lo=0.0, hi=1.0, generator=None):
     return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
 
 
-class Views(tuple):
-    """Views cropped to their output size by the loader's workers (files): one uint8 (B, 3, S, S) batch per crop the
-    stage asked for, in its order. random_resized_crop / center_crop then only flip and scale them."""
-
-
 def _bshape(v):
     return v.view(-1, 1, 1, 1)
 
 
-# --- crops ---
-def rrc_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
-    """One sample's (top, left, h, w) by torchvision's RandomResizedCrop.get_params, drawn from a random.Random: the
-    loader's workers crop files with it (a per-sample twin of rrc_params, without tensor overheads)."""
+# --- crops: torchvision's RandomResizedCrop rule, drawn two ways (a sample's box in a worker, a batch's on the device)
+def rrc_box(rng, height, width, scale, ratio=RATIO):
+    """One sample's (top, left, h, w), drawn from a random.Random: the loader's workers crop files with it (40x cheaper
+    per box than the tensor ops of rrc_params, which would slow a worker down by a third for DINO's ten crops)."""
     for _ in range(10):
         target = height * width * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    w, h = width, height  # no try fits: the whole image, trimmed to the nearest allowed ratio
+    return centre_box(height, width, ratio)
+
+
+def centre_box(height, width, ratio=RATIO):
+    """Where no try fits: the whole image, trimmed to the nearest allowed ratio, centred."""
+    w, h = width, height
     if width / height < ratio[0]:
         h = round(width / ratio[0])
     elif width / height > ratio[1]:
@@ -59,12 +57,10 @@ def rrc_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", generator=None):
-    """(top, left, h, w) per sample (long tensors), by torchvision's RandomResizedCrop.get_params: 10 tries of
-    area ~ U(scale) x image area and log-uniform aspect ratio; the first that fits wins, else the largest centred
-    crop within `ratio`. height / width: ints, or (n,) tensors for images of different sizes."""
+def rrc_params(n, height, width, scale, ratio=RATIO, device="cpu", generator=None):
+    """(top, left, h, w) of n samples (long tensors), the same rule from torch's RNG: 10 tries of area ~ U(scale) x
+    image area and log-uniform aspect ratio; the first that fits wins, else the largest centred crop within `ratio`."""
     tries = 10
-    height, width = (torch.as_tensor(v, device=device).view(-1, 1).expand(n, 1) for v in (height, width))
     target = (height * width) * _rand(n * tries, device, *scale, generator).view(n, tries)
     aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]), generator)).view(n, tries)
     w = torch.round(torch.sqrt(target * aspect)).long()
@@ -72,97 +68,51 @@ def rrc_params(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", gene
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = ok.long().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-    height, width = height[:, 0], width[:, 0]
     top = (_rand(n, device, generator=generator) * (height - h + 1)).long().clamp(min=0)
     left = (_rand(n, device, generator=generator) * (width - w + 1)).long().clamp(min=0)
-    # fallback when no try fits: the whole image, trimmed to the nearest allowed ratio
-    in_ratio = width / height
-    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]).long(), width)
-    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]).long(), height)
-    none = ~ok.any(1)
-    h, w = torch.where(none, fh, h), torch.where(none, fw, w)
-    top = torch.where(none, (height - fh) // 2, top)
-    left = torch.where(none, (width - fw) // 2, left)
-    return top, left, h, w
+    none = ~ok.any(1)  # no try fits: the centred box
+    box = zip((top, left, h, w), centre_box(height, width, ratio))
+    return tuple(torch.where(none, fallback, drawn) for drawn, fallback in box)
 
 
-def crop_resize(x, top, left, h, w, size, flip=None):
+def crop_resize(x, top, left, h, w, size):
     """Per-sample crop boxes of a same-size batch, resized to size x size by one bicubic grid_sample (sampling the
-    same points as interpolate(align_corners=False) on the crop); `flip` mirrors chosen samples in the same pass."""
+    same points as interpolate(align_corners=False) on the crop)."""
     B, _, H, W = x.shape
-    sx, sy = w.float() / W, h.float() / H
     theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0] = sx if flip is None else torch.where(flip, -sx, sx)
+    theta[:, 0, 0] = w.float() / W
     theta[:, 0, 2] = (2 * left.float() + w.float()) / W - 1
-    theta[:, 1, 1] = sy
+    theta[:, 1, 1] = h.float() / H
     theta[:, 1, 2] = (2 * top.float() + h.float()) / H - 1
     grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
     return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
-def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), flip=True, view=0):
-    """uint8 batch (B, 3, H, W) or list of (3, H, W) -> float (B, 3, size, size) in [0, 1], randomly flipped. Views
-    (files, cropped in the loader's workers by the same rule): their `view`-th batch, flipped."""
-    if isinstance(images, Views):
-        x = images[view].float() / 255
-        return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
-    if isinstance(images, torch.Tensor):
-        B, _, H, W = images.shape
-        top, left, h, w = rrc_params(B, H, W, scale, ratio, images.device)
-        flips = _rand(B, images.device) < 0.5 if flip else None
-        return (crop_resize(images, top, left, h, w, size, flips) / 255).clamp_(0, 1)
-    x = _crop_files(images, size, scale, ratio)
-    return hflip(x, _rand(len(x), x.device) < 0.5) if flip else x
+def random_resized_crop(images, size, scale):
+    """uint8 batch (B, 3, H, W) -> float (B, 3, size, size) in [0, 1], a box per sample by torchvision's rule."""
+    B, _, H, W = images.shape
+    top, left, h, w = rrc_params(B, H, W, scale, device=images.device)
+    return (crop_resize(images, top, left, h, w, size) / 255).clamp_(0, 1)
 
 
-def _crop_files(images, size, scale, ratio, max_pixels=2 ** 26):
-    """Random crops of images of different sizes (decoded files). The boxes are drawn at once on the CPU (no device
-    sync); images are padded into chunks of at most max_pixels and each chunk is resampled by one bilinear
-    grid_sample, ss x ss points per output pixel averaged (an area filter when shrinking, like an antialiased
-    resize), the points clamped inside each image so padding never leaks in."""
-    n, dev = len(images), images[0].device
-    heights, widths = torch.tensor([img.shape[1:] for img in images]).T
-    top, left, h, w = rrc_params(n, heights, widths, scale, ratio)
-    ss = int(min(4, max(1, math.ceil(max(h.max().item(), w.max().item()) / size))))
-    u = (torch.arange(size * ss) + 0.5) / (size * ss)  # sample positions across the box, in [0, 1]
-    xs = (left[:, None] + u * w[:, None] - 0.5).clamp(min=0).minimum(widths[:, None] - 1)  # pixel-centre units
-    ys = (top[:, None] + u * h[:, None] - 0.5).clamp(min=0).minimum(heights[:, None] - 1)
-    out, start = torch.empty(n, 3, size, size, device=dev), 0
-    while start < n:
-        end = start + 1
-        while end < n and (end + 1 - start) * heights[start:end + 1].max() * widths[start:end + 1].max() <= max_pixels:
-            end += 1
-        hp, wp = int(heights[start:end].max()), int(widths[start:end].max())
-        padded = torch.zeros(end - start, 3, hp, wp, dtype=torch.uint8, device=dev)
-        for i in range(start, end):
-            padded[i - start, :, :images[i].shape[1], :images[i].shape[2]] = images[i]
-        gx = ((2 * xs[start:end] + 1) / wp - 1).to(dev)  # normalised, align_corners=False
-        gy = ((2 * ys[start:end] + 1) / hp - 1).to(dev)
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # (b, S*ss, S*ss, [x, y])
-        y = F.grid_sample(padded.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out[start:end] = F.avg_pool2d(y, ss) if ss > 1 else y
-        start = end
-    return (out / 255).clamp_(0, 1)
+def eval_resize(height, width, size, crop_pct=0.875):
+    """timm's eval view: the shorter side resized to int(size / crop_pct), the centre size x size cut from it. Returns
+    the resized (height, width); data.crop_box maps the same box onto a file's own pixels."""
+    short = int(size / crop_pct)
+    return (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
 
 
-def center_crop(images, size, crop_pct=CROP_PCT):
-    """Eval: resize the shorter side to size / crop_pct (bicubic, antialiased), crop the centre -> float [0, 1]."""
-    if isinstance(images, Views):  # centre-cropped in the loader's workers
-        return images[0].float() / 255
-
-    def one(x):  # (B, 3, H, W)
-        H, W = x.shape[-2:]
-        short = int(size / crop_pct)
-        nh, nw = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
-        x = F.interpolate(x.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-        return x[..., top:top + size, left:left + size]
-    x = one(images) if isinstance(images, torch.Tensor) else torch.cat([one(img[None]) for img in images])
-    return (x / 255).clamp_(0, 1)
+def center_crop(images, size):
+    """Eval: resize the shorter side (bicubic, antialiased), crop the centre: uint8 (B, 3, H, W) -> float [0, 1]."""
+    nh, nw = eval_resize(*images.shape[-2:], size)
+    x = F.interpolate(images.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    return (x[..., top:top + size, left:left + size] / 255).clamp_(0, 1)
 
 
-def hflip(x, mask):
-    return torch.where(_bshape(mask), x.flip(-1), x)
+def random_flip(x):
+    """Mirror each sample with p 0.5 (every training view is flipped after its crop)."""
+    return torch.where(_bshape(_rand(len(x), x.device) < 0.5), x.flip(-1), x)
 
 
 def normalize(x):

@@ -123,14 +123,14 @@ def run_stage(stage, stage_cfg):
     return rows[-1]["imgs_per_s"]
 
 
-def stage_crops(stage, sc):
-    """The crops the stage asks its loader for (files are cropped in the workers): the stage's own function."""
-    return {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).crops(sc)
+def stage_views(stage, sc):
+    """The views the stage asks its loader for (files are cut in the workers): the stage's own function."""
+    return {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).views(sc)
 
 
 def worker_rate(stage, sc, dataset, n=64):
     """Files: one worker's img/s on one core (read, decode, crop every view of the stage), in this process."""
-    dataset.crops, dataset.raw = stage_crops(stage, sc), False
+    dataset.views, dataset.raw = stage_views(stage, sc), False
     t0 = time.perf_counter()
     for i in range(n):
         dataset[(i % len(dataset), i)]
@@ -141,9 +141,9 @@ def time_data_path(stage, sc, dataset, classes, device):
     """The stage's data path without the model: (loading alone, loading + its own augmentation call), img/s on the
     training device, each timed over a whole pass after a warm-up pass (which moves an in-memory set to the device
     and starts the workers). Loading = index gathers for in-memory sets; reading + decoding + cropping for files."""
-    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, crops=stage_crops(stage, sc))
+    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, stage_views(stage, sc))
     if stage == "mae":
-        augment = lambda x, y: pretrain_mae.augment_batch(x, sc)
+        augment = lambda x, y: pretrain_mae.augment_batch(x)
     elif stage == "finetune":
         transform, mix = finetune.train_transform(sc), finetune.make_mixer(sc, classes)
         augment = lambda x, y: mix(transform(x), y) if mix else transform(x)

@@ -1,18 +1,16 @@
-"""The data path: datasets as uint8 images, loaders that deliver them to the training device, nothing per-sample
-in Python on the hot path (augment.py works on whole batches there).
+"""The data path: datasets as uint8 images, and a loader that hands each batch to the training device already cut to
+the stage's views (its crops), with nothing per-sample in Python on the hot path.
 
+A view is (side, scale range): torchvision's RandomResizedCrop; or (side, "center"): timm's eval centre crop.
 - In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
-  loader draws only indices, so an epoch is a few gathers.
-- File sets (ImageFolder = ImageNet, and the small transfer sets) are read by DataLoader workers, and each image
-  is cropped to the stage's output size before it moves (`crops`: the stage's RandomResizedCrop views, or the eval
-  centre crop): on CPU the workers decode with PIL (JPEG `draft` when the crop is at least twice the output: a
-  cheaper decode) and crop-resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL images;
-  on a GPU the workers read JPEG bytes, nvjpeg decodes a batch and each image is cropped and resized on the device
-  by itself (a slice and one interpolate), the next batch in a thread on a side stream while this one trains.
-  Either way the training process gets fixed-size uint8 batches
-  (augment.Views) and everything after the crop stays batched on the device. The crop boxes come from a seed per
-  sample that the training process draws from torch's RNG (saved in checkpoints), never from worker RNG, so a
-  resumed run crops the same boxes and workers can stay alive across epochs.
+  loader draws indices, and each view is cut from the batch there, batched (augment.py), when the stage reads it.
+- File sets (ImageFolder = ImageNet, the small transfer sets) are read by DataLoader workers, each image cut to every
+  view before it moves: on CPU the workers decode with PIL (JPEG `draft` when every crop is at least twice its
+  output: a cheaper decode) and resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL
+  images; on a GPU they read JPEG bytes, nvjpeg decodes a batch and each image is cut on the device by itself, the
+  next batch in a thread on a side stream while this one trains. The boxes come from a seed per sample that the
+  training process draws from torch's RNG (saved in checkpoints), never from worker RNG, so a resumed run cuts the
+  same boxes and workers can stay alive across epochs.
 Nothing is ever downloaded: a missing folder is an error naming it, an undecodable file is an error naming its path.
 """
 import gzip
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import augment
@@ -97,69 +96,71 @@ def load_rgb(path):
         return rgb(img)
 
 
-def crop_box(seed, view, height, width, crop):
-    """(top, left, h, w) of one sample's view: torchvision's RandomResizedCrop rule (augment.rrc_box) drawn from a
-    generator seeded by the training process, or the eval centre crop's box ((size, "center"))."""
-    size, scale = crop
-    if scale == "center":  # timm's eval view (augment.center_crop): shorter side to int(size / crop_pct), centre
-        short = int(size / augment.CROP_PCT)
-        nh, nw = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
-        sy, sx = height / nh, width / nw  # that box in the original image's pixels
-        return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
-    return augment.rrc_box(random.Random(seed * 16 + view), height, width, scale)
+def crop_box(seed, k, height, width, view):
+    """(top, left, h, w) of one sample's view k in its own pixels: RandomResizedCrop's box (augment.rrc_box) drawn
+    from a generator seeded by the training process, or the eval view's centre box."""
+    size, scale = view
+    if scale != "center":
+        return augment.rrc_box(random.Random(seed * 16 + k), height, width, scale)
+    nh, nw = augment.eval_resize(height, width, size)  # the centre of the resized image, in the original's pixels
+    sy, sx = height / nh, width / nw
+    return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
 
 
-def crop_pil(img, seed, crops):
-    """A decoded-lazily PIL image -> one uint8 (3, S, S) tensor per crop. The decode is reduced by JPEG's DCT scaling
+def crop_pil(img, seed, views):
+    """A lazily decoded PIL image -> one uint8 (3, S, S) tensor per view. The decode is reduced by JPEG's DCT scaling
     (draft) when every crop is at least twice its output size; the resize is PIL's antialiased bicubic."""
     width, height = img.size
-    boxes = [crop_box(seed, k, height, width, c) for k, c in enumerate(crops)]
-    factor = min(min(h, w) / c[0] for (_, _, h, w), c in zip(boxes, crops))
+    boxes = [crop_box(seed, k, height, width, v) for k, v in enumerate(views)]
+    factor = min(min(h, w) / v[0] for (_, _, h, w), v in zip(boxes, views))
     if img.format == "JPEG" and factor >= 2:  # DCT scaling by 1/2, 1/4 or 1/8
         reduce = 2 ** min(3, int(math.log2(factor)))
         img.draft("RGB", (width // reduce, height // reduce))
     img = rgb(img)
     sx, sy = img.size[0] / width, img.size[1] / height
-    return tuple(TF.pil_to_tensor(img.resize((c[0], c[0]), Image.BICUBIC,
+    return tuple(TF.pil_to_tensor(img.resize((v[0], v[0]), Image.BICUBIC,
                                              box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
-                 for (top, left, h, w), c in zip(boxes, crops))
+                 for (top, left, h, w), v in zip(boxes, views))
+
+
+def crop_tensor(img, seed, k, view):
+    """crop_pil's twin on the GPU: an image nvjpeg decoded, uint8 (3, H, W) -> its view k, the same box."""
+    top, left, h, w = crop_box(seed, k, img.shape[1], img.shape[2], view)
+    t, lft = int(round(top)), int(round(left))
+    x = img[None, :, t:t + int(round(h)), lft:lft + int(round(w))].float()
+    x = F.interpolate(x, (view[0], view[0]), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
 class FileImages(Dataset):
-    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): with `crops` set (the stage's views)
-    one uint8 (3, S, S) tensor per crop, else the whole decoded image; with raw=True (a GPU decodes) a JPEG's bytes."""
+    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): one uint8 (3, S, S) tensor per view
+    (the Loader sets `views`), or with raw=True (a GPU decodes) a JPEG's bytes."""
 
-    def __init__(self, samples, raw=False, crops=None):
-        self.samples, self.labels, self.raw, self.crops = samples, [y for _, y in samples], raw, crops
+    def __init__(self, samples):
+        self.samples, self.labels, self.raw, self.views = samples, [y for _, y in samples], False, ()
 
     def __len__(self):
         return len(self.samples)
 
     def select(self, indices):
-        return FileImages([self.samples[i] for i in indices], self.raw, self.crops)
+        return FileImages([self.samples[i] for i in indices])
 
     def __getitem__(self, item):
-        i, seed = item if isinstance(item, tuple) else (item, 0)
+        i, seed = item
         path, label = self.samples[i]
         if self.raw:
             with open(path, "rb") as f:
                 data = f.read()
             if data[:2] == b"\xff\xd8":  # JPEG: left to the GPU's decoder
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, seed
-        if self.crops:
-            with open_image(path) as img:
-                return crop_pil(img, seed, self.crops), label, i, seed
-        return TF.pil_to_tensor(load_rgb(path)), label, i, seed
+        with open_image(path) as img:
+            return crop_pil(img, seed, self.views), label, i, seed
 
 
 def check_headers(samples):
     """Open every image's header (cheap, no decoding), so a bad validation file stops the run before training."""
     for path, _ in samples:
-        try:
-            with Image.open(path):
-                pass
-        except UNREADABLE as e:
-            raise BadData(f"corrupt or unreadable image file: {path} ({e})") from None
+        open_image(path).close()
 
 
 def class_folders(path):
@@ -301,17 +302,18 @@ def label_names(dataset, data, indices):
     return [str(names[int(dataset.labels[i])]) if names else f"class {int(dataset.labels[i])}" for i in indices]
 
 
-def figure_images(dataset, n, device):
-    """n images for figures (class-balanced, always the same), undecorated (uint8): a batch, or a list for files."""
+def figure_images(dataset, n, size, device):
+    """n images for figures (class-balanced, always the same) in the eval view: centre crops, float in [0, 1]."""
     idx = figure_indices(dataset.labels, n)
     if isinstance(dataset, MemoryImages):
-        return dataset.chw()[idx].to(device)
-    return [TF.pil_to_tensor(load_rgb(dataset.samples[i][0])).to(device) for i in idx]
+        return augment.center_crop(dataset.chw()[idx].to(device), size)
+    return torch.cat([augment.center_crop(TF.pil_to_tensor(load_rgb(dataset.samples[i][0]))[None].to(device), size)
+                      for i in idx])
 
 
 # --- loaders ---
 def _collate(batch):
-    """Per sample (crops or an image or JPEG bytes, label, index, seed) -> lists of those, labels as one tensor."""
+    """Per sample (its crops or JPEG bytes, label, index, seed) -> lists of those, labels as one tensor."""
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch], [b[3] for b in batch]
 
 
@@ -331,17 +333,34 @@ class SeededSampler(torch.utils.data.Sampler):
         return iter(zip(order, seeds))
 
 
-class Loader:
-    """Yields (images, labels) on `device` for one pass: images are a uint8 (B, 3, H, W) batch (in-memory sets), or
-    for files augment.Views (one uint8 batch per crop in `crops`), or without crops a list of whole uint8 images.
-    Shuffling draws from torch's global RNG (DistributedSampler under DDP), which checkpoints save, so a resumed run
-    sees the same order."""
+class DeviceCrops:
+    """An in-memory batch, cut on the device when read: crops[k] is the batch cut to view k, float (B, 3, S, S) in
+    [0, 1]. Cut when read, not before, so a view's draws come where the stage reads it (crop, flip and colour of
+    view 0, then those of view 1, ...)."""
 
-    def __init__(self, dataset, batch_size, train, num_workers, device, drop_last=None, crops=None, prefetch=None):
+    def __init__(self, images, views):
+        self.images, self.views = images, views
+
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, k):
+        size, scale = self.views[k]
+        if scale == "center":
+            return augment.center_crop(self.images, size)
+        return augment.random_resized_crop(self.images, size, scale)
+
+
+class Loader:
+    """One pass of (crops, labels) on `device`: crops[k] is the batch cut to views[k], float (B, 3, S, S) in [0, 1]
+    (in-memory sets: DeviceCrops; files: a tuple cut by the workers). Shuffling draws from torch's global RNG
+    (DistributedSampler under DDP), which checkpoints save, so a resumed run sees the same order."""
+
+    def __init__(self, dataset, batch_size, train, num_workers, device, views, drop_last=None, prefetch=None):
         drop_last = train if drop_last is None else drop_last
-        self.device, self.memory = device, isinstance(dataset, MemoryImages)
-        # files on a GPU: decode and crop the next batch while this one trains (the crops must give fixed-size views)
-        self.prefetch = (device.type == "cuda" and bool(crops)) if prefetch is None else prefetch
+        self.device, self.views, self.memory = device, views, isinstance(dataset, MemoryImages)
+        # files on a GPU: decode and cut the next batch while this one trains
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         if torch.distributed.is_initialized():
             self.sampler = DistributedSampler(range(len(dataset)), shuffle=train, drop_last=drop_last)
         else:
@@ -354,9 +373,9 @@ class Loader:
             self.labels = dataset.labels.to(device)
             self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
         else:
-            self.files, self.crops = dataset, crops
-            dataset.raw, dataset.crops = device.type == "cuda", crops  # JPEG bytes for the GPU's decoder
-            seeded = SeededSampler(self.sampler, len(dataset), any(c[1] != "center" for c in crops or ()))
+            self.files = dataset
+            dataset.raw, dataset.views = device.type == "cuda", views  # JPEG bytes for the GPU's decoder
+            seeded = SeededSampler(self.sampler, len(dataset), any(scale != "center" for _, scale in views))
             self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last,
                                       num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
@@ -372,7 +391,7 @@ class Loader:
         if self.memory:
             for batch in self.batches:
                 idx = torch.as_tensor(batch).to(self.device, non_blocking=True)
-                yield self.images[idx], self.labels[idx]
+                yield DeviceCrops(self.images[idx], self.views), self.labels[idx]
         elif self.prefetch:
             yield from self._prefetched()
         else:
@@ -380,7 +399,7 @@ class Loader:
                 yield self._to_device(*batch)
 
     def _prefetched(self):
-        """Files on a GPU: the next batch is decoded and cropped (nvjpeg, crop_tensor) by a thread, on a side CUDA
+        """Files on a GPU: the next batch is decoded and cut (nvjpeg, crop_tensor) by a thread, on a side CUDA
         stream, while the caller trains on this one; the same batches in the same order, an error raised here."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
@@ -399,19 +418,18 @@ class Loader:
             while pending is not None:
                 following = next(batches, None)  # the workers' next batch, read here in the caller's thread
                 ready, pending = pending, pool.submit(prepare, following) if following is not None else None
-                (views, labels), done = ready.result()
+                (crops, labels), done = ready.result()
                 if cuda:  # the caller's stream waits for the side stream, and its allocator keeps the memory
                     torch.cuda.current_stream(self.device).wait_event(done)
-                    for t in (*views, labels):
+                    for t in (*crops, labels):
                         t.record_stream(torch.cuda.current_stream(self.device))
-                yield views, labels
+                yield crops, labels
 
     def _to_device(self, items, labels, indices, seeds):
-        """Crops from the workers (or, on a GPU, JPEG bytes decoded and cropped here) -> Views on the device."""
-        out = [None] * len(items)
-        jpeg = [i for i, x in enumerate(items) if torch.is_tensor(x) and x.dim() == 1]  # bytes: only on a GPU
+        """Per sample, its crops from the workers or (on a GPU) JPEG bytes, decoded and cut here -> one float batch
+        per view on the device."""
+        crops, jpeg = list(items), [i for i, x in enumerate(items) if torch.is_tensor(x)]  # bytes: only on a GPU
         if jpeg:
-            from torchvision.io import ImageReadMode, decode_jpeg
             try:  # one batched nvjpeg call
                 decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:  # a bad file in the batch: find it and name it
@@ -422,23 +440,7 @@ class Loader:
                     except RuntimeError as e:
                         raise BadData(f"corrupt or unreadable image file: {self.files.samples[indices[i]][0]} "
                                       f"({str(e).splitlines()[0][:100]})") from None
-            for i, img in zip(jpeg, decoded):  # each image cropped by itself: a slice and one interpolate
-                out[i] = tuple(crop_tensor(img, seeds[i], k, c) for k, c in enumerate(self.crops)) if self.crops \
-                    else img
-        for i, x in enumerate(items):
-            if out[i] is None:
-                out[i] = tuple(v.to(self.device, non_blocking=True) for v in x) if self.crops else \
-                    x.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if not self.crops:  # whole images (figures and tests): a list of different sizes
-            return out, labels
-        return augment.Views(torch.stack([o[k] for o in out]) for k in range(len(self.crops))), labels
-
-
-def crop_tensor(img, seed, view, crop):
-    """The device's twin of crop_pil: a decoded uint8 (3, H, W) image -> its (3, S, S) crop, the same box."""
-    top, left, h, w = crop_box(seed, view, img.shape[1], img.shape[2], crop)
-    t, lft = int(round(top)), int(round(left))
-    x = img[None, :, t:t + int(round(h)), lft:lft + int(round(w))].float()
-    x = F.interpolate(x, (crop[0], crop[0]), mode="bicubic", antialias=True, align_corners=False)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
+            for i, img in zip(jpeg, decoded):  # each image cut by itself: a slice and one interpolate
+                crops[i] = tuple(crop_tensor(img, seeds[i], k, v) for k, v in enumerate(self.views))
+        return (tuple(torch.stack([c[k].to(self.device, non_blocking=True) for c in crops]).float() / 255
+                      for k in range(len(self.views))), labels.to(self.device, non_blocking=True))

@@ -117,16 +117,16 @@ def timm_init(vit):
     return vit
 
 
-def crops(cfg):  # what the loader crops for files, in its workers: train_transform's one view
+def views(cfg):  # the one view the loader cuts: RandomResizedCrop, scale crop_min_scale..1, bicubic
     return [(cfg.img_size, (cfg.crop_min_scale, 1.0))]
 
 
 def train_transform(cfg):
-    """timm's fine-tuning train transform on a uint8 batch on the device: bicubic RandomResizedCrop, flip,
-    RandAugment with timm's semantics (the paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour
-    jitter (timm ignores it when RandAugment is on), no random erasing (the impr. recipe)."""
-    def transform(images):
-        x = augment.random_resized_crop(images, cfg.img_size, (cfg.crop_min_scale, 1.0))
+    """timm's fine-tuning train transform after the crop, on the device: flip, RandAugment with timm's semantics (the
+    paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour jitter (timm ignores it when RandAugment is
+    on), no random erasing (the impr. recipe)."""
+    def transform(crops):
+        x = augment.random_flip(crops[0])
         if cfg.randaug_magnitude > 0:
             x = augment.rand_augment(x, cfg.randaug_magnitude, cfg.randaug_std)
         return augment.normalize(x)
@@ -142,15 +142,14 @@ def make_mixer(cfg, num_classes):
 
 
 @torch.no_grad()
-def evaluate(model, loader, img_size, device):
+def evaluate(model, loader, device):
     """Top-1 / top-5 accuracy in %, summed over ranks (DistributedSampler pads a few repeats onto the last ranks),
-    on timm's eval view: shorter side to img_size / 0.875, centre crop."""
+    on the loader's eval view (timm's: shorter side to img_size / 0.875, centre crop)."""
     model.eval()
     counts = torch.zeros(3, device=device)  # correct@1, correct@5 (top-5 of more than 5 classes only), seen
-    for imgs, labels in loader:
-        imgs = augment.normalize(augment.center_crop(imgs, img_size))
+    for crops, labels in loader:
         with autocast_ctx(device):
-            logits = model(imgs)
+            logits = model(augment.normalize(crops[0]))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         hits = top == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
@@ -177,10 +176,10 @@ def main(cfg):
         # --- data --- (validation first: a bad val file stops the run before any training)
         val_set, num_classes = build_dataset(cfg.data, cfg.data_root, False, classes=cfg.classes)
         val_loader = Loader(val_set, cfg.batch_size_per_gpu, False, cfg.num_workers, device,
-                            crops=[(cfg.img_size, "center")])
-        if not cfg.eval_only:  # uint8 batches on the device; the augmentation runs there, batched (augment.py)
+                            [(cfg.img_size, "center")])
+        if not cfg.eval_only:  # batches cut to the view; the augmentation runs on the device, batched
             train_set, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
-            loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
+            loader = Loader(train_set, cfg.batch_size_per_gpu, True, cfg.num_workers, device, views(cfg))
             transform = train_transform(cfg)
             mix = make_mixer(cfg, num_classes)
 
@@ -201,7 +200,7 @@ def main(cfg):
         raw_model.to(device)
 
         if cfg.eval_only:
-            top1, top5 = evaluate(raw_model, val_loader, cfg.img_size, device)
+            top1, top5 = evaluate(raw_model, val_loader, device)
             print0(f"eval {cfg.init_ckpt}: top-1 {top1:.2f}" + (f" top-5 {top5:.2f}" if num_classes > 5 else ""))
             return top1, top5
 
@@ -237,9 +236,9 @@ def main(cfg):
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
-            for step, sync, (imgs, labels) in steps:
+            for step, sync, (crops, labels) in steps:
                 set_lr(optimizer, lr_schedule[step])
-                imgs = transform(imgs)
+                imgs = transform(crops)
                 if mix is not None:
                     imgs, targets = mix(imgs, labels)  # soft targets (B, classes)
                 else:
@@ -255,7 +254,7 @@ def main(cfg):
             imgs_per_s = steps.imgs_per_s(global_batch)
 
             # --- eval ---
-            top1, top5 = evaluate(model, val_loader, cfg.img_size, device)
+            top1, top5 = evaluate(model, val_loader, device)
             is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
             best_top1 = top1 if is_best else best_top1
             top5_part = {"top5": top5} if num_classes > 5 else {}  # top-5 of 5 classes or fewer says nothing

@@ -57,12 +57,12 @@ class Config:
 
 
 @torch.no_grad()
-def features(vit, loader, img_size, pool, device):
-    """L2-normalised features and labels of every image the loader yields (eval view: resize, centre crop)."""
+def features(vit, loader, pool, device):
+    """L2-normalised features and labels of every image the loader yields (its eval view: resize, centre crop)."""
     feats, labels = [], []
-    for imgs, y in loader:
+    for crops, y in loader:
         with autocast_ctx(device):
-            x, _, _ = vit.forward_features(augment.normalize(augment.center_crop(imgs, img_size)))
+            x, _, _ = vit.forward_features(augment.normalize(crops[0]))
         feats.append(F.normalize((x[:, 0] if pool == "cls" else x[:, 1:].mean(1)).float(), dim=1))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -99,8 +99,7 @@ def main(cfg):
 
     # --- eval ---
     train_f, train_y, test_f, test_y = (t for split in (train, test) for t in features(
-        vit, Loader(split, cfg.batch_size, False, cfg.num_workers, device, crops=[(img_size, "center")]), img_size,
-        cfg.pool, device))
+        vit, Loader(split, cfg.batch_size, False, cfg.num_workers, device, [(img_size, "center")]), cfg.pool, device))
     scores = knn_classify(train_f, train_y, test_f, cfg.k, cfg.temperature, num_classes)
     top = scores.topk(min(5, num_classes), 1).indices
     hits = top == test_y[:, None]

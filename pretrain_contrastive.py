@@ -104,15 +104,15 @@ class Config:
             check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
-def make_views(images, cfg):
-    """The method's BYOL-style views of a uint8 batch, on the device (augment.py): view k is crop k (files: cropped
-    by the loader's workers), then colour jitter, grayscale, blur with blur_p, solarize with solarize_p, normalise."""
-    return [augment.normalize(augment.byol_view(augment.random_resized_crop(images, size, scale, view=k), blur, sol))
-            for k, (size, scale, blur, sol) in enumerate(METHODS[cfg.method].view_specs(cfg))]
-
-
-def crops(cfg):  # what the loader crops for files: (side, scale range) of each view
+def views(cfg):  # what the loader cuts: (side, crop scale range) of each of the method's views
     return [(size, scale) for size, scale, *_ in METHODS[cfg.method].view_specs(cfg)]
+
+
+def make_views(crops, cfg):
+    """The method's BYOL-style views on the device (augment.py): crop k (cut by the loader), flipped, then colour
+    jitter, grayscale, blur with blur_p, solarize with solarize_p, normalise."""
+    return [augment.normalize(augment.byol_view(augment.random_flip(crops[k]), blur, sol))
+            for k, (_, _, blur, sol) in enumerate(METHODS[cfg.method].view_specs(cfg))]
 
 
 class Method(nn.Module):
@@ -276,9 +276,9 @@ def main(cfg):
     seed_everything(cfg.seed + rank)
     with RunFolder(cfg, rank) as run:
 
-        # --- data --- (uint8 batches on the device; the method's views crop and colour them there)
+        # --- data --- (batches cut to the method's views; flips and colour on the device, batched)
         dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
-        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
+        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, views(cfg))
 
         # --- model ---
         encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
@@ -319,12 +319,11 @@ def main(cfg):
             model.train()
             teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
-            for step, sync, (imgs, _) in steps:
+            for step, sync, (crops, _) in steps:
                 set_lr(optimizer, lr_schedule[step])
                 set_weight_decay(optimizer, wd_schedule[step])
-                views = make_views(imgs, cfg)
                 with autocast_ctx(device):
-                    loss, extra = model(views, teacher, step)
+                    loss, extra = model(make_views(crops, cfg), teacher, step)
                 steps.add(loss=check_finite(loss, epoch, step), **{k: v.item() for k, v in extra.items()})
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:

@@ -159,14 +159,13 @@ class MAE(nn.Module):
         return mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss), {}
 
 
-def crops(cfg):  # what the loader crops for files, in its workers: augment_batch's one view
+def views(cfg):  # MAE's one view, cut by the loader: RandomResizedCrop, scale crop_min_scale..1, bicubic
     return [(cfg.img_size, (cfg.crop_min_scale, 1.0))]
 
 
-def augment_batch(imgs, cfg):
-    """MAE's only augmentation, on a uint8 batch on the device: RandomResizedCrop (scale crop_min_scale..1, bicubic),
-    horizontal flip, ImageNet normalisation."""
-    return augment.normalize(augment.random_resized_crop(imgs, cfg.img_size, (cfg.crop_min_scale, 1.0)))
+def augment_batch(crops):
+    """MAE's only augmentation after its crop, on the device: a horizontal flip, then ImageNet normalisation."""
+    return augment.normalize(augment.random_flip(crops[0]))
 
 
 def recon_epoch(epoch, epochs):
@@ -183,10 +182,10 @@ def main(cfg, model=None):
     seed_everything(cfg.seed + rank)
     with RunFolder(cfg, rank, inputs=[getattr(cfg, "teacher_ckpt", "")]) as run:  # never over distill's teacher
 
-        # --- data --- (uint8 batches on the device; crop, flip and normalise there, batched: augment.py)
+        # --- data --- (batches cut to MAE's view on the device or by the workers; flip, normalise: batched)
         dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
-        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, crops=crops(cfg))
-        view_imgs = augment.normalize(augment.center_crop(figure_images(dataset, 8, device), cfg.img_size))
+        loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, views(cfg))
+        view_imgs = augment.normalize(figure_images(dataset, 8, cfg.img_size, device))
 
         # --- model ---
         raw_model = (model or MAE(cfg)).to(device)
@@ -215,9 +214,9 @@ def main(cfg, model=None):
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
-            for step, sync, (imgs, _) in steps:
+            for step, sync, (crops, _) in steps:
                 set_lr(optimizer, lr_schedule[step])
-                imgs = augment_batch(imgs, cfg)
+                imgs = augment_batch(crops)
                 with autocast_ctx(device):
                     loss, extra = model(imgs)
                 loss_value = check_finite(loss, epoch, step)
