@@ -159,7 +159,7 @@ def save_plots(result, out_dir, grid, patch_size):
     fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
     fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
     pyplot.close(fig)
-    uniform = dict(zip(("attn_distance", "attn_entropy"), uniform_values(grid, patch_size)))
+    uniform = result["uniform"]
     for metric, unit, top in (("attn_distance", "pixels", None), ("attn_entropy", "nats", uniform["attn_entropy"])):
         fig, ax = pyplot.subplots(figsize=(6, 4))
         for name, color, per_layer in zip(names, ("C0", "C1"), result[metric]):
@@ -252,7 +252,9 @@ def main(cfg):
     n = len(loader)
     result = dict(names=names, num_images=n * cfg.batch_size,
                   cka=cka(sums["xy"] / n, sums["xx"] / n, sums["yy"] / n).tolist(),
-                  attn_distance=[(s / n).tolist() for s in dist_sum], attn_entropy=[(s / n).tolist() for s in ent_sum])
+                  attn_distance=[(s / n).tolist() for s in dist_sum], attn_entropy=[(s / n).tolist() for s in ent_sum],
+                  uniform=dict(zip(("attn_distance", "attn_entropy"), uniform_values(models[0][0].grid,
+                                                                                     models[0][0].patch_embed.patch_size))))
 
     # --- reconstructions --- (checkpoints of pretrain_mae.py / distill.py carry the decoder)
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]

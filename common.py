@@ -180,6 +180,14 @@ def check(cond, msg):
         raise BadValue(msg)
 
 
+def int_list(text, flag):
+    """'0,1,2' -> [0, 1, 2] ("" -> []); anything else is one line naming the flag."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise BadValue(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def check_ranges(cfg, default=None, **ranges):
     """Every float flag must be finite; each named flag must lie in its range: "(0,1]", "[0,1)", ">0", ">=0";
     with default=">=0", so must every other number."""

@@ -4,7 +4,7 @@ import os
 import tempfile
 import unittest
 
-import bench
+from study import bench
 from tests.helpers import quiet
 
 

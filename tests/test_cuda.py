@@ -104,7 +104,7 @@ class TestStagesOnCuda(unittest.TestCase):
                                    augment.gaussian_blur(x, f + 0.1, 5), atol=1e-4, rtol=0)
 
     def test_nvjpeg_decodes_like_pil(self):
-        from bench import make_jpegs
+        from study.bench import make_jpegs
         root = self.path("jpegs")
         make_jpegs(root, 20, classes=2, copies=1)
         ds, _ = build_dataset("imagefolder", root, False)

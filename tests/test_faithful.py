@@ -18,7 +18,7 @@ import augment
 import distill
 import finetune
 import pretrain_contrastive as pc
-import reproduce
+from study import reproduce
 from checkpoint import load_ckpt
 from data import Loader, build_dataset, figure_indices
 from finetune import timm_init

@@ -25,7 +25,7 @@ import finetune
 import knn
 import pretrain_contrastive
 import pretrain_mae
-import reproduce
+from study import reproduce
 from common import BadValue, MissingFile, RunError, make_scaler, optimizer_step, parse_config
 from tests.helpers import TINY, quiet, tiny_mae
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 import unittest
 
-import report
-import reproduce
+from study import report
+from study import reproduce
 from common import RunError, parse_config
 from tests.helpers import quiet
 
@@ -48,8 +48,8 @@ class TestReproduce(unittest.TestCase):
     def setUpClass(cls):
         cls.clone, cls.cwd = tempfile.mkdtemp(), os.getcwd()
         clone_of_this_tree(cls.clone)
-        cls.typed = subprocess.run([sys.executable, "reproduce.py", "--quick"], cwd=cls.clone, capture_output=True,
-                                   text=True, timeout=900)
+        cls.typed = subprocess.run([sys.executable, "-m", "study.reproduce", "--quick"], cwd=cls.clone,
+                                   capture_output=True, text=True, timeout=900)
         os.chdir(cls.clone)  # the study's folders are relative, as typed: out/quick/runs/<run>
         cls.tmp = os.path.join(cls.clone, "out", "quick")
         cls.cfg = reproduce.Config(quick=True)
@@ -164,7 +164,7 @@ class TestWhereRunsGo(unittest.TestCase):
             self.assertFalse(set(a[2]) & set(b[2]), (a, b))
 
     def test_a_killed_study_leaves_no_run_behind(self):
-        study = subprocess.Popen([sys.executable, "reproduce.py", "--quick", f"--out_dir={self.tmp}"],
+        study = subprocess.Popen([sys.executable, "-m", "study.reproduce", "--quick", f"--out_dir={self.tmp}"],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while not running(self.tmp) and time.time() < deadline:

@@ -1,21 +1,20 @@
 r"""The reproduction study in one command: every run of the paper's four claims, several seeds, then
-results/REPORT.md with mean ± std tables, verdicts and figures (report.py).
+results/REPORT.md with mean ± std tables, verdicts and figures (study/report.py).
 
-The study is a list of runs (`study()`, read it top to bottom): `add(name, cfg, deps)` with one stage's Config; the
-stage, the folder (results/runs/<name>), what the report reads and the cost follow from the config. Each run is its
-own process, started as `python reproduce.py run-one <folder>/run.json`, or under `torchrun --nproc_per_node=K` for a
-run that spans K GPUs, with CUDA_VISIBLE_DEVICES set to its own GPUs before CUDA starts; a run dies with the study
-(even by SIGKILL). A run that finished left result.json and is skipped, so a killed study resumes where it stopped;
-a run finished by hand (the stage command `--plan` prints, on your own scheduler) is read back from its log.
-On CPU, `--jobs` runs go side by side, one thread each (two single-threaded runs do 1.2 to 1.8 times the work of
-one two-threaded run at these sizes); a fixed thread count keeps every run deterministic.
+The study is a list of runs (`study()`, read it top to bottom): `add(name, cfg, deps, **tags)` with one stage's
+Config; the stage, the folder (results/runs/<name>) and the cost follow from the config, and the report picks runs by
+their tags. Each run is its own process (`python -m study.reproduce run-one <folder>/run.json`, under `torchrun
+--nproc_per_node=K` for a run that spans K GPUs), with CUDA_VISIBLE_DEVICES set to its own GPUs before CUDA starts; a
+run dies with the study (even by SIGKILL). A run that finished left result.json and is skipped, so a killed study
+resumes where it stopped; a run finished by hand (the stage command `--plan` prints, on your own scheduler) is read
+back from its log. On CPU, `--jobs` runs go side by side, one thread each (two single-threaded runs do 1.2 to 1.8
+times the work of one two-threaded run at these sizes); a fixed thread count keeps every run deterministic.
 
-    python reproduce.py                        # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 45, 2 cores)
-    python reproduce.py --quick                # every step at micro size in about 3 minutes, into out/quick
-    python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan    # GPU-hours
-    python reproduce.py --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
-    python reproduce.py --preset=paper ...     # the paper's schedules (400 + 300 epochs): see README
-    python reproduce.py --preset=in100 --data_root=/imagenet --transfer_root=/data/flowers --plan   # ImageNet-100
+    python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 45, 2 cores)
+    python -m study.reproduce --quick          # every step at micro size in about 3 minutes, into out/quick
+    python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan  # GPU-hours
+    python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
+    python -m study.reproduce --preset=in100 --data_root=/imagenet --transfer_root=/data/flowers --plan  # ImageNet-100
 
 Claims (PAPER §3-§5): (1) MAE pre-training beats scratch and MoCo-v3 after fine-tuning; (2) lower layers matter more;
 (3) MAE is worse than supervised / contrastive pre-training on data-poor tasks of another domain; (4) D-MAE helps,
@@ -32,6 +31,9 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
 
 import analyze
 import distill
@@ -40,12 +42,14 @@ import knn
 import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log
-from common import BadValue, RunError, check, check_ranges, cli
+from common import RunError, check, check_ranges, cli, int_list
 from data import build_dataset
 from model import VIT_SIZES
-from report import METHODS, write_report
+from study.report import METHODS, write_report
 
-# Images per second of one CPU core with the `mini` model, per kind of run: only for the first ETA
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, analyze)}
+# Images per second of one CPU core with the `mini` model, per kind of run: the first ETA and the CPU plan
 CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, "finetune": 1100, "linear": 2500,
              "knn": 5000, "analyze": 500}
 # Images per second of one H100 (bf16), ViT-Tiny at 224 px, for --plan. Measured by bench.py on one H100 (README):
@@ -57,14 +61,16 @@ GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
 # JPEG img/s that one worker core reads, decodes and crops to 224 px, per kind of run: bench.py's "one worker core"
-# (README's bench section: ImageNet-sized JPEGs, 375x500 to 480x640, on this project's 2-core CPU): MAE's view 265
-# (fine-tuning's one crop is the same work), the eval centre crop 252, MoCo-v3's two views 178. DINO's 2 + 8 crops
-# were not measured: ~ = PIL's decode alone (528 img/s) + two global views at MoCo-v3's cost per view + eight local
-# ones at a third of that each. On a GPU the workers only read bytes and nvjpeg decodes (3,800 img/s with the crops,
-# measured on an H100 before the worker-side crops): the data path bounds a run there too when it asks for more.
+# (ImageNet-sized JPEGs, 375x500 to 480x640, on this project's 2-core CPU): MAE's view 265 (fine-tuning's one crop is
+# the same work), the eval centre crop 252, MoCo-v3's two views 178. DINO's 2 + 8 crops were not measured: ~ = PIL's
+# decode alone (528 img/s) + two global views at MoCo-v3's cost per view + eight local ones at a third of that each.
 WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
                 "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
                 "analyze": (252, "measured")}
+# On a GPU the workers only read bytes and nvjpeg decodes: 3,800 img/s with the crops, measured on one H100 before the
+# worker-side crops; it bounds a run there too when the run asks for more
+NVJPEG_SPEED = 3800
+FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
 # The largest micro-batch per GPU (ViT-Tiny, 224 px, bf16, an 80 GB GPU) of each kind of run, for --fit_gpu: larger
 # global batches accumulate micro-batches. bench.py measured batch 1024 at 9.2 GB for the MAE step and 17.8 GB for
 # the ViT train step (README), so MAE, D-MAE (+ a frozen MAE-Base forward on the visible quarter) and fine-tuning take
@@ -72,7 +78,7 @@ WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"),
 # the tokens of a fine-tuning batch of 1024 (~20 GB); DINO's 2 global + 8 local (112 px) views of 256 about as many,
 # plus its 65,536-way outputs per view (~25 GB)
 MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear": 1024, "mocov3": 512, "dino": 256}
-# Settings of the two GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
+# Settings of the GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
              seeds="0", pretrain_epochs=400, pretrain_warmup=40, mae_batch=4096, mae_lr=1.5e-4, mae_crop=0.08,
              moco_batch=1024, moco_lr=1.5e-4, moco_hidden=4096, dino_batch=1024, dino_momentum=0.996,
@@ -80,20 +86,22 @@ PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, da
              finetune_warmup=5, finetune_batch=1024, finetune_lr=1e-3, finetune_mixup=0.2, finetune_randaug=10,
              linear_epochs=90, layer_epochs=100, transfer_data="flowers102", transfer_shots="", transfer_epochs=50,
              transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08)
-# fewgpu: a day on 4-8 GPUs. 100 pre-training epochs (MAE-Lite's MAE-Tiny reaches 76.2 after 400 + 100, issue #6)
-# and 100 fine-tuning epochs keep every comparison on equal epochs; the layer study and probes at 30
-PRESETS = {"paper": PAPER, "fewgpu": dict(PAPER, pretrain_epochs=100, pretrain_warmup=10, finetune_epochs=100,
-                                          linear_epochs=30, layer_epochs=30)}
-# in100: ImageNet-100 (CMC's 100 classes of the ImageNet-1k folder, nothing copied), one seed in under 12 GPU-hours
-# on one H100 (--plan): MAE-Lite's MAE recipe whole for MAE and D-MAE (400 epochs at 4096, base lr 1.5e-4, crop
-# 0.08, 40 warm-up), MoCo-v3 and DINO 300 epochs (their ViT recipes' length; an epoch of theirs costs 5-10 of MAE's),
-# scratch 300 (DeiT's), fine-tuning 100 (MAE-Lite's issue #6); probes 50 and the layer study 20 epochs at 5 values
-# of K; no second, 600-epoch baseline (1.7 GPU-hours); D-MAE's teacher a published MAE-Base (--teacher_ckpt);
-# global batches as the paper's, accumulated on fewer GPUs (fit_gpu)
+PRESETS = {
+    "paper": PAPER,
+    # a day on 4-8 GPUs: 100 pre-training epochs (MAE-Lite's MAE-Tiny reaches 76.2 after 400 + 100, its issue #6) and
+    # 100 fine-tuning epochs keep every comparison on equal epochs; the layer study and probes at 30
+    "fewgpu": dict(PAPER, pretrain_epochs=100, pretrain_warmup=10, finetune_epochs=100, linear_epochs=30,
+                   layer_epochs=30),
+    # ImageNet-100 (CMC's 100 classes of the ImageNet-1k folder, nothing copied), one seed in under 12 GPU-hours on one
+    # H100: MAE-Lite's MAE recipe whole for MAE and D-MAE, MoCo-v3 and DINO 300 epochs (their ViT recipes' length; an
+    # epoch of theirs costs 5-10 of MAE's), scratch 300 (DeiT's), fine-tuning 100; probes 50 and the layer study 20 at
+    # 5 values of K; no 600-epoch second baseline (1.7 GPU-hours); D-MAE's teacher a published MAE-Base
+    # (--teacher_ckpt); the paper's global batches, accumulated where one GPU holds less (fit_gpu)
+    "in100": dict(PAPER, seeds="0,1,2", classes="imagenet100", fit_gpu=True, contrastive_epochs=300,
+                  scratch_epochs=300, finetune_epochs=100, linear_epochs=50, layer_epochs=20, layer_keep="0,3,6,9,12",
+                  long_baseline=False),
+}
 NO_TEACHER = "MAE_BASE.pth"  # in100's --plan without --teacher_ckpt: the placeholder in D-MAE's commands
-PRESETS["in100"] = dict(PAPER, seeds="0,1,2", classes="imagenet100", fit_gpu=True, contrastive_epochs=300,
-                        scratch_epochs=300, finetune_epochs=100, linear_epochs=50, layer_epochs=20,
-                        layer_keep="0,3,6,9,12", long_baseline=False)
 
 
 @dataclass
@@ -173,19 +181,13 @@ class Config:
             self.seeds, self.subset, self.model, self.teacher_model = "0", 200, "micro", "micro"
             self.pretrain_epochs = self.finetune_epochs = self.linear_epochs = self.layer_epochs = 1
             self.transfer_shots, self.transfer_steps, self.transfer_batch = "2,4", 2, 8
-        try:
-            self.seed_list = [int(s) for s in self.seeds.split(",")]
-            self.shot_list = [int(s) for s in self.transfer_shots.split(",") if s.strip()]
-        except ValueError:
-            raise BadValue(f"--seeds and --transfer_shots must be comma-separated integers, got {self.seeds!r} / "
-                           f"{self.transfer_shots!r}") from None
+        self.seed_list = int_list(self.seeds, "--seeds")
+        self.shot_list = int_list(self.transfer_shots, "--transfer_shots")
         check(self.seed_list and min(self.seed_list) >= 0, f"--seeds must be non-negative, got {self.seeds!r}")
         check(min(self.shot_list, default=1) > 0, f"--transfer_shots must be positive, got {self.transfer_shots!r}")
         depth = VIT_SIZES.get(self.model, {}).get("depth", 0)
-        try:  # claim 2's K values: 0 (none kept), the half and the whole depth are what its verdict compares
-            self.keep_list = sorted({int(k) for k in self.layer_keep.split(",") if k.strip()} or range(depth + 1))
-        except ValueError:
-            raise BadValue(f"--layer_keep must be comma-separated integers, got {self.layer_keep!r}") from None
+        # claim 2's K values: 0 (none kept), the half and the whole depth are what its verdict compares
+        self.keep_list = sorted(set(int_list(self.layer_keep, "--layer_keep")) or range(depth + 1))
         check({0, depth // 2, depth} <= set(self.keep_list) <= set(range(depth + 1)),
               f"--layer_keep must lie in 0..{depth} and hold 0, {depth // 2} and {depth} (its verdict compares "
               f"them), got {self.layer_keep!r}")
@@ -203,17 +205,11 @@ class Config:
             check(getattr(self, name) in VIT_SIZES, f"--{name} must be one of {sorted(VIT_SIZES)}")
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        self.devices = gpu_list(self.gpus)  # one entry per GPU to schedule on; [] on a CPU machine
+        # the GPUs to schedule on: 'auto' asks torch how many are visible (without starting CUDA); [] on a CPU machine
+        self.devices = ([str(i) for i in range(torch.cuda.device_count())] if self.gpus == "auto" else
+                        [g.strip() for g in self.gpus.split(",") if g.strip()])
         check(not self.devices or self.gpus_per_run <= len(self.devices),
               f"--gpus_per_run={self.gpus_per_run} but only {len(self.devices)} GPUs: {self.devices}")
-
-
-def gpu_list(spec):
-    """The GPUs to schedule on: 'auto' asks torch how many are visible (without starting CUDA in this process)."""
-    if spec == "auto":
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    return [s.strip() for s in spec.split(",") if s.strip()]
 
 
 @dataclass
@@ -232,18 +228,12 @@ class Run:
     def folder(self):  # knn.py writes a file, not a folder
         return os.path.dirname(self.cfg.out) if self.stage == "knn" else self.cfg.out_dir
 
-    @property
-    def kind(self):  # what the report reads from it
-        return {"knn": "knn", "finetune": "ft", "analyze": "analysis"}.get(self.stage, "pretrain")
-
     def images(self):
         """Images it processes: epochs x its training set (k-NN: bank + test; analysis: both models' images)."""
         c = self.cfg
-        if self.stage == "knn":
-            return 2 * train_size(c.data, c.data_root, c.subset, c.classes)
         if self.stage == "analyze":
             return 2 * c.num_images
-        return c.epochs * train_size(c.data, c.data_root, c.subset, c.classes)
+        return (2 if self.stage == "knn" else c.epochs) * data_size(c.data, c.data_root, c.subset, c.classes)[0]
 
     def speed_key(self):
         if self.stage == "pretrain_contrastive":
@@ -272,10 +262,6 @@ def data_size(name, root, subset=0, classes=""):
         return min(n, subset) if subset else n, n_classes
 
 
-def train_size(name, root, subset, classes=""):
-    return data_size(name, root, subset, classes)[0]
-
-
 def split_batch(global_batch, world, limit, what="the batch"):
     """{batch_size_per_gpu, accum_steps} that make `global_batch` over `world` processes in micro-batches of at most
     `limit` images: the fewest accumulation steps that divide each process's share (e.g. 4096 at most 1024: 1024 x 4
@@ -294,7 +280,7 @@ def study(cfg):
     runs = []
     folder = lambda name: os.path.join(cfg.out_dir, "runs", name)
     ckpt = lambda name: os.path.join(folder(name), "ckpt.pt")
-    n_train = train_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)
+    n_train = data_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)[0]
     transfer_classes = data_size(cfg.transfer_data, cfg.transfer_root)[1]
     shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, num_workers=cfg.num_workers)
     data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset, classes=cfg.classes)
@@ -311,8 +297,7 @@ def study(cfg):
     ft = dict(model=cfg.model, epochs=fe, warmup_epochs=warm(fe, cfg.finetune_warmup),
               **batch_of("finetune", cfg.finetune_batch), base_lr=cfg.finetune_lr, mixup=cfg.finetune_mixup,
               randaug_magnitude=cfg.finetune_randaug, **shape, **data)
-    knn_data = dict(data=cfg.data, data_root=cfg.data_root, subset=cfg.subset, classes=cfg.classes,
-                    num_workers=cfg.num_workers)
+    knn_data = dict(data, num_workers=cfg.num_workers)
 
     def add(name, c, deps=(), ddp=False, **tags):
         if hasattr(c, "out_dir"):
@@ -368,7 +353,7 @@ def study(cfg):
         for src, src_ckpt in (("mae", f"mae_s{s}"), ("mocov3", f"mocov3_s{s}"), ("dmae", f"dmae_s{s}"),
                               ("supervised", f"scratch_s{s}")):
             for shots in cfg.shot_list or [0]:  # 0: the whole training split
-                n = shots * transfer_classes if shots else train_size(cfg.transfer_data, cfg.transfer_root, 0)
+                n = shots * transfer_classes if shots else data_size(cfg.transfer_data, cfg.transfer_root)[0]
                 batch = min(cfg.transfer_batch, n)
                 epochs = cfg.transfer_epochs or math.ceil(cfg.transfer_steps / (n // batch))
                 add(f"{src}_{cfg.transfer_data}{shots or ''}_s{s}", finetune.Config(
@@ -414,28 +399,23 @@ def die_with_parent():
 
 
 def execute(spec_path):
-    """`python reproduce.py run-one spec.json` (under torchrun: every rank): run the stage, then rank 0 writes
+    """`python -m study.reproduce run-one spec.json` (under torchrun: every rank): run the stage, then rank 0 writes
     result.json (atomically: its presence means done)."""
     die_with_parent()
-    import importlib
-
-    import torch
     with open(spec_path) as f:
         spec = json.load(f)
     torch.set_num_threads(spec["threads"])
-    stage = importlib.import_module(spec["stage"])
-    start = time.time()
+    stage, start = STAGES[spec["stage"]], time.time()
     returned = stage.main(stage.Config(**spec["config"]))
     if int(os.environ.get("RANK", 0)) == 0:  # the study's own settings (a rank's batch is its share of them)
-        result = dict(name=spec["name"], stage=spec["stage"], config=spec["study_config"], devices=spec["devices"],
-                      world_size=int(os.environ.get("WORLD_SIZE", 1)), threads=spec["threads"],
-                      seconds=time.time() - start, started=spec.get("launched", start), ended=time.time(),
-                      **collect(spec["stage"], spec["config"], returned))
-        write_json(os.path.join(os.path.dirname(spec_path), "result.json"), result)
+        write_json(os.path.join(os.path.dirname(spec_path), "result.json"), dict(
+            name=spec["name"], stage=spec["stage"], config=spec["study_config"], devices=spec["devices"],
+            world_size=int(os.environ.get("WORLD_SIZE", 1)), threads=spec["threads"], seconds=time.time() - start,
+            started=spec.get("launched", start), ended=time.time(), **collect(spec["stage"], spec["config"], returned)))
 
 
 def collect(stage, config, returned=None):
-    """What the report reads from a finished run: its log's curve, or the k-NN result."""
+    """What the report reads from a finished run: its log's curve, the k-NN result or (analyze) nothing."""
     if stage == "knn":
         if returned is None:
             with open(config["out"]) as f:
@@ -461,24 +441,29 @@ def settings(run):
     return json.loads(json.dumps(asdict(run.cfg), default=str))
 
 
-def added_since(run, old):
-    """Settings the stage's Config gained after `old` was recorded (e.g. classes), at their default value: the run
-    recorded without them ran with that default, so it is still this run."""
+def differences(run, old, also_ignored=()):
+    """The settings of `run` that differ from a recorded `old` one, but num_workers and those named. A setting the
+    stage gained after `old` was recorded (e.g. classes) counts as unchanged at its default: that run ran with it."""
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(run.cfg)}, default=str))
-    return {k for k, v in settings(run).items() if k not in old and v == defaults.get(k)}
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings(run).items() if old.get(k) != v
+            and k not in ("num_workers", *also_ignored) and not (k not in old and v == defaults.get(k))]
+
+
+def recorded(run):
+    """The run's result.json, or None."""
+    path = os.path.join(run.folder, "result.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def finished(run):
     """The run's result, if it finished with these settings (a different run in its folder is refused); a run
     finished outside the study (its stage command) is adopted from its log."""
-    path = os.path.join(run.folder, "result.json")
-    if not os.path.exists(path):
+    result = recorded(run)
+    if result is None:
         return adopt(run)
-    with open(path) as f:
-        result = json.load(f)
-    old, new = result["config"], settings(run)
-    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k not in ("num_workers",)
-               and k not in added_since(run, old)]
+    changed = differences(run, result["config"])
     check(not changed, f"{run.folder} holds a run with other settings ({', '.join(changed)}); use another --out_dir, "
                        f"or delete that folder to redo it")
     return result
@@ -487,20 +472,18 @@ def finished(run):
 def adopt(run):
     """A run done by its own command (`--plan`'s list on another scheduler): complete log or k-NN file -> result."""
     c = settings(run)
-    if run.stage == "knn" and os.path.exists(c["out"]):
-        done = True
-    elif run.stage in ("analyze",) or not os.path.exists(os.path.join(run.folder, "config.json")):
+    if run.stage == "knn":
+        done = os.path.exists(c["out"])
+    elif run.stage == "analyze" or not os.path.exists(os.path.join(run.folder, "config.json")):
         return None
     else:
         rows = read_log(run.folder, 10 ** 9)
-        done = bool(rows) and rows[-1]["epoch"] == c["epochs"]
         with open(os.path.join(run.folder, "config.json")) as f:
             given = json.load(f)
-        # a rank's batch and accumulation depend on how many GPUs ran it; the global batch is the study's
-        done = done and all(given.get(k) == v for k, v in c.items() if k not in ("num_workers", "batch_size_per_gpu",
-                                                                                  "accum_steps")
-                            and not (k == "num_heads" and v == 0)  # 0: the checkpoint's; config.json has the count
-                            and k not in added_since(run, given))
+        # a rank's batch and accumulation depend on how many GPUs ran it; the global batch is the study's; a
+        # num_heads of 0 (the checkpoint's) is the count its config.json records
+        ignored = ("batch_size_per_gpu", "accum_steps") + (("num_heads",) if c.get("num_heads") == 0 else ())
+        done = bool(rows) and rows[-1]["epoch"] == c["epochs"] and not differences(run, given, ignored)
     if not done:
         return None
     result = dict(name=run.name, stage=run.stage, config=c, seconds=0.0, devices=[], world_size=0, adopted=True,
@@ -522,10 +505,10 @@ def launch(run, cfg, devices):
     spec = os.path.join(run.folder, "run.json")
     write_json(spec, dict(name=run.name, stage=run.stage, config=c, devices=devices, world_size=world,
                           threads=cfg.threads, study_config=settings(run), launched=time.time()))
-    cmd = [sys.executable, os.path.abspath(__file__), "run-one", spec]
-    if world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] + cmd[1:]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), CUDA_VISIBLE_DEVICES=",".join(devices))
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+                              if world > 1 else []) + ["-m", "study.reproduce", "run-one", spec]
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), CUDA_VISIBLE_DEVICES=",".join(devices),
+               PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
     log = open(os.path.join(run.folder, "output.log"), "a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent), log
 
@@ -559,12 +542,11 @@ def run_all(runs, cfg):
                 log.close()
                 del going[name]
                 free += mine
-                if proc.returncode != 0 or not os.path.exists(os.path.join(r.folder, "result.json")):
+                results[name] = recorded(r)
+                if proc.returncode != 0 or results[name] is None:
                     raise RunError(f"run {name} failed (exit {proc.returncode}" + (f", GPUs {','.join(mine)}"
                                    if cfg.devices else "") + f"): see {r.folder}/output.log; finished runs are kept, "
-                                   "run reproduce.py again to resume")
-                with open(os.path.join(r.folder, "result.json")) as f:
-                    results[name] = json.load(f)
+                                   "run the study again to resume")
                 spent, estimated = spent + results[name]["seconds"], estimated + cost(r, cfg)
                 left = sum(cost(x, cfg) for x in todo + [g[0] for g in going.values()])
                 eta = left * spent / max(estimated, 1e-9) / len(slots)
@@ -579,7 +561,7 @@ def run_all(runs, cfg):
     return results, time.time() - start
 
 
-# --- the plan: GPU-hours before anything runs ---
+# --- the plan: GPU-hours (or CPU minutes) before anything runs ---
 def on_gpus(cfg):
     """Whether the study's unit is a GPU (a preset, or GPUs here) or a CPU core (the CPU study on a CPU machine)."""
     return bool(cfg.devices or cfg.preset)
@@ -610,11 +592,10 @@ def command(run, cfg):
     return f"{launcher} {run.stage}.py " + " ".join(flags)
 
 
-def wall_clock(runs, cfg, gpus, seconds=None):
+def wall_clock(runs, cfg, gpus, seconds):
     """Hours the study takes on `gpus` GPUs (CPU: job slots), scheduled as run_all does (dependencies first, the
     longest ready run first, a DDP run on --gpus_per_run GPUs at 1/K of its time; on CPU one slot each): a simulation
-    with `seconds` per run (default: the estimated costs)."""
-    seconds = seconds or {r.name: cost(r, cfg) for r in runs}
+    with `seconds` per run."""
     done, todo, going, free, now = {}, list(runs), [], gpus, 0.0
     while todo or going:
         for r in sorted((r for r in todo if all(d in done for d in r.deps)), key=lambda r: -seconds[r.name]):
@@ -629,84 +610,68 @@ def wall_clock(runs, cfg, gpus, seconds=None):
     return now
 
 
-FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
-NVJPEG_SPEED = 3800  # img/s of the GPU path (nvjpeg decode + crops, one H100, measured before the worker-side crops)
-
-
-def data_path(run, cfg):
-    """(worker cores per GPU the run's data path needs to keep up with its GPU, its GPU-seconds when each GPU has
-    only the run's own num_workers cores): WORKER_SPEED's JPEG rates; (0, cost) for data held in memory."""
-    seconds = cost(run, cfg)
-    if run.cfg.data not in FILE_DATA:
-        return 0.0, seconds
-    per_core = WORKER_SPEED[run.speed_key()][0]
-    workers = max(1, getattr(run.cfg, "num_workers", 0))  # no workers: the training process decodes
-    return run.images() / seconds / per_core, max(seconds, run.images() / (workers * per_core))
-
-
 def measured(run):
-    """The seconds a run took here (its result.json), if it finished with these settings; else None."""
-    path = os.path.join(run.folder, "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        result = json.load(f)
-    old, skip = result.get("config", {}), added_since(run, result.get("config", {}))
-    same = all(old.get(k) == v for k, v in settings(run).items() if k != "num_workers" and k not in skip)
-    return (result.get("seconds") or None) if same else None  # adopted runs record 0: not timed here
+    """The seconds a run took here (its result.json), if it finished with these settings; else None (adopted runs
+    record 0: not timed here)."""
+    result = recorded(run)
+    return result.get("seconds") or None if result and not differences(run, result.get("config", {})) else None
 
 
 def print_plan(runs, cfg):
-    """Every run with its cost and its own command, then the totals and the wall-clock: GPU-hours for a GPU study
-    (and the worker cores per GPU its data path needs), CPU minutes for the CPU study (measured where it ran here)."""
-    if not on_gpus(cfg):
-        return print_cpu_plan(runs, cfg)
-    gpus = len(cfg.devices) or cfg.gpus_per_run  # no GPUs here: as many as one run spans
-    print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px), from bench.py's "
-          "model-step figures (measured: MAE 31,100 img/s and fine-tuning 12,600 img/s compiled at batch 1024; ~ = "
-          "derived from those by FLOPs), if the data path keeps up; then the worker cores per GPU it needs to (JPEG "
-          "read + decode + crops per core: bench.py's 265 img/s for one view, 178 for MoCo-v3's two; DINO's ~95 an "
-          f"estimate) and, where the run's --num_workers={cfg.num_workers} cores are fewer, its GPU-hours at that pace")
-    total = bound_total = 0.0
-    bound, gpu_decode = {}, []  # GPU-seconds at num_workers cores; runs asking more than nvjpeg's path gives
+    """Every run with its cost and its own command, then the totals and the wall-clock. A GPU study: GPU-hours, and
+    the worker cores per GPU its data path needs to keep up (JPEG files; with fewer, the hours at that pace). The CPU
+    study: CPU minutes, measured where a run finished here, else estimated."""
+    gpu = on_gpus(cfg)
+    timed = {} if gpu else {r.name: measured(r) for r in runs}
+    seconds = {r.name: timed.get(r.name) or cost(r, cfg) for r in runs}
+    bound, slow = dict(seconds), []  # GPU-seconds at the runs' num_workers cores; runs asking more than nvjpeg gives
+    if gpu:
+        print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px), from bench.py's "
+              "model-step figures (measured: MAE 31,100 img/s and fine-tuning 12,600 img/s compiled at batch 1024; ~ "
+              "= derived from those by FLOPs), if the data path keeps up; then the worker cores per GPU it needs to "
+              "(JPEG read + decode + crops per core: bench.py's 265 img/s for one view, 178 for MoCo-v3's two; DINO's "
+              f"~95 an estimate) and, where the run's --num_workers={cfg.num_workers} cores are fewer, its GPU-hours "
+              "at that pace")
+    else:
+        print(f"{len(runs)} runs; CPU minutes, one core and --threads={cfg.threads} each: measured = the run's own "
+              f"seconds in its result.json here ({sum(map(bool, timed.values()))} runs), ~ = estimated from CPU_SPEED "
+              "(img/s per core of the `mini` ViT per kind of run, scaled by the run's model size)")
     for r in runs:
-        hours = cost(r, cfg) / 3600  # GPU-hours: a K-GPU run takes 1/K of the time on each of K GPUs
-        cores, bound[r.name] = data_path(r, cfg)
-        total, bound_total = total + hours, bound_total + bound[r.name] / 3600
-        if cores and r.images() / cost(r, cfg) > NVJPEG_SPEED:
-            gpu_decode.append(r.name)
-        data = "in memory" if not cores else f"{cores:.0f} cores/GPU" + (
-            f", {bound[r.name] / 3600:.2f} GPU-h at {cfg.num_workers}" if bound[r.name] > cost(r, cfg) else "")
-        print(f"{r.name:24s} {hours:8.2f} GPU-h {GPU_SPEED[r.speed_key()][1]:8s} data: {data:30s} {command(r, cfg)}")
-    hours = wall_clock(runs, cfg, gpus)
+        if not gpu:
+            how = "measured" if timed[r.name] else "~"
+            print(f"{r.name:24s} {seconds[r.name] / 60:8.1f} CPU-min {how:8s} {command(r, cfg)}")
+            continue
+        data = "in memory"
+        if r.cfg.data in FILE_DATA:  # the worker cores per GPU to keep up, and the pace at the run's own
+            per_core = WORKER_SPEED[r.speed_key()][0]
+            workers = max(1, getattr(r.cfg, "num_workers", 0))  # no workers: the training process decodes
+            bound[r.name] = max(seconds[r.name], r.images() / (workers * per_core))
+            slow += [r.name] if r.images() / seconds[r.name] > NVJPEG_SPEED else []
+            data = f"{r.images() / seconds[r.name] / per_core:.0f} cores/GPU" + (
+                f", {bound[r.name] / 3600:.2f} GPU-h at {cfg.num_workers}" if bound[r.name] > seconds[r.name] else "")
+        print(f"{r.name:24s} {seconds[r.name] / 3600:8.2f} GPU-h {GPU_SPEED[r.speed_key()][1]:8s} data: {data:30s} "
+              + command(r, cfg))
+    total = sum(seconds.values()) / 3600
+    if not gpu:
+        hours = wall_clock(runs, cfg, cfg.jobs, seconds)
+        print(f"total {total * 60:.0f} CPU-minutes; {cfg.jobs} runs at a time (--jobs): about {hours * 60:.0f} min "
+              "wall-clock (scheduled as the study runs them)")
+        return total, hours
+    gpus = len(cfg.devices) or cfg.gpus_per_run  # no GPUs here: as many as one run spans
+    hours = wall_clock(runs, cfg, gpus, seconds)
     print(f"total {total:.1f} GPU-hours; on {gpus} GPU(s), {cfg.gpus_per_run} per pre-training / fine-tuning run: "
           f"about {hours:.1f} h wall-clock (scheduled as the study runs them; {total / gpus:.1f} h if never idle)")
-    limited = [r for r in runs if bound[r.name] > cost(r, cfg)]
+    limited = [r for r in runs if bound[r.name] > seconds[r.name]]
     if limited:
         print(f"data path: {len(limited)} of {len(runs)} runs need more worker cores per GPU than their "
               f"--num_workers={cfg.num_workers} to keep up; with {cfg.num_workers} cores per GPU the study takes "
-              f"{bound_total:.1f} GPU-hours, about {wall_clock(runs, cfg, gpus, bound):.1f} h wall-clock. On a GPU the "
-              f"workers only read the files and nvjpeg decodes ({NVJPEG_SPEED:,} img/s with the crops, measured on "
-              f"one H100 before the worker-side crops): {len(gpu_decode)} runs ask more of it than that")
+              f"{sum(bound.values()) / 3600:.1f} GPU-hours, about {wall_clock(runs, cfg, gpus, bound):.1f} h "
+              f"wall-clock. On a GPU the workers only read the files and nvjpeg decodes ({NVJPEG_SPEED:,} img/s with "
+              f"the crops, measured on one H100 before the worker-side crops): {len(slow)} runs ask more of it than "
+              "that")
     if NO_TEACHER in {getattr(r.cfg, "teacher_ckpt", "") for r in runs}:
         print(f"D-MAE's teacher: {NO_TEACHER} above stands for the published MAE-Base the study needs: pass "
               "--teacher_ckpt=mae_pretrain_vit_base.pth (MAE's) to run it")
-    return total, hours
-
-
-def print_cpu_plan(runs, cfg):
-    """The CPU study: each run's CPU minutes on its one thread, measured (result.json) or estimated (CPU_SPEED)."""
-    timed = {r.name: measured(r) for r in runs}
-    seconds = {r.name: timed[r.name] or cost(r, cfg) for r in runs}
-    print(f"{len(runs)} runs; CPU minutes, one core and --threads={cfg.threads} each: measured = the run's own "
-          f"seconds in its result.json here ({sum(bool(s) for s in timed.values())} runs), ~ = estimated from "
-          "CPU_SPEED (img/s per core of the `mini` ViT per kind of run, scaled by the run's model size)")
-    for r in runs:
-        how = "measured" if timed[r.name] else "~"
-        print(f"{r.name:24s} {seconds[r.name] / 60:8.1f} CPU-min {how:8s} {command(r, cfg)}")
-    total, hours = sum(seconds.values()) / 3600, wall_clock(runs, cfg, cfg.jobs, seconds)
-    print(f"total {total * 60:.0f} CPU-minutes; {cfg.jobs} runs at a time (--jobs): about {hours * 60:.0f} min "
-          "wall-clock (scheduled as the study runs them)")
     return total, hours
 
 
@@ -715,7 +680,11 @@ def main(cfg):
     if cfg.plan:
         return print_plan(runs, cfg)
     results, wall = run_all(runs, cfg)
-    write_report(cfg, runs, results, wall)
+    # the report reads results and settings only: each run's result with the tags it is chosen by, in study order
+    write_report(SimpleNamespace(**asdict(cfg), seed_list=cfg.seed_list, shot_list=cfg.shot_list,
+                                 keep_list=cfg.keep_list, devices=cfg.devices,
+                                 train_images=data_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)[0]),
+                 [dict(results[r.name], tags=r.tags) for r in runs], wall)
     return results
 
 
