@@ -30,9 +30,8 @@ import augment
 import figures
 import pretrain_mae
 from checkpoint import config_of, load_ckpt
-from common import check, check_ranges, cli, print0
+from common import check, check_config, cli, print0
 from data import Loader, build_dataset, figure_images, figure_indices, label_names, load_rgb
-from model import VIT_SIZES, vit_heads
 from weights import pretrained_vit, read_state_dict
 
 
@@ -60,12 +59,8 @@ class Config:
     out_dir: str = "out/analyze"  # analysis.json and PNG figures
 
     def __post_init__(self):
-        check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", num_images=">0", num_map_images=">0")
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check_config(self, num_images=">0", num_map_images=">0")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
-        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model or "cpu", self.num_heads)
         self.image = self.image or []
         check(self.num_images >= self.batch_size, "num_images must be at least one batch")
 

@@ -93,36 +93,21 @@ def rng_state():
     return state
 
 
-def gather_rng_states():
-    """Every rank's RNG state (a list indexed by rank), so a resumed DDP run continues each rank's stream."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, rng_state())
-    return out
-
-
 def restore_rng(states, rank):
     if len(states) <= rank:
         print0(f"resume: checkpoint has RNG state for {len(states)} ranks; rank {rank} keeps its fresh seed")
         return
     s = states[rank]
     torch.set_rng_state(s["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
 
 
 # --- the out_dir: one run folder, as a context manager ---
-def stage_name(cfg):
-    """The stage that runs cfg, by its file's name: run as `python pretrain_mae.py`, its module is `__main__`."""
-    return os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
-
-
 def stage_of(saved):
-    """Which stage wrote a checkpoint of ours (or a config.json, given as {"config": ...}): its 'stage'; the ones
-    written by `python <stage>.py` up to bfbdbd2 say '__main__' and, like those with none, are recognised by their
-    config."""
+    """Which stage wrote a checkpoint of ours (or a config.json, given as {"config": ...}): its 'stage'; those written
+    by `python <stage>.py` up to bfbdbd2 say '__main__' and, like those with none, are recognised by their config."""
     if saved.get("stage") not in (None, "", "__main__"):
         return saved["stage"]
     c = saved.get("config") or {}
@@ -133,7 +118,7 @@ def stage_of(saved):
 def lock_out_dir(out_dir):
     """One run per out_dir: an flock on out_dir/.lock held while the returned file is open (the OS drops it on any
     exit, kill -9 included, so a stale lock never blocks). A second process is refused at once. The holder removes
-    the file when it is done (unlock_out_dir), so a lock taken on a file just removed is taken again."""
+    the file when it is done, so a lock taken on a file just removed is taken again."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
     while True:
@@ -157,20 +142,13 @@ def lock_out_dir(out_dir):
     return f
 
 
-def unlock_out_dir(lock):
-    """Remove the lock file while still holding it, then release it: a finished or refused run leaves no .lock."""
-    with contextlib.suppress(OSError):
-        os.remove(lock.name)
-    lock.close()
-
-
 class RunFolder:
     """The out_dir of one training run, entered by every rank of a stage's main():
 
         with RunFolder(cfg, rank, inputs=[cfg.init_ckpt]) as run:  # master: lock, refuse what must not be written over
             ...                                                     # data, model, optimizer: nothing written yet
             ckpt = run.start(model=raw_model, optimizer=optimizer)  # config.json, script; a resumed run's state
-            for epoch in ...: run.save_epoch(history, row, model=...)
+            for epoch in range(run.start_epoch, cfg.epochs): ...; run.save_epoch(row, model=...)
 
     On leaving, the lock is released and its file removed; a run that failed before start() leaves the folder as it
     found it (the folder removed too if this run created it); Ctrl-C says where the run stopped and how to resume.
@@ -178,8 +156,11 @@ class RunFolder:
 
     def __init__(self, cfg, rank=0, inputs=(), active=True):
         self.cfg, self.master, self.inputs, self.active = cfg, rank == 0, [p for p in inputs if p], active
-        self.stage, self.dir, self.lock, self.created, self.started = stage_name(cfg), cfg.out_dir, None, False, False
+        # the stage, by its file's name: run as `python pretrain_mae.py`, its module is `__main__`
+        self.stage = os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
+        self.dir, self.lock, self.created, self.started = cfg.out_dir, None, False, False
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.start_epoch, self.history = 0, []  # a resumed run's: set by start()
 
     def __enter__(self):
         if self.master and self.active:
@@ -229,9 +210,9 @@ class RunFolder:
 
     def start(self, rank=0, **stateful):
         """Right before the first step. If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=,
-        optimizer=, ...) and this rank's RNG, and return the checkpoint (else None). Only then, the master writes
-        config.json and the script and re-derives log.jsonl (and best.pt) from the checkpoint: a checkpoint that does
-        not fit is refused with the folder untouched."""
+        optimizer=, ...) and this rank's RNG, set start_epoch and history, and return the checkpoint (else None). Only
+        then, the master writes config.json and the script and re-derives log.jsonl (and best.pt) from the checkpoint:
+        a checkpoint that does not fit is refused with the folder untouched."""
         ckpt = None
         if self.active and self.cfg.resume and os.path.exists(self.ckpt_path):
             ckpt = load_ckpt(self.ckpt_path, "out_dir's checkpoint")
@@ -242,10 +223,16 @@ class RunFolder:
                     raise BadData(f"{self.ckpt_path} does not fit this run's {name} ({str(e).splitlines()[0][:100]});"
                                   " pass another --out_dir, or --resume=false to start that run over") from None
             restore_rng(ckpt["rng"], rank)
+            self.start_epoch, self.history = ckpt["epoch"], ckpt["log"]
         self.started = True
         if not (self.master and self.active):
             return ckpt
-        describe_run(self.cfg)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        for klass in type(self.cfg).__mro__[:-1]:  # the stage's script (distill.py: pretrain_mae.py's too)
+            if hasattr(sys.modules[klass.__module__], "main"):  # a stage, not common.TrainFlags
+                script = sys.modules[klass.__module__].__file__
+                shutil.copy(script, os.path.join(self.dir, os.path.basename(script)))
         if ckpt is not None:
             write_log(self.dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
             best = os.path.join(self.dir, "best.pt")
@@ -254,24 +241,28 @@ class RunFolder:
             print0(f"resumed from {self.ckpt_path} at epoch {ckpt['epoch']}")
         return ckpt
 
-    def save_epoch(self, history, row, best=None, **state):
+    def save_epoch(self, row, best=None, **state):
         """The end of an epoch; collective (every rank calls it). The master writes best.pt (when given), then
         ckpt.pt (the state, this epoch's row appended to every earlier one, each rank's RNG, and `best`), then
         log.jsonl rewritten from those rows: after a kill anywhere in between, resume re-derives the later files."""
-        rng = gather_rng_states()
-        history.append(row)
+        rng = [rng_state()]
+        if dist.is_initialized():  # every rank's stream, so a resumed DDP run continues each one
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, rng_state())
+        self.history.append(row)
         if not self.master:
             return
         if best is not None and best["epoch"] == row["epoch"]:
             save_ckpt(best, os.path.join(self.dir, "best.pt"))
-        save_ckpt(dict(state, stage=self.stage, epoch=row["epoch"], step=row["step"],
-                       config=dataclasses.asdict(self.cfg), rng=rng, log=history, **({"best": best} if best else {})),
-                  self.ckpt_path)
-        write_log(self.dir, history)
+        save_ckpt(dict(state, stage=self.stage, epoch=row["epoch"], step=row["step"], log=self.history, rng=rng,
+                       config=dataclasses.asdict(self.cfg), **({"best": best} if best else {})), self.ckpt_path)
+        write_log(self.dir, self.history)
 
     def __exit__(self, kind, error, traceback):
         if self.lock is not None:
-            unlock_out_dir(self.lock)
+            with contextlib.suppress(OSError):  # the file removed while still held, then released: no .lock left
+                os.remove(self.lock.name)
+            self.lock.close()
             if self.created and not self.started:  # nothing was written: leave no folder behind either
                 with contextlib.suppress(OSError):
                     os.rmdir(self.dir)  # only when empty: nothing of anyone else's is removed
@@ -287,22 +278,13 @@ class RunFolder:
         return f"{self.ckpt_path} holds epoch {done} of {self.cfg.epochs}: {how} resumes from epoch {done + 1}"
 
 
-def describe_run(cfg):
-    """config.json and a copy of the stage's script (distill.py keeps pretrain_mae.py's copy beside its own)."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    for klass in type(cfg).__mro__[:-1]:
-        script = sys.modules[klass.__module__].__file__
-        shutil.copy(script, os.path.join(cfg.out_dir, os.path.basename(script)))
-
-
-def read_log(out_dir, last_epoch):
+def read_log(out_dir):
+    """Every epoch's row of a run's log.jsonl (the last written, where an epoch appears twice)."""
     rows, path = {}, os.path.join(out_dir, "log.jsonl")
     for line in open(path) if os.path.exists(path) else []:
         with contextlib.suppress(ValueError):
             row = json.loads(line)
-            if row.get("epoch", 0) <= last_epoch:
-                rows[row["epoch"]] = row  # one row per epoch, the last written
+            rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
 
 

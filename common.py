@@ -1,6 +1,6 @@
 """Plumbing shared by the stages: errors, distributed setup and precision, config flags, schedules, the steps of an
-epoch. What a run leaves on disk (checkpoints, logs, the out_dir) is checkpoint.py; the data path is data.py and
-augment.py. What a stage is *about* (masking, losses, EMA, the step) stays inline in that stage.
+epoch. What a run leaves on disk is checkpoint.py; the data path is data.py and augment.py. What a stage is *about*
+(masking, losses, EMA, the step) stays inline in that stage.
 """
 import argparse
 import contextlib
@@ -17,6 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from model import VIT_SIZES, vit_heads
 
 
 # --- errors the user can fix: one line from cli(), never a traceback ---
@@ -70,6 +72,11 @@ def setup_dist():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def print0(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -79,14 +86,12 @@ def autocast_ctx(device):
     """bf16 autocast on CUDA from Ampere on, fp16 before it (with an enabled GradScaler), fp32 on CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.amp.autocast("cuda", dtype=dtype)
+    return torch.amp.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def make_scaler(device):
     # bf16 keeps fp32's exponent range, so loss scaling is only needed for fp16 (pre-Ampere GPUs)
-    needed = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=needed)
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
 
 def all_gather_cat(x):
@@ -119,32 +124,36 @@ def check_finite(loss, epoch, step):
     return value
 
 
-# --- config ---
-def _field_comments(cls):
-    """Map field name -> trailing '# comment' in the Config source, for --help."""
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.*)$", src, re.M):
-            comments[m.group(1)] = m.group(2)
-    return comments
+# --- config: a dataclass's fields are the flags ---
+@dataclasses.dataclass
+class TrainFlags:
+    """The flags every training stage shares (its Config subclasses this; --help lists them with its own): where
+    its images come from, and how its run restarts."""
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
+    data_root: str = ""  # folder of the data (ImageNet: holds train/ and val/); unused for the embedded slices
+    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all): quick checks, data-poor studies
+    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
+    num_workers: int = 2  # data-loading processes per GPU (files; in-memory sets need none)
+    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
+    seed: int = 0  # each rank uses seed + rank
+    compile: bool = False  # torch.compile the model (CUDA)
 
 
 def parse_config(cls, argv=None):
-    """Turn a Config dataclass into --field=value flags; bad values end with a message naming the flag."""
+    """Turn a Config dataclass into --field=value flags, each with its source comment as help; a bad value ends in
+    one line naming the flag."""
+    comments = {}  # field -> its trailing '# comment' in the source, base classes first (distill's)
+    for klass in reversed(cls.__mro__[:-1]):
+        with contextlib.suppress(OSError, TypeError):
+            comments.update(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M))
     parser = OneLineParser(description=sys.modules[cls.__module__].__doc__, allow_abbrev=False,  # --epoch: a typo
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         conv = _parse_bool if f.type is bool else str if f.type is list else f.type  # int("3.5") fails loudly
         flag = dict(nargs="?", const=True) if f.type is bool else dict(action="append") if f.type is list else {}
         shown = getattr(cls, "shown_default", lambda name: None)(f.name) or f.default  # method-dependent ones
-        metavar = "PATH" if f.type is list else f.type.__name__.upper()
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=metavar,
-                            help=f"{comments.get(f.name, '')} (default: {shown})", **flag)
+        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{comments.get(f.name, '')} (default: "
+                            f"{shown})", metavar="PATH" if f.type is list else f.type.__name__.upper(), **flag)
     args = parser.parse_args(argv)
     try:
         return cls(**vars(args))
@@ -188,46 +197,57 @@ def int_list(text, flag):
         raise BadValue(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
-def check_ranges(cfg, default=None, **ranges):
-    """Every float flag must be finite; each named flag must lie in its range: "(0,1]", "[0,1)", ">0", ">=0";
-    with default=">=0", so must every other number."""
+# The ranges of the flags the stages share; a stage's own are passed to check_config
+RANGES = dict(img_size=">0", patch_size=">0", num_heads=">=0", num_workers=">=0", subset=">=0", seed=">=0",
+              epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
+              weight_decay=">=0", batch_size=">0")
+
+
+def check_config(cfg, default=None, **ranges):
+    """What every stage's Config checks: every float flag finite; each flag in its range ("(0,1]", "[0,1)", ">0",
+    ">=0"; RANGES, then `ranges`, else `default` for any other number); a known ViT size ("" lets the checkpoint
+    say) with a head count that divides its width; an image side divisible by the patch side. A warm-up longer
+    than the run (--epochs=1 with the default 2 warm-up epochs) becomes half the run, said once."""
     numbers = [f.name for f in dataclasses.fields(cfg) if f.type in (int, float)]
     for name in numbers:
         value = getattr(cfg, name)
         check(not isinstance(value, float) or math.isfinite(value), f"--{name} must be a finite number, got {value}")
-    for name, spec in ((dict.fromkeys(numbers, default) if default else {}) | ranges).items():
+        spec = ranges.get(name, RANGES.get(name, default))
         if spec is None:
             continue
-        v = getattr(cfg, name)
         if spec[0] in "([":
             lo, hi = (float(x) for x in spec[1:-1].split(","))
-            ok = (v > lo if spec[0] == "(" else v >= lo) and (v < hi if spec[-1] == ")" else v <= hi)
-            check(ok, f"--{name} must be in {spec}, got {v}")
+            ok = (value > lo if spec[0] == "(" else value >= lo) and (value < hi if spec[-1] == ")" else value <= hi)
+            check(ok, f"--{name} must be in {spec}, got {value}")
         else:
             bound = float(spec.lstrip(">="))
-            check(v >= bound if spec.startswith(">=") else v > bound, f"--{name} must be {spec}, got {v}")
-
-
-def clamp_warmup(cfg):
-    """A warm-up longer than the run (--epochs=1 with the default 2 warm-up epochs) becomes half the run, said once."""
-    if cfg.warmup_epochs > cfg.epochs:
+            check(value >= bound if spec.startswith(">=") else value > bound, f"--{name} must be {spec}, got {value}")
+    if hasattr(cfg, "model"):
+        optional = next(f.default == "" for f in dataclasses.fields(cfg) if f.name == "model")
+        check(cfg.model in VIT_SIZES or (optional and not cfg.model),
+              f"model must be one of {sorted(VIT_SIZES)}, got {cfg.model!r}")
+        vit_heads(cfg.model or "cpu", getattr(cfg, "num_heads", 0))  # a count that does not split the width fails
+    if hasattr(cfg, "patch_size"):
+        check(cfg.img_size % cfg.patch_size == 0,
+              f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+    if getattr(cfg, "warmup_epochs", 0) > getattr(cfg, "epochs", math.inf):
         print(f"note: --warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
               f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)", file=sys.stderr)
         cfg.warmup_epochs = cfg.epochs // 2
 
 
 # --- schedules & optimizer groups ---
-def cosine_value(step, total_steps, warmup_steps, peak, final=0.0, start=0.0):
-    """Linear warm-up from `start` to `peak`, then half-cosine down to `final` (per-iteration, as MAE)."""
-    if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def cosine_schedule(total_steps, warmup_steps, peak, final=0.0, start=0.0):
-    """One value per optimizer step (DINO's schedule arrays): computed once, read as schedule[step] in the loop."""
-    return [cosine_value(s, total_steps, warmup_steps, peak, final, start) for s in range(total_steps)]
+    """One value per optimizer step, read as schedule[step] in the loop (DINO's schedule arrays): a linear warm-up
+    from `start` to `peak`, then a half-cosine down to `final` (per iteration, as MAE)."""
+    out = []
+    for step in range(total_steps):
+        if step < warmup_steps:
+            out.append(start + (peak - start) * step / warmup_steps)
+        else:
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            out.append(final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return out
 
 
 def param_groups(model, weight_decay, lr_scale=None):
@@ -312,13 +332,26 @@ class EpochSteps:
         for k, v in numbers.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def means(self):
-        return {k: v / (self.steps_per_epoch * self.accum) for k, v in self.sums.items()}
+    def row(self, global_batch, **schedules):
+        """The epoch's log row: its number, the optimizer steps so far, the mean loss (and the method's parts, summed
+        by add()), each schedule's value at the epoch's last step (lr=, momentum=), img/s."""
+        means = {k: v / (self.steps_per_epoch * self.accum) for k, v in self.sums.items()}
+        return dict(epoch=self.epoch + 1, step=self.last_step + 1, loss=means.pop("loss"),
+                    **{k: v[self.last_step] for k, v in schedules.items()},
+                    imgs_per_s=self.steps_per_epoch * global_batch / (time.time() - self.start), **means)
 
-    def imgs_per_s(self, global_batch):
-        return self.steps_per_epoch * global_batch / (time.time() - self.start)
+
+def epoch_line(row, epochs):
+    """An epoch's console line: ep 3/20 loss 0.5246 [the method's parts] lr 1.5e-03 [m 0.9990] 455 img/s."""
+    parts = "".join(f"{k} {v:.4f} " for k, v in row.items() if k not in ("epoch", "step", "loss", "lr", "momentum",
+                                                                          "imgs_per_s"))
+    momentum = f"m {row['momentum']:.4f} " if "momentum" in row else ""
+    return (f"ep {row['epoch']}/{epochs} loss {row['loss']:.4f} {parts}lr {row['lr']:.1e} {momentum}"
+            f"{row['imgs_per_s']:.0f} img/s")
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
+def wrap(raw_model, world, compile_):
+    """The model the train loop calls: DDP when distributed (wrapped last), then torch.compile when asked; raw_model
+    stays, unwrapped, for the optimizer, the EMA, saving and eval."""
+    model = torch.nn.parallel.DistributedDataParallel(raw_model) if world > 1 else raw_model
+    return torch.compile(model) if compile_ else model

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import pretrain_mae
 from checkpoint import load_ckpt
-from common import check, check_ranges, cli, print0, seed_everything, setup_dist
+from common import check, check_config, cli, int_list, print0, seed_everything, setup_dist
 from model import VIT_SIZES
 from weights import pretrained_vit
 
@@ -39,20 +39,13 @@ class Config(pretrain_mae.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        check_ranges(self, teacher_num_heads=">=0", alpha_attn=">=0", alpha_hidden=">=0")
+        check_config(self, teacher_num_heads=">=0", alpha_attn=">=0", alpha_hidden=">=0")
         check(self.teacher_ckpt, "distill.py needs --teacher_ckpt (e.g. from: python pretrain_mae.py --model=tiny "
                                  "--out_dir=out/mae_teacher)")
         check(not self.teacher_model or self.teacher_model in VIT_SIZES,
               f"teacher_model must be one of {sorted(VIT_SIZES)}, got {self.teacher_model!r}")
-        try:
-            self.layer_ids("attn_layers"), self.layer_ids("hidden_layers")
-        except ValueError:
-            raise ValueError(f"attn_layers / hidden_layers must be comma-separated integers, got "
-                             f"{self.attn_layers!r} / {self.hidden_layers!r}") from None
-        check(self.layer_ids("attn_layers") or self.layer_ids("hidden_layers"), "nothing to distill: set attn_layers")
-
-    def layer_ids(self, name):
-        return [int(s) for s in getattr(self, name).split(",") if s.strip()]
+        attn, hidden = int_list(self.attn_layers, "--attn_layers"), int_list(self.hidden_layers, "--hidden_layers")
+        check(attn or hidden, "nothing to distill: set attn_layers")
 
 
 def load_teacher(cfg, device, verbose=True):
@@ -68,23 +61,23 @@ def load_teacher(cfg, device, verbose=True):
 
 
 class DistilledMAE(pretrain_mae.MAE):
-    def __init__(self, cfg, teacher):
+    def __init__(self, cfg, teacher):  # the teacher sizes the adapters; forward is given it at every step
         super().__init__(cfg)
-        self._teacher = (teacher,)  # in a tuple, so not a submodule: never trained, saved, or wrapped by DDP
-        self.attn_ids, self.hidden_ids = cfg.layer_ids("attn_layers"), cfg.layer_ids("hidden_layers")
+        self.attn_ids = int_list(cfg.attn_layers, "--attn_layers")
+        self.hidden_ids = int_list(cfg.hidden_layers, "--hidden_layers")
+        depth = min(self.encoder.depth, teacher.depth)
         for i in self.attn_ids:
-            check(-min(self.encoder.depth, teacher.depth) <= i < min(self.encoder.depth, teacher.depth),
-                  f"attention layer {i} is outside the student ({self.encoder.depth}) or teacher ({teacher.depth})")
+            check(-depth <= i < depth, f"attention layer {i} is outside the student ({self.encoder.depth}) or "
+                                       f"teacher ({teacher.depth})")
         for i in self.hidden_ids:
-            check(0 <= i <= min(self.encoder.depth, teacher.depth), f"hidden layer {i} is outside 0..depth")
+            check(0 <= i <= depth, f"hidden layer {i} is outside 0..depth")
         # 1x1 conv over heads: learns which student heads mix into each teacher head (PAPER §4, no bias)
         self.attn_adapters = nn.ModuleList(nn.Conv2d(self.encoder.num_heads, teacher.num_heads, 1, bias=False)
                                            for _ in self.attn_ids)
         self.hidden_adapters = nn.ModuleList(nn.Linear(self.encoder.embed_dim, teacher.embed_dim, bias=False)
                                              for _ in self.hidden_ids)
 
-    def forward(self, imgs):
-        teacher = self._teacher[0]
+    def forward(self, imgs, teacher):
         want_attn, want_hidden = bool(self.attn_ids), bool(self.hidden_ids)
         pred, mask, ids_keep, attns, hiddens = self.encode_decode(imgs, want_attn, want_hidden)
         loss_mae = pretrain_mae.mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss)
@@ -100,10 +93,12 @@ class DistilledMAE(pretrain_mae.MAE):
 
 
 def main(cfg):
+    # seeded here so the teacher, then the student, draw their initial weights as every D-MAE run has (the student's
+    # init follows the teacher's); pretrain_mae.main seeds again for the data and the masks
     rank, _, device = setup_dist()
-    seed_everything(cfg.seed + rank)  # the student's init, as pretrain_mae.main would seed it
+    seed_everything(cfg.seed + rank)
     teacher = load_teacher(cfg, device, verbose=rank == 0)
-    return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher))  # its run folder never takes the teacher's
+    return pretrain_mae.main(cfg, DistilledMAE(cfg, teacher), teacher)  # its run folder never takes the teacher's
 
 
 if __name__ == "__main__":

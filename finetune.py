@@ -18,32 +18,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as v2
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
 from checkpoint import RunFolder, load_ckpt
-from common import (EpochSteps, all_reduce_sum, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli,
+from common import (EpochSteps, TrainFlags, all_reduce_sum, autocast_ctx, check, check_config, check_finite, cli,
                     cosine_schedule, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
-                    setup_dist)
+                    setup_dist, wrap)
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, vit_heads
+from model import create_vit, vit_heads
 from weights import pretrained_vit, vit_spec
 
 
 @dataclass
-class Config:
+class Config(TrainFlags):  # + the data and run flags every training stage shares
     mode: str = "finetune"  # finetune (all weights) | linear (frozen backbone, train the head) | scratch (no init)
     init_ckpt: str = "out/mae/ckpt.pt"  # checkpoint to start from (ours or a timm ViT state dict); unused for scratch
     init_key: str = "model"  # which weights in the checkpoint: model, or teacher (DINO's EMA teacher)
     reinit_from_block: int = -1  # re-initialise blocks >= this index after loading (layer-importance study); -1 = off
     eval_only: bool = False  # only evaluate init_ckpt (a fine-tuned checkpoint) and exit
     # data
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
-    data_root: str = ""  # folder of the data; unused for embedded
-    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); quick checks, data-poor studies
-    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # input side in pixels; the paper: 224 (small transfer images are upsampled to it)
-    num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = init_ckpt's own (scratch: cpu)
     num_heads: int = 0  # attention heads; 0 = init_ckpt's (ours), else the size's default (timm vit_tiny needs 3)
@@ -69,24 +63,13 @@ class Config:
     crop_min_scale: float = 0.08  # RandomResizedCrop lower area bound
     # run
     out_dir: str = "out/finetune"  # ckpt.pt (latest), best.pt, log.jsonl, config.json
-    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
-    seed: int = 0  # each rank uses seed + rank
-    compile: bool = False  # torch.compile the model (CUDA)
 
     def __post_init__(self):
-        check_ranges(self, reinit_from_block=">=-1", subset=">=0", img_size=">0", num_workers=">=0", num_heads=">=0",
-                     patch_size=">0", drop_path="[0,1)", epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0",
-                     accum_steps=">0", base_lr=">0", min_lr=">=0", weight_decay=">=0", layer_decay="(0,1]",
+        check_config(self, reinit_from_block=">=-1", drop_path="[0,1)", min_lr=">=0", layer_decay="(0,1]",
                      clip_grad=">=0", mixup=">=0", cutmix=">=0", label_smoothing="[0,1)", randaug_magnitude="[0,10]",
-                     randaug_std=">=0",
-                     crop_min_scale="(0,1]", seed=">=0")
-        clamp_warmup(self)
+                     randaug_std=">=0", crop_min_scale="(0,1]")
         check(self.mode in ("finetune", "linear", "scratch"), f"mode must be finetune|linear|scratch, got {self.mode}")
         check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model or "cpu", self.num_heads)  # a count that does not split the width fails here
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
 
 
 def layer_id(name, depth):
@@ -226,14 +209,11 @@ def main(cfg):
 
         # --- resume ---
         ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-        start_epoch, history, best = (ckpt["epoch"], ckpt["log"], ckpt.get("best")) if ckpt else (0, [], None)
-        best_top1 = ckpt["best_top1"] if ckpt else 0.0
-        model = DDP(raw_model) if world > 1 else raw_model
-        if cfg.compile:
-            model = torch.compile(model)
+        best, best_top1 = (ckpt.get("best"), ckpt["best_top1"]) if ckpt else (None, 0.0)
+        model = wrap(raw_model, world, cfg.compile)
 
         # --- train loop ---
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.train()
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (crops, labels) in steps:
@@ -251,25 +231,23 @@ def main(cfg):
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:
                     optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad)
-            imgs_per_s = steps.imgs_per_s(global_batch)
+            row = steps.row(global_batch, lr=lr_schedule)
 
             # --- eval ---
             top1, top5 = evaluate(model, val_loader, device)
-            is_best = top1 > best_top1 or not history  # the first epoch of a run is its best so far
+            is_best = top1 > best_top1 or not run.history  # the first epoch of a run is its best so far
             best_top1 = top1 if is_best else best_top1
             top5_part = {"top5": top5} if num_classes > 5 else {}  # top-5 of 5 classes or fewer says nothing
-            row = dict(epoch=epoch + 1, step=steps.last_step + 1, loss=steps.means()["loss"],
-                       lr=lr_schedule[steps.last_step], top1=top1, **top5_part, best_top1=best_top1,
-                       imgs_per_s=imgs_per_s)
-            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} "
-                   + (f"top-5 {top5:.2f} " if top5_part else "") + f"(best {best_top1:.2f}) {imgs_per_s:.0f} img/s")
+            row.update(top1=top1, **top5_part, best_top1=best_top1)
+            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} " + (f"top-5 {top5:.2f} "
+                   if top5_part else "") + f"(best {best_top1:.2f}) {row['imgs_per_s']:.0f} img/s")
 
             # --- save --- best.pt, then ckpt.pt (with the best weights and every log row), then log.jsonl: after a
             # kill at any point the checkpoint and log never claim a best that best.pt lacks; resume re-derives both
             if is_best:
                 best = dict(model={k: v.detach().clone() for k, v in raw_model.state_dict().items()},
                             epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
-            run.save_epoch(history, row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+            run.save_epoch(row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict(), best_top1=best_top1)
     return best_top1
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import augment
 from checkpoint import config_of, load_ckpt
-from common import autocast_ctx, check, check_ranges, cli, print0
+from common import autocast_ctx, check, check_config, cli, print0
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, vit_heads
+from model import create_vit
 from weights import pretrained_vit
 
 
@@ -47,12 +47,7 @@ class Config:
     out: str = ""  # also write the result to this JSON file
 
     def __post_init__(self):
-        check_ranges(self, num_heads=">=0", img_size=">0", patch_size=">0", subset=">=0", k=">0", temperature=">0",
-                     batch_size=">0", num_workers=">=0", seed=">=0")
-        check(self.model in ("", *VIT_SIZES), f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
-        vit_heads(self.model or "cpu", self.num_heads)
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check_config(self, k=">0", temperature=">0")
         check(self.pool in ("cls", "mean"), f"pool must be cls or mean, got {self.pool!r}")
 
 

@@ -2,10 +2,8 @@ r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and 
 
 MoCo-v3: two BYOL-style views; InfoNCE between one view's query (predictor(projector(encoder))) and the other's
 momentum key, against every rank's keys. DINO: 2 global + N local crops; the student matches the EMA teacher's
-centred, sharpened output on the global ones by cross-entropy. Each method is one class behind one small interface
-(`Method`: view_specs, make_teacher, param_groups, forward(views, teacher, step) -> (loss, logs), and two hooks that
-do nothing unless a method needs them), so the train loop has no method branch; the recipes are METHOD_DEFAULTS.
-The backbone is saved under `encoder.` (DINO's EMA teacher: --init_key=teacher).
+centred, sharpened output on the global ones by cross-entropy. Each method is one class behind one interface
+(`Method`), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
@@ -14,6 +12,7 @@ The backbone is saved under `encoder.` (DINO's EMA teacher: --init_key=teacher).
         --base_lr=1.5e-4 --head_hidden_dim=4096 --head_out_dim=256     # the paper's MoCo-v3-Tiny recipe
 """
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,20 +20,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
 from checkpoint import RunFolder
-from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check, check_finite, check_ranges,
-                    clamp_warmup, cli, cosine_schedule, make_scaler, optimizer_step, param_groups, print0,
-                    seed_everything, set_lr, set_weight_decay, setup_dist)
+from common import (EpochSteps, TrainFlags, all_gather_cat, all_reduce_mean, autocast_ctx, check, check_config,
+                    check_finite, cli, cosine_schedule, epoch_line, make_scaler, optimizer_step, param_groups, print0,
+                    seed_everything, set_lr, set_weight_decay, setup_dist, wrap)
 from data import Loader, build_dataset
-from model import VIT_SIZES, create_vit, vit_heads
+from model import create_vit, vit_heads
 
-# Each method's recipe, for the Config fields left at None. MoCo-v3's (its lr raised for short CPU runs;
-# weight_decay_end None = constant). DINO's: the setting that learns at CPU scale (the study's sweep: at batch 256
-# with DINO's own 65,536 prototypes and momentum 0.996 the output goes uniform); --preset=paper passes DINO's ViT
-# recipe (batch 1024, 65536, 0.996).
+# Each method's recipe, for the Config fields left at None: MoCo-v3's (its lr raised for short CPU runs), and DINO's
+# at the setting that learns at CPU scale (the study's sweep: with DINO's own batch 1024, 65,536 prototypes and
+# momentum 0.996, which --preset=paper passes, the output goes uniform here)
 METHOD_DEFAULTS = {
     "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
                    head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256),
@@ -45,14 +42,9 @@ STUDENT_TEMP = 0.1  # DINO's student temperature
 
 
 @dataclass
-class Config:
+class Config(TrainFlags):  # + the data and run flags every training stage shares
     method: str = "mocov3"  # mocov3 | dino; the flags shown as "MoCo-v3 x / DINO y" take the method's value
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | ... (see README)
-    data_root: str = ""  # folder of the data; unused for embedded
-    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all)
-    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # global view side in pixels; the paper: 224
-    num_workers: int = 2  # data-loading processes per GPU
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
     patch_size: int = 4  # patch side in pixels; the paper: 16
@@ -78,9 +70,6 @@ class Config:
     batch_size_per_gpu: int = None  # global batch = this x world size x accum_steps; MoCo-v3-Tiny, DINO: 1024
     accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
-    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
-    seed: int = 0  # each rank uses seed + rank
-    compile: bool = False  # torch.compile the student (CUDA)
 
     @classmethod
     def shown_default(cls, name):  # --help: "MoCo-v3 0.99 / DINO 0.996"
@@ -93,15 +82,12 @@ class Config:
         for name, value in METHOD_DEFAULTS[self.method].items():  # unset: the method's own value
             if getattr(self, name) is None:
                 setattr(self, name, self.weight_decay if name == "weight_decay_end" and value is None else value)
-        check_ranges(self, ">=0", img_size=">0", patch_size=">0", head_hidden_dim=">0", head_out_dim=">0",
-                     temperature=">0", ema_momentum="[0,1)", local_crop_size=">0", global_crop_min_scale="(0,1)",
-                     warmup_teacher_temp=">0", teacher_temp=">0", center_momentum="[0,1]", epochs=">0",
-                     batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0")  # every other number >= 0
-        clamp_warmup(self)
-        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
+        check_config(self, ">=0", head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
+                     local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
+                     center_momentum="[0,1]")  # every other number >= 0
+        check(self.local_crop_size % self.patch_size == 0,
+              f"image size {self.local_crop_size} is not divisible by patch_size {self.patch_size}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
-        for size in (self.img_size, self.local_crop_size):
-            check(size % self.patch_size == 0, f"image size {size} is not divisible by patch_size {self.patch_size}")
 
 
 def views(cfg):  # what the loader cuts: (side, crop scale range) of each of the method's views
@@ -175,7 +161,7 @@ class MoCoV3(Method):  # MoCo-v3's code clips nothing; a --clip_grad given clips
         return [(cfg.img_size, (0.08, 1.0), 1.0, 0.0), (cfg.img_size, (0.08, 1.0), 0.1, 0.2)]
 
     def forward(self, crops, teacher, step):
-        """Symmetrised InfoNCE; the teacher runs without grads. Returns the loss and extra numbers to log."""
+        """Symmetrised InfoNCE; the teacher runs without grads."""
         q1, q2 = (self.predictor(self.projector(self.encoder(x))) for x in crops)
         with torch.no_grad():
             k1, k2 = (teacher.projector(teacher.encoder(x)) for x in crops)
@@ -194,8 +180,7 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=STUDE
 
 def update_center(center, teacher_out, momentum):
     """EMA of the teacher's mean output over the global batch; subtracting it keeps one prototype from winning."""
-    batch_center = all_reduce_mean(teacher_out.mean(dim=0, keepdim=True))
-    return center * momentum + batch_center * (1 - momentum)
+    return center * momentum + all_reduce_mean(teacher_out.mean(dim=0, keepdim=True)) * (1 - momentum)
 
 
 class DINO(Method):
@@ -210,11 +195,10 @@ class DINO(Method):
         self.mlp = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, bottleneck_dim))
         self.last_layer = nn.Linear(bottleneck_dim, cfg.head_out_dim, bias=False)
-        for m in [*self.mlp, self.last_layer]:
-            if isinstance(m, nn.Linear):  # DINO: trunc_normal(0.02), zero bias
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        for m in [*self.mlp[::2], self.last_layer]:  # the Linear layers, DINO's way: trunc_normal(0.02), zero bias
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         self.register_buffer("center", torch.zeros(1, cfg.head_out_dim))
         self.teacher_temps = []  # per step, set by schedule()
 
@@ -237,12 +221,8 @@ class DINO(Method):
 
     def embed(self, crops):
         """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
-        sizes = [c.shape[-1] for c in crops]
-        feats, start = [], 0
-        for size in dict.fromkeys(sizes):  # one encoder pass per resolution (DINO's multi-crop wrapper)
-            n = sizes.count(size)
-            feats.append(self.encoder(torch.cat(crops[start:start + n])))
-            start += n
+        feats = [self.encoder(torch.cat(list(same)))  # one encoder pass per resolution (DINO's multi-crop wrapper)
+                 for _, same in itertools.groupby(crops, key=lambda c: c.shape[-1])]
         x = F.normalize(self.mlp(torch.cat(feats)), dim=-1)
         # weight norm with g fixed at 1 (DINO's norm_last_layer) = unit-length prototype rows
         return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
@@ -286,8 +266,7 @@ def main(cfg):
         raw_model = METHODS[cfg.method](encoder, cfg)
         teacher = raw_model.make_teacher()
         if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
-            raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            raw_model, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (raw_model, teacher))
         raw_model.to(device)
         teacher.to(device).requires_grad_(False)  # updated only by EMA
 
@@ -301,21 +280,19 @@ def main(cfg):
         total_steps = cfg.epochs * steps_per_epoch
         lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
-        # the EMA momentum rises from ema_momentum to 1 by a half cosine (written as MoCo-v3 / DINO write it)
+        # the EMA momentum rises from ema_momentum to 1 by a half cosine, written as MoCo-v3 / DINO write it (through
+        # cosine_schedule, pi * (s / T) for their pi * s / T, it would differ in the last bit)
         momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
                              for s in range(total_steps)]
         raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
         print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
         # --- resume ---
-        ckpt = run.start(rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
-        start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-        model = DDP(raw_model) if world > 1 else raw_model
-        if cfg.compile:
-            model = torch.compile(model)
+        run.start(rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
+        model = wrap(raw_model, world, cfg.compile)
 
         # --- train loop ---
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.train()
             teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
@@ -330,15 +307,11 @@ def main(cfg):
                     optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch),
                                    per_parameter=raw_model.CLIP_PER_PARAMETER)
                     ema_update(teacher, raw_model, momentum_schedule[step])
-            imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
-            last = steps.last_step
-            row = dict(epoch=epoch + 1, step=last + 1, loss=means.pop("loss"), lr=lr_schedule[last],
-                       momentum=momentum_schedule[last], imgs_per_s=imgs_per_s, **means)
-            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} " + "".join(f"{k} {v:.4f} " for k, v in
-                   means.items()) + f"lr {row['lr']:.1e} m {row['momentum']:.4f} {imgs_per_s:.0f} img/s")
+            row = steps.row(global_batch, lr=lr_schedule, momentum=momentum_schedule)
+            print0(epoch_line(row, cfg.epochs))
 
             # --- save ---
-            run.save_epoch(history, row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
+            run.save_epoch(row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     return raw_model, teacher
 

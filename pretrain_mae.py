@@ -16,27 +16,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
 import figures
 from checkpoint import RunFolder
-from common import (EpochSteps, autocast_ctx, check, check_finite, check_ranges, clamp_warmup, cli, cosine_schedule,
-                    make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist)
+from common import (EpochSteps, TrainFlags, autocast_ctx, check, check_config, check_finite, cli, cosine_schedule,
+                    epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist,
+                    wrap)
 from data import Loader, build_dataset, figure_images
-from model import VIT_SIZES, Block, ViT, create_vit, patchify, sincos_pos_embed, vit_heads
+from model import Block, ViT, create_vit, patchify, sincos_pos_embed, vit_heads
 
 
 @dataclass
-class Config:
+class Config(TrainFlags):  # + the data and run flags every training stage shares
     # data
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
-    data_root: str = ""  # folder of the data (ImageNet: has train/ and val/); unused for embedded
-    subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all); for quick checks
-    classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all
     img_size: int = 32  # input side in pixels; the paper: 224
     crop_min_scale: float = 0.2  # RandomResizedCrop lower area bound; MAE-Lite: 0.08, MAE: 0.2
-    num_workers: int = 2  # data-loading processes per GPU
     # model
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite)
@@ -55,28 +50,17 @@ class Config:
     weight_decay: float = 0.05  # AdamW, not on biases/norms/tokens
     # run
     out_dir: str = "out/mae"  # ckpt.pt, log.jsonl, config.json, recon_eNNN.png (epochs 1, 2, 4, ..., last)
-    resume: bool = True  # continue from out_dir/ckpt.pt if it exists
-    seed: int = 0  # each rank uses seed + rank
-    compile: bool = False  # torch.compile the model (CUDA)
 
     def __post_init__(self):
-        check_ranges(self, subset=">=0", img_size=">0", crop_min_scale="(0,1]", num_workers=">=0", num_heads=">=0",
-                     patch_size=">0", mask_ratio="(0,1)", decoder_dim=">0", decoder_depth=">=0", decoder_heads=">0",
-                     epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
-                     weight_decay=">=0", seed=">=0")
-        clamp_warmup(self)
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check_config(self, crop_min_scale="(0,1]", mask_ratio="(0,1)", decoder_dim=">0", decoder_depth=">=0",
+                     decoder_heads=">0")
         num_patches = (self.img_size // self.patch_size) ** 2
         keep = int(num_patches * (1 - self.mask_ratio))
         check(0 < keep < num_patches, f"mask_ratio {self.mask_ratio} keeps {keep} of the {num_patches} patches of this "
                                       "grid; it must keep at least one and remove at least one")
         check(self.decoder_dim % self.decoder_heads == 0 and self.decoder_dim % 4 == 0,
               f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads} and by 4")
-        check(self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
-
-
 
 
 # --- MAE: masking -> encoder (visible patches) -> decoder -> loss on the removed patches (models_mae.py's order) ---
@@ -87,9 +71,6 @@ def random_masking(batch, num_patches, mask_ratio, device, generator=None):
     that puts [visible, removed] tokens back in raster order.
     """
     num_keep = int(num_patches * (1 - mask_ratio))  # int(), as MAE: 58 of 196 at 0.7 (round() would keep 59)
-    if not 0 < num_keep < num_patches:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {num_patches} patches; it must keep some and "
-                         "drop some")
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the lowest-noise patches are kept
     ids_restore = ids_shuffle.argsort(dim=1)
@@ -153,8 +134,8 @@ class MAE(nn.Module):
         pred = self.decoder(latent, ids_restore)
         return pred, mask, ids_keep, attns, hiddens
 
-    def forward(self, imgs):
-        """Returns the loss and a dict of extra numbers to log (none for plain MAE)."""
+    def forward(self, imgs, teacher=None):
+        """The loss and a dict of extra numbers to log (none for plain MAE; distill.py's D-MAE has a teacher)."""
         pred, mask, *_ = self.encode_decode(imgs)
         return mae_loss(imgs, pred, mask, self.cfg.patch_size, self.cfg.norm_pix_loss), {}
 
@@ -168,14 +149,9 @@ def augment_batch(crops):
     return augment.normalize(augment.random_flip(crops[0]))
 
 
-def recon_epoch(epoch, epochs):
-    """The epochs that draw a reconstruction figure: 1, 2, 4, 8, ... and the last, so that a long run leaves a
-    handful of figures to compare, not one per epoch."""
-    return epoch & (epoch - 1) == 0 or epoch == epochs
-
-
-def main(cfg, model=None):
-    """Train. `model` lets distill.py reuse this loop with an MAE subclass that adds distillation losses."""
+def main(cfg, model=None, teacher=None):
+    """Train. distill.py reuses this loop with its MAE subclass and frozen teacher, passed to forward (as
+    pretrain_contrastive.py passes its EMA teacher): never a submodule, so never trained, saved or wrapped by DDP."""
     # --- setup ---
     rank, world, device = setup_dist()
     master = rank == 0
@@ -204,44 +180,36 @@ def main(cfg, model=None):
         print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
         # --- resume ---
-        ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
-        start_epoch, history = (ckpt["epoch"], ckpt["log"]) if ckpt else (0, [])
-        model = DDP(raw_model) if world > 1 else raw_model  # wrap last: raw_model stays for saving
-        if cfg.compile:
-            model = torch.compile(model)
+        run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+        model = wrap(raw_model, world, cfg.compile)
 
         # --- train loop ---
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.train()
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (crops, _) in steps:
                 set_lr(optimizer, lr_schedule[step])
                 imgs = augment_batch(crops)
                 with autocast_ctx(device):
-                    loss, extra = model(imgs)
+                    loss, extra = model(imgs, teacher)
                 loss_value = check_finite(loss, epoch, step)
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:
                     optimizer_step(optimizer, scaler, raw_model)
                 steps.add(loss=loss_value, **{k: v.item() for k, v in extra.items()})  # distill.py's loss parts
                 steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
-            imgs_per_s, means = steps.imgs_per_s(global_batch), steps.means()
-            row = dict(epoch=epoch + 1, step=steps.last_step + 1, lr=lr_schedule[steps.last_step],
-                       imgs_per_s=imgs_per_s, **means)
-            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} {parts} lr {row['lr']:.1e} "
-                   f"{imgs_per_s:.0f} img/s")
+            row = steps.row(global_batch, lr=lr_schedule)
+            print0(epoch_line(row, cfg.epochs))
 
             # --- eval: reconstructions of 8 training images (MAE has no accuracy to measure while pre-training) ---
-            if master and recon_epoch(epoch + 1, cfg.epochs):
+            if master and ((epoch + 1) & epoch == 0 or epoch + 1 == cfg.epochs):  # epochs 1, 2, 4, 8, ..., last
                 raw_model.eval()
-                title = (f"{type(raw_model).__name__} reconstructions of 8 training images (centre crops), "
-                         f"{cfg.out_dir} epoch {epoch + 1}")
-                figures.save_reconstructions(raw_model, view_imgs, title,
-                                     os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
+                figures.save_reconstructions(raw_model, view_imgs, f"{type(raw_model).__name__} reconstructions of "
+                                             f"8 training images (centre crops), {cfg.out_dir} epoch {epoch + 1}",
+                                             os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
 
             # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
-            run.save_epoch(history, row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+            run.save_epoch(row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict())
     return raw_model
 

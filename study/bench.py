@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import finetune
 import pretrain_contrastive
 import pretrain_mae
-from common import autocast_ctx, check, check_ranges, cli
+from common import autocast_ctx, check, check_config, cli
 from data import FileImages, Loader, build_dataset
-from model import VIT_SIZES, create_vit
+from model import create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
 STAGES = ("mae", "finetune", "mocov3", "dino")
@@ -60,12 +60,8 @@ class Config:
     out: str = ""  # also write the results to this JSON file
 
     def __post_init__(self):
-        check_ranges(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
-                     stage_epochs=">0", stage_subset=">=0", num_workers=">=0", img_size=">0", patch_size=">0",
-                     num_heads=">=0", batch_size=">=0", steps=">0", threads=">=0")
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        check(not self.model or self.model in VIT_SIZES, f"model must be one of {sorted(VIT_SIZES)}, got {self.model}")
+        check_config(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
+                     stage_epochs=">0", stage_subset=">=0", batch_size=">=0", steps=">0", threads=">=0")
         check(all(s in STAGES for s in self.stage_list()), f"stages must be of {STAGES}, got {self.stages!r}")
 
     def stage_list(self):

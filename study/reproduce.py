@@ -42,7 +42,7 @@ import knn
 import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log
-from common import RunError, check, check_ranges, cli, int_list
+from common import RunError, check, check_config, cli, int_list
 from data import build_dataset
 from model import VIT_SIZES
 from study.report import METHODS, write_report
@@ -196,15 +196,12 @@ class Config:
         check(self.preset != "in100" or self.teacher_ckpt or self.plan,
               "--preset=in100 needs --teacher_ckpt: a published MAE-Base, e.g. MAE's mae_pretrain_vit_base.pth "
               "(--plan shows the study without it)")
-        check_ranges(self, ">=0", transfer_steps=">0", transfer_lr=">0", transfer_crop="(0,1]", finetune_lr=">0",
-                     finetune_randaug="[0,10]", transfer_batch=">0", img_size=">0", patch_size=">0",
-                     pretrain_epochs=">0", finetune_epochs=">0", linear_epochs=">0", layer_epochs=">0", jobs=">0",
-                     threads=">0", gpus_per_run=">0", mae_batch=">0", moco_batch=">0", dino_batch=">0",
-                     finetune_batch=">0", mae_lr=">0", moco_lr=">0", mae_crop="(0,1]", dino_momentum="[0,1]")
-        for name in ("model", "teacher_model"):
-            check(getattr(self, name) in VIT_SIZES, f"--{name} must be one of {sorted(VIT_SIZES)}")
-        check(self.img_size % self.patch_size == 0,
-              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        check_config(self, ">=0", transfer_steps=">0", transfer_lr=">0", transfer_crop="(0,1]", finetune_lr=">0",
+                     finetune_randaug="[0,10]", transfer_batch=">0", pretrain_epochs=">0", finetune_epochs=">0",
+                     linear_epochs=">0", layer_epochs=">0", jobs=">0", threads=">0", gpus_per_run=">0", mae_batch=">0",
+                     moco_batch=">0", dino_batch=">0", finetune_batch=">0", mae_lr=">0", moco_lr=">0",
+                     mae_crop="(0,1]", dino_momentum="[0,1]")
+        check(self.teacher_model in VIT_SIZES, f"--teacher_model must be one of {sorted(VIT_SIZES)}")
         # the GPUs to schedule on: 'auto' asks torch how many are visible (without starting CUDA); [] on a CPU machine
         self.devices = ([str(i) for i in range(torch.cuda.device_count())] if self.gpus == "auto" else
                         [g.strip() for g in self.gpus.split(",") if g.strip()])
@@ -423,7 +420,7 @@ def collect(stage, config, returned=None):
         return dict(top1=returned["top1"], top5=returned["top5"])
     if stage == "analyze":
         return {}
-    rows = read_log(config["out_dir"], 10 ** 9)
+    rows = read_log(config["out_dir"])
     if stage == "finetune":
         return dict(top1=rows[-1]["top1"], best_top1=max(r["top1"] for r in rows), curve=[r["top1"] for r in rows])
     return dict(loss=rows[-1]["loss"], losses=[r["loss"] for r in rows],
@@ -477,7 +474,7 @@ def adopt(run):
     elif run.stage == "analyze" or not os.path.exists(os.path.join(run.folder, "config.json")):
         return None
     else:
-        rows = read_log(run.folder, 10 ** 9)
+        rows = read_log(run.folder)
         with open(os.path.join(run.folder, "config.json")) as f:
             given = json.load(f)
         # a rank's batch and accumulation depend on how many GPUs ran it; the global batch is the study's; a

@@ -73,7 +73,7 @@ class TestDistillAndChain(unittest.TestCase):
         imgs = torch.randn(8, 3, 16, 16)
         attn_losses = []
         for _ in range(40):
-            loss, parts = model(imgs)
+            loss, parts = model(imgs, teacher)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ import torch
 
 from model import ViT, create_vit, patchify, sincos_pos_embed, unpatchify
 from weights import load_backbone, read_state_dict
-from pretrain_mae import MAEDecoder, random_masking
+from pretrain_mae import Config, MAEDecoder, random_masking
 
 
 def small_vit(**kw):
@@ -83,9 +83,10 @@ class TestMasking(unittest.TestCase):
         torch.testing.assert_close(restored * (1 - mask), tokens * (1 - mask))
         self.assertTrue(torch.all(restored[mask.bool()] == -1))
 
-    def test_bad_ratio(self):
-        with self.assertRaisesRegex(ValueError, "mask_ratio"):
-            random_masking(1, 16, 1.0, "cpu")
+    def test_bad_ratio(self):  # the Config refuses a ratio that keeps no patch or removes none, before masking
+        for ratio in (1.0, 0.99, 0.0):
+            with self.assertRaisesRegex(ValueError, "mask_ratio"):
+                Config(img_size=16, patch_size=4, mask_ratio=ratio)
 
     def test_decoder_shapes(self):
         vit = ViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, num_classes=0)
