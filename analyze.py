@@ -1,13 +1,13 @@
-r"""Look inside pre-trained ViTs (PAPER §5): layer similarity (CKA), attention distance and entropy, reconstructions.
+r"""Look inside pre-trained ViTs (PAPER §5): layer similarity (CKA), attention distance and entropy, attention maps,
+reconstructions.
 
 - CKA: minibatch linear CKA with the unbiased HSIC estimator (Nguyen et al. 2021) between every layer of one model
   and every layer of another (or itself). A layer's representation is what its block's norm1 sees (plus the final
   norm output), cls token removed, each image's tokens flattened into one vector.
 - Attention: per layer and head, the cls row/column is dropped and the softmax re-taken over patches; the mean
   attention distance (pixels: patch-grid distance x patch size) and entropy (nats) are averaged over queries/images.
-- Reconstructions: when the checkpoint has an MAE decoder, a grid of original / masked / reconstructed images.
-- Attention maps: the last layer's cls-to-patch attention, one panel per head and their mean, over test images
-  drawn class-balanced (one per class first); one colour scale for every map unless --shared_scale=false.
+- Attention maps: the last layer's cls-to-patch attention per head and their mean, over test images one per class
+  first; reconstructions when the checkpoint has an MAE decoder (figures.py draws both).
 Layers are numbered alike everywhere: block k = 1..depth; CKA's representations are "after block k", 0 = embedding.
 Writes analysis.json and cka.png, attn_distance.png, attn_entropy.png, recon.png, attn_maps.png (attn_maps2.png for
 ckpt2) into out_dir. With --image (repeatable): one figure per image file, nothing else.
@@ -31,7 +31,7 @@ import figures
 import pretrain_mae
 from checkpoint import config_of, load_ckpt
 from common import check, check_config, cli, print0
-from data import Loader, build_dataset, figure_images, figure_indices, label_names, load_rgb
+from data import Loader, build_dataset, figure_images, load_rgb
 from weights import pretrained_vit, read_state_dict
 
 
@@ -139,41 +139,6 @@ def uniform_values(grid, patch_size):
     return patch_distances(grid, patch_size).mean().item(), math.log(grid * grid)
 
 
-def save_plots(result, out_dir, grid, patch_size):
-    pyplot = figures.plt()
-    names = [os.path.basename(os.path.dirname(n)) + "/" + os.path.basename(n) for n in result["names"]]
-    cka_vals = torch.tensor(result["cka"]).T
-    lo = math.floor(cka_vals.min().item() * 20) / 20  # fitted to the data: a 0-1 scale hides 0.84 vs 1.0
-    fig, ax = pyplot.subplots(figsize=(5, 4))
-    im = ax.imshow(cka_vals.numpy(), origin="lower", cmap="magma", vmin=lo, vmax=1)
-    ax.set_xlabel(f"after block k ({names[0]}; 0 = embedding)")
-    ax.set_ylabel(f"after block k ({names[-1]})")
-    pair = ("of the model with itself (no --ckpt2: the diagonal is 1 by construction)" if len(result["names"]) == 1
-            else "between two models' layers")
-    ax.set_title(f"Linear CKA {pair}, {result['num_images']} test images", fontsize=9)
-    fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
-    fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
-    pyplot.close(fig)
-    uniform = result["uniform"]
-    for metric, unit, top in (("attn_distance", "pixels", None), ("attn_entropy", "nats", uniform["attn_entropy"])):
-        fig, ax = pyplot.subplots(figsize=(6, 4))
-        for name, color, per_layer in zip(names, ("C0", "C1"), result[metric]):
-            v = torch.tensor(per_layer)  # (depth, H)
-            layers = torch.arange(1, len(v) + 1)[:, None].expand_as(v)
-            ax.scatter(layers.flatten().numpy(), v.flatten().numpy(), s=8, color=color, alpha=0.5)
-            ax.plot(layers[:, 0].numpy(), v.mean(1).numpy(), color=color, label=f"{name} (mean over heads)")
-        ax.axhline(uniform[metric], color="k", ls="--", lw=1, label=f"uniform attention ({uniform[metric]:.2f})")
-        ax.set_ylim(0, max(top or 0, ax.get_ylim()[1]))  # from 0: a zoomed axis makes 1 px look dramatic
-        ax.set_xticks(range(1, len(result[metric][0]) + 1))
-        ax.set_xlabel("block")
-        ax.set_ylabel(f"{metric.replace('_', ' ')} ({unit})")
-        ax.set_title(f"{metric.replace('attn_', 'Attention ')} per head and block, over patches "
-                     f"({grid}x{grid} grid of {patch_size}-px patches)", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=120, bbox_inches="tight")
-        pyplot.close(fig)
-
-
 def what_it_reads(vit):
     """What the attention figures say about the classifier: a fine-tuned model never reads the cls token."""
     return ("its classifier reads the mean of the patch tokens, never cls: these maps show where cls looks, not "
@@ -221,64 +186,58 @@ def main(cfg):
         return image_figures(cfg, *models[0], device)
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
-    img_size = models[0][0].patch_embed.img_size
+    vit, grid, patch_size = models[0][0], models[0][0].grid, models[0][0].patch_embed.patch_size
+    img_size = vit.patch_embed.img_size
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
-    loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)  # HSIC: equal
-    # minibatches
+    # equal minibatches for HSIC: an incomplete last one is dropped
+    loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
     # --- measure ---
     sums = dict(xy=0.0, xx=0.0, yy=0.0)
-    dist_sum = [0.0 for _ in models]
-    ent_sum = [0.0 for _ in models]
+    dist_sum, ent_sum = [0.0] * len(models), [0.0] * len(models)
     for crops, _ in loader:
         imgs = augment.normalize(crops[0])
-        per_model = [vit.forward_features(imgs, return_attn=True, return_hidden=True) for vit, *_ in models]
+        per_model = [m.forward_features(imgs, return_attn=True, return_hidden=True) for m, *_ in models]
         grams_a = [gram(h[:, 1:]) for h in per_model[0][2]]  # [:, 1:] drops the cls token
         grams_b = [gram(h[:, 1:]) for h in per_model[-1][2]]
         sums["xy"] += torch.tensor([[hsic_unbiased(K, L) for L in grams_b] for K in grams_a])
         sums["xx"] += torch.tensor([hsic_unbiased(K, K) for K in grams_a])
         sums["yy"] += torch.tensor([hsic_unbiased(L, L) for L in grams_b])
-        for m, ((vit, *_), (_, attns, _)) in enumerate(zip(models, per_model)):
-            d = patch_distances(vit.grid, vit.patch_embed.patch_size).to(device)
+        for i, ((m, *_), (_, attns, _)) in enumerate(zip(models, per_model)):
+            d = patch_distances(m.grid, m.patch_embed.patch_size).to(device)
             probs = [s[:, :, 1:, 1:].softmax(-1) for s in attns]  # cls row/col out, softmax over patches only
-            dist_sum[m] += torch.stack([attention_distance(p, d) for p in probs]).cpu()  # (depth, H)
-            ent_sum[m] += torch.stack([attention_entropy(p) for p in probs]).cpu()
+            dist_sum[i] += torch.stack([attention_distance(p, d) for p in probs]).cpu()  # (depth, H)
+            ent_sum[i] += torch.stack([attention_entropy(p) for p in probs]).cpu()
     n = len(loader)
     result = dict(names=names, num_images=n * cfg.batch_size,
                   cka=cka(sums["xy"] / n, sums["xx"] / n, sums["yy"] / n).tolist(),
                   attn_distance=[(s / n).tolist() for s in dist_sum], attn_entropy=[(s / n).tolist() for s in ent_sum],
-                  uniform=dict(zip(("attn_distance", "attn_entropy"), uniform_values(models[0][0].grid,
-                                                                                     models[0][0].patch_embed.patch_size))))
+                  uniform=dict(zip(("attn_distance", "attn_entropy"), uniform_values(grid, patch_size))))
 
-    # --- reconstructions --- (checkpoints of pretrain_mae.py / distill.py carry the decoder)
+    # --- figures --- reconstructions (checkpoints of pretrain_mae.py / distill.py carry the decoder), then each
+    # model's per-head attention maps on test images, one per class first
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
-        view = augment.normalize(figure_images(dataset, 8, img_size, device))
-        figures.save_reconstructions(mae, view, f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
-                                          os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
+        figures.save_reconstructions(mae, augment.normalize(figure_images(dataset, 8, img_size, device)[0]),
+                                     f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
+                                     os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
         written.append("recon.png")
-
-    # --- per-head attention maps of each model on test images, one per class first ---
-    labels = label_names(dataset, cfg.data, figure_indices(dataset.labels, cfg.num_map_images))
-    for i, ((vit, *_), name) in enumerate(zip(models, names)):
-        crops = figure_images(dataset, cfg.num_map_images, vit.patch_embed.img_size, device)
-        figures.attention_panels(crops, last_layer_maps(vit, crops), name,
-                                 os.path.join(cfg.out_dir, f"attn_maps{i + 1 if i else ''}.png"), labels,
-                                 cfg.shared_scale, what_it_reads(vit))
+    for i, ((m, *_), name) in enumerate(zip(models, names)):
+        crops, labels = figure_images(dataset, cfg.num_map_images, m.patch_embed.img_size, device)
         written.append(f"attn_maps{i + 1 if i else ''}.png")
+        figures.attention_panels(crops, last_layer_maps(m, crops), name, os.path.join(cfg.out_dir, written[-1]),
+                                 labels, cfg.shared_scale, what_it_reads(m))
 
     # --- save ---
     with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
         json.dump(result, f)
-    save_plots(result, cfg.out_dir, models[0][0].grid, models[0][0].patch_embed.patch_size)
+    figures.analysis_plots(result, cfg.out_dir, grid, patch_size)
     for name, dists, ents in zip(names, result["attn_distance"], result["attn_entropy"]):
-        print0(f"{name}: attention distance per layer (px) "
-               + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)
+        print0(f"{name}: attention distance per layer (px) " + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)
                + " | entropy (nats) " + " ".join(f"{sum(e) / len(e):.2f}" for e in ents))
-    print0("CKA diagonal: " + " ".join(f"{result['cka'][i][i]:.2f}" for i in range(min(len(result['cka']),
-                                                                                     len(result['cka'][0])))))
+    print0("CKA diagonal: " + " ".join(f"{row[i]:.2f}" for i, row in enumerate(result["cka"]) if i < len(row)))
     print0(f"wrote {cfg.out_dir}/" + ", ".join(written))
     return result
 

@@ -1,16 +1,15 @@
 """The data path: datasets as uint8 images, and a loader that hands each batch to the training device already cut to
-the stage's views (its crops), with nothing per-sample in Python on the hot path.
+the stage's views, with nothing per-sample in Python on the hot path.
 
 A view is (side, scale range): torchvision's RandomResizedCrop; or (side, "center"): timm's eval centre crop.
-- In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor that lives on the device; the
-  loader draws indices, and each view is cut from the batch there, batched (augment.py), when the stage reads it.
+- In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor on the device; the loader draws
+  indices, and each view is cut from the batch there, batched (augment.py), when the stage reads it.
 - File sets (ImageFolder = ImageNet, the small transfer sets) are read by DataLoader workers, each image cut to every
   view before it moves: on CPU the workers decode with PIL (JPEG `draft` when every crop is at least twice its
-  output: a cheaper decode) and resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL
-  images; on a GPU they read JPEG bytes, nvjpeg decodes a batch and each image is cut on the device by itself, the
-  next batch in a thread on a side stream while this one trains. The boxes come from a seed per sample that the
-  training process draws from torch's RNG (saved in checkpoints), never from worker RNG, so a resumed run cuts the
-  same boxes and workers can stay alive across epochs.
+  output) and resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL images; on a GPU they
+  read JPEG bytes, nvjpeg decodes a batch and each image is cut on the device, the next batch in a thread on a side
+  stream while this one trains. The boxes come from a seed per sample that the training process draws from torch's
+  RNG (saved in checkpoints), never from worker RNG, so a resumed run cuts the same boxes.
 Nothing is ever downloaded: a missing folder is an error naming it, an undecodable file is an error naming its path.
 """
 import gzip
@@ -23,45 +22,43 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.io import ImageReadMode, decode_jpeg
 
 import augment
 from common import BadData, BadValue, MissingFile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED_DIR = os.path.join(HERE, "data")  # the committed Fashion-MNIST slice (data/make_slice.py)
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # committed slices (data/README.md)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-# --classes by name: committed lists of class folders (data/README.md gives their sources)
-CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.txt")}  # CMC's ImageNet-100
+FASHION_MNIST_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.txt")}  # --classes by name: CMC's
 UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
-# --- datasets ---
+# --- datasets: labels, class names, and the images in memory or as files ---
 def read_idx(path):
-    """Read an idx-ubyte(.gz) file (the MNIST format) into a uint8 tensor."""
+    """An idx-ubyte(.gz) file (the MNIST format) as a uint8 tensor."""
     if not os.path.isfile(path):
         raise MissingFile(f"data file not found: {path}")
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[:3] != b"\0\0\x08":
         raise BadData(f"{path} is not a uint8 idx file")
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
+    return torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).reshape(shape)
 
 
 class MemoryImages:
-    """uint8 images (N, H, W) grey or (N, H, W, 3) and int labels, held whole (and moved whole to the device)."""
+    """uint8 images (N, H, W) grey or (N, H, W, 3), held whole (and moved whole to the device)."""
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.long)
+    def __init__(self, images, labels, names=None):
+        self.images, self.labels, self.names = images, torch.as_tensor(labels, dtype=torch.long), names
 
     def __len__(self):
         return len(self.images)
 
     def select(self, indices):
-        return MemoryImages(self.images[indices], self.labels[indices])
+        return MemoryImages(self.images[indices], self.labels[indices], self.names)
 
     def chw(self):
         """The images as (N, 3, H, W) uint8, grey ones repeated to 3 channels (a view where possible)."""
@@ -70,8 +67,7 @@ class MemoryImages:
 
 
 def open_image(path):
-    """PIL open (lazy: only the header is read) that names the file when it cannot be read; decoding errors later
-    (rgb()) name it too."""
+    """PIL's lazy open (the header only), naming the file when it cannot be read."""
     try:
         img = Image.open(path)
         img.filename = path
@@ -81,7 +77,8 @@ def open_image(path):
 
 
 def rgb(img):
-    """Decode to RGB. 16-bit grey images are scaled to 8 bits (convert("RGB") alone would clip mid-grey to white)."""
+    """Decode to RGB, naming the file on failure. 16-bit grey images are scaled to 8 bits (convert("RGB") alone would
+    clip mid-grey to white)."""
     try:
         if img.mode.startswith("I"):  # I;16 / I: 0..65535
             img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
@@ -91,7 +88,6 @@ def rgb(img):
 
 
 def load_rgb(path):
-    """The whole image, decoded, naming the file when it cannot be decoded (decompression bombs included)."""
     with open_image(path) as img:
         return rgb(img)
 
@@ -136,14 +132,14 @@ class FileImages(Dataset):
     """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): one uint8 (3, S, S) tensor per view
     (the Loader sets `views`), or with raw=True (a GPU decodes) a JPEG's bytes."""
 
-    def __init__(self, samples):
-        self.samples, self.labels, self.raw, self.views = samples, [y for _, y in samples], False, ()
+    def __init__(self, samples, names=None):
+        self.samples, self.labels, self.names, self.raw, self.views = samples, [y for _, y in samples], names, False, ()
 
     def __len__(self):
         return len(self.samples)
 
     def select(self, indices):
-        return FileImages([self.samples[i] for i in indices])
+        return FileImages([self.samples[i] for i in indices], self.names)
 
     def __getitem__(self, item):
         i, seed = item
@@ -157,18 +153,8 @@ class FileImages(Dataset):
             return crop_pil(img, seed, self.views), label, i, seed
 
 
-def check_headers(samples):
-    """Open every image's header (cheap, no decoding), so a bad validation file stops the run before training."""
-    for path, _ in samples:
-        open_image(path).close()
-
-
-def class_folders(path):
-    return sorted(e.name for e in os.scandir(path) if e.is_dir())
-
-
 def class_list(classes):
-    """The class folders --classes names: a file, one folder name per line (or a CLASS_LISTS name)."""
+    """(path, class folder names) of a --classes file, one name per line (or a CLASS_LISTS name)."""
     path = CLASS_LISTS.get(classes, classes)
     if not os.path.isfile(path):
         raise MissingFile(f"--classes file not found: {path} (one class folder name per line, or one of "
@@ -183,8 +169,9 @@ def class_list(classes):
 
 
 def image_folder(root, train, classes=""):
-    """ImageNet's layout, root/{train,val}/<class>/<image>; labels are the sorted class folders' indices, or with
-    `classes` (a class_list file) only those folders, labelled in the file's order. Nothing is copied or linked."""
+    """ImageNet's layout, root/{train,val}/<class>/<image>: its samples, labelled by the sorted class folders, or with
+    `classes` (a class_list file) only those folders, labelled in the file's order; and the class names. Nothing is
+    copied or linked."""
     if not root:
         raise MissingFile("--data=imagefolder needs --data_root: a folder holding train/ and val/, one sub-folder per "
                           "class (ImageNet's layout)")
@@ -192,36 +179,37 @@ def image_folder(root, train, classes=""):
     if not os.path.isdir(path):
         raise MissingFile(f"image folder not found: {path} (expected {root}/train and {root}/val, one sub-folder "
                           "per class)")
-    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    splits = [d for d in (os.path.join(root, "train"), os.path.join(root, "val")) if os.path.isdir(d)]
+    folders = {d: sorted(e.name for e in os.scandir(d) if e.is_dir()) for d in splits}
     if classes:  # a subset (ImageNet-100 of ImageNet-1k): the listed folders must be in both splits, the rest is unread
         list_path, names = class_list(classes)
-        for split in (d for d in (train_dir, val_dir) if os.path.isdir(d)):
-            missing = [c for c in names if not os.path.isdir(os.path.join(split, c))]
+        for split in splits:
+            missing = [c for c in names if c not in folders[split]]
             if missing:
                 more = f" (and {len(missing) - 1} more of its classes)" if len(missing) > 1 else ""
                 raise MissingFile(f"class {missing[0]} of {list_path} is not a folder in {split}{more}: check "
                                   "--data_root and --classes")
-    elif os.path.isdir(train_dir) and os.path.isdir(val_dir) and class_folders(train_dir) != class_folders(val_dir):
-        only_train, only_val = (sorted(set(class_folders(a)) - set(class_folders(b)))[:10]
-                                for a, b in ((train_dir, val_dir), (val_dir, train_dir)))
+    elif len(splits) == 2 and folders[splits[0]] != folders[splits[1]]:
+        only_train, only_val = (sorted(set(folders[a]) - set(folders[b]))[:10] for a, b in (splits, splits[::-1]))
         # labels are folder indices: a class missing from one split would shift every later label
         raise BadData(f"train/ and val/ under {root} hold different classes (only in train: {only_train}, only in "
                       f"val: {only_val}); the labels would not match: give both the same class folders")
-    folders = names if classes else class_folders(path)
-    samples = [(os.path.join(path, c, f), label) for label, c in enumerate(folders)
+    if not classes:
+        names = folders[path]
+    samples = [(os.path.join(path, c, f), label) for label, c in enumerate(names)
                for f in sorted(os.listdir(os.path.join(path, c))) if not f.startswith(".")]
     if not samples:
         raise MissingFile(f"no images under {path}")
-    return samples, len(folders)
+    return samples, names
 
 
 def transfer_set(name, root, train):
-    """torchvision's small transfer sets (PAPER §3.3), read from a local root; never downloaded."""
-    import torchvision.datasets as D
+    """torchvision's small transfer sets (PAPER §3.3), read from a local root, never downloaded: (dataset, classes)."""
+    import torchvision.datasets as D  # only here: importing every dataset class is slow
 
-    split = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
-             "aircraft": ("trainval" if train else "test",), "cars": ("train" if train else "test",)}
-    if name not in ("cifar10", "cifar100", *split):
+    splits = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
+              "aircraft": ("trainval" if train else "test",), "cars": ("train" if train else "test",)}
+    if name not in ("cifar10", "cifar100", *splits):
         raise BadValue(f"unknown dataset {name!r}; choose from embedded, mnist, fashion-mnist, imagefolder, cifar10, "
                        "cifar100, flowers102, pets, aircraft, cars")
     if not root or not os.path.isdir(root):
@@ -229,12 +217,11 @@ def transfer_set(name, root, train):
     try:
         if name.startswith("cifar"):
             ds = (D.CIFAR10 if name == "cifar10" else D.CIFAR100)(root, train=train)
-            return MemoryImages(torch.from_numpy(ds.data), ds.targets), len(ds.classes)
-        make = {"flowers102": lambda s: D.Flowers102(root, split=s), "pets": lambda s: D.OxfordIIITPet(root, split=s),
-                "aircraft": lambda s: D.FGVCAircraft(root, split=s), "cars": lambda s: D.StanfordCars(root, split=s)}
+            return MemoryImages(torch.from_numpy(ds.data), ds.targets, ds.classes), len(ds.classes)
+        make = dict(flowers102=D.Flowers102, pets=D.OxfordIIITPet, aircraft=D.FGVCAircraft, cars=D.StanfordCars)[name]
         samples = []
-        for s in split[name]:  # flowers: train+val for training, as the paper
-            ds = make[name](s)
+        for split in splits[name]:  # flowers: train+val for training, as the paper
+            ds = make(root, split=split)
             files = getattr(ds, "_image_files", None) or getattr(ds, "_images", None)
             samples += list(zip(map(str, files), ds._labels)) if files else [(str(p), y) for p, y in ds._samples]
         return FileImages(samples), {"flowers102": 102, "pets": 37, "aircraft": 100, "cars": 196}[name]
@@ -242,24 +229,19 @@ def transfer_set(name, root, train):
         raise MissingFile(f"{name} not found under {root}: {e}") from None
 
 
-def balanced_subset(labels, n, seed=0):
-    """n indices drawn class by class in turn from each class's seeded shuffle: as balanced as n allows, the same
-    for every run (seed 0), sorted."""
-    g = torch.Generator().manual_seed(seed)
+def class_by_class(labels, n, order=None):
+    """n indices taken class by class in turn, each class's in `order` (default: index order): as balanced as n
+    allows (the first files of a folder are all of one class)."""
     by_class = {}
-    for i in torch.randperm(len(labels), generator=g).tolist():
+    for i in range(len(labels)) if order is None else order:
         by_class.setdefault(int(labels[i]), []).append(i)
-    queues, picked = [by_class[c] for c in sorted(by_class)], []
-    while len(picked) < n:
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return sorted(picked)
+    queues = [by_class[c] for c in sorted(by_class)]
+    return [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)][:n]
 
 
 def build_dataset(name, root, train, subset=0, classes=""):
-    """(dataset, num_classes): MemoryImages or FileImages. See README 'Data' for the names; `classes` (image folders
-    only): a file listing the class folders to keep, labelled in its order ("" = every folder)."""
+    """(dataset, num_classes): MemoryImages or FileImages (see README 'Data' for the names). `subset`: N training
+    images, class-balanced and seeded; `classes` (image folders only): a file listing the class folders to keep."""
     if classes and name != "imagefolder":  # silently ignoring it would train on every class
         raise BadValue(f"--classes selects class folders of --data=imagefolder, not of --data={name}: drop --classes")
     if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices (data/README.md), or Debian's 70k
@@ -267,51 +249,35 @@ def build_dataset(name, root, train, subset=0, classes=""):
                           "fashion-mnist": (root or FASHION_MNIST_DIR, "")}[name]
         split = "train" if train else "t10k"
         ds = MemoryImages(read_idx(os.path.join(folder, f"{prefix}{split}-images-idx3-ubyte.gz")),
-                          read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz")))
+                          read_idx(os.path.join(folder, f"{prefix}{split}-labels-idx1-ubyte.gz")),
+                          range(10) if name == "mnist" else FASHION_MNIST_NAMES)
         classes = 10
     elif name == "imagefolder":
-        samples, classes = image_folder(root, train, classes)
-        ds = FileImages(samples)
-        if not train:
-            check_headers(samples)
+        samples, names = image_folder(root, train, classes)
+        ds, classes = FileImages(samples, names), len(names)
+        if not train:  # open every header (no decoding): a bad val file stops the run before training
+            for path, _ in samples:
+                open_image(path).close()
     else:
         ds, classes = transfer_set(name, root, train)
-    if subset and subset < len(ds):  # class-balanced and seeded: the first N files of a folder are one class
-        ds = ds.select(balanced_subset(ds.labels, subset))
+    if subset and subset < len(ds):  # each class's images in a seeded shuffle, taken from its end
+        shuffled = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0)).tolist()
+        ds = ds.select(sorted(class_by_class(ds.labels, subset, shuffled[::-1])))
     return ds, classes
 
 
-def figure_indices(labels, n):
-    """n images for a figure, class-balanced: the first image of each class in turn, then each class's second, ...
-    (the first files of a folder are all of one class)."""
-    by_class = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-    order = [q[r] for r in range(max(map(len, by_class.values()))) for _, q in sorted(by_class.items()) if r < len(q)]
-    return order[:n]
-
-
-FASHION_MNIST_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
-
-
-def label_names(dataset, data, indices):
-    """The classes of these images by name, for figures: an image folder's class folder, Fashion-MNIST's names."""
-    if data == "imagefolder":
-        return [os.path.basename(os.path.dirname(dataset.samples[i][0])) for i in indices]
-    names = {"embedded": FASHION_MNIST_NAMES, "fashion-mnist": FASHION_MNIST_NAMES, "mnist": range(10)}.get(data)
-    return [str(names[int(dataset.labels[i])]) if names else f"class {int(dataset.labels[i])}" for i in indices]
-
-
 def figure_images(dataset, n, size, device):
-    """n images for figures (class-balanced, always the same) in the eval view: centre crops, float in [0, 1]."""
-    idx = figure_indices(dataset.labels, n)
+    """n images for figures, class-balanced and always the same, in the eval view (centre crops, float in [0, 1]),
+    and their class names."""
+    idx = class_by_class(dataset.labels, n)
+    names = [str(dataset.names[y]) if dataset.names else f"class {y}" for y in (int(dataset.labels[i]) for i in idx)]
     if isinstance(dataset, MemoryImages):
-        return augment.center_crop(dataset.chw()[idx].to(device), size)
+        return augment.center_crop(dataset.chw()[idx].to(device), size), names
     return torch.cat([augment.center_crop(TF.pil_to_tensor(load_rgb(dataset.samples[i][0]))[None].to(device), size)
-                      for i in idx])
+                      for i in idx]), names
 
 
-# --- loaders ---
+# --- the loader ---
 def _collate(batch):
     """Per sample (its crops or JPEG bytes, label, index, seed) -> lists of those, labels as one tensor."""
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch], [b[3] for b in batch]
@@ -359,8 +325,7 @@ class Loader:
     def __init__(self, dataset, batch_size, train, num_workers, device, views, drop_last=None, prefetch=None):
         drop_last = train if drop_last is None else drop_last
         self.device, self.views, self.memory = device, views, isinstance(dataset, MemoryImages)
-        # files on a GPU: decode and cut the next batch while this one trains
-        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch  # files on a GPU: the next batch early
         if torch.distributed.is_initialized():
             self.sampler = DistributedSampler(range(len(dataset)), shuffle=train, drop_last=drop_last)
         else:

@@ -1,7 +1,8 @@
-"""Figures for people, shared by the stages, analyze.py and reproduce.py: labelled image grids with every image
-upscaled by nearest neighbour (each patch stays a visible square), MAE reconstructions, and attention maps laid over
-their images."""
+"""Figures for people, shared by the stages, analyze.py and the study: labelled image grids with every image upscaled
+by nearest neighbour (each patch stays a visible square), MAE reconstructions, attention maps laid over their images,
+and analyze.py's CKA and attention statistics."""
 import math
+import os
 import textwrap
 
 import torch
@@ -132,3 +133,41 @@ def save_reconstructions(mae, imgs, title, path, seed=0):
         image_grid([torch.cat([x for _, x in rows])], [""], title, path, [label for label, _ in rows])
     else:
         image_grid([x for _, x in rows], [label for label, _ in rows], title, path)
+
+
+def analysis_plots(result, out_dir, grid, patch_size):
+    """analyze.py's result drawn: cka.png (every layer of one model against every layer of the other, the colour
+    scale fitted to the values), attn_distance.png and attn_entropy.png (per head and block, with the value of uniform
+    attention dashed)."""
+    pyplot = plt()
+    names = [os.path.basename(os.path.dirname(n)) + "/" + os.path.basename(n) for n in result["names"]]
+    cka_vals = torch.tensor(result["cka"]).T
+    lo = math.floor(cka_vals.min().item() * 20) / 20  # fitted to the data: a 0-1 scale hides 0.84 vs 1.0
+    fig, ax = pyplot.subplots(figsize=(5, 4))
+    im = ax.imshow(cka_vals.numpy(), origin="lower", cmap="magma", vmin=lo, vmax=1)
+    ax.set_xlabel(f"after block k ({names[0]}; 0 = embedding)")
+    ax.set_ylabel(f"after block k ({names[-1]})")
+    pair = ("of the model with itself (no --ckpt2: the diagonal is 1 by construction)" if len(result["names"]) == 1
+            else "between two models' layers")
+    ax.set_title(f"Linear CKA {pair}, {result['num_images']} test images", fontsize=9)
+    fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
+    fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
+    pyplot.close(fig)
+    uniform = result["uniform"]
+    for metric, unit, top in (("attn_distance", "pixels", None), ("attn_entropy", "nats", uniform["attn_entropy"])):
+        fig, ax = pyplot.subplots(figsize=(6, 4))
+        for name, color, per_layer in zip(names, ("C0", "C1"), result[metric]):
+            v = torch.tensor(per_layer)  # (depth, H)
+            layers = torch.arange(1, len(v) + 1)[:, None].expand_as(v)
+            ax.scatter(layers.flatten().numpy(), v.flatten().numpy(), s=8, color=color, alpha=0.5)
+            ax.plot(layers[:, 0].numpy(), v.mean(1).numpy(), color=color, label=f"{name} (mean over heads)")
+        ax.axhline(uniform[metric], color="k", ls="--", lw=1, label=f"uniform attention ({uniform[metric]:.2f})")
+        ax.set_ylim(0, max(top or 0, ax.get_ylim()[1]))  # from 0: a zoomed axis makes 1 px look dramatic
+        ax.set_xticks(range(1, len(result[metric][0]) + 1))
+        ax.set_xlabel("block")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} ({unit})")
+        ax.set_title(f"{metric.replace('attn_', 'Attention ')} per head and block, over patches "
+                     f"({grid}x{grid} grid of {patch_size}-px patches)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=120, bbox_inches="tight")
+        pyplot.close(fig)

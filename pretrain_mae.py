@@ -161,7 +161,7 @@ def main(cfg, model=None, teacher=None):
         # --- data --- (batches cut to MAE's view on the device or by the workers; flip, normalise: batched)
         dataset, _ = build_dataset(cfg.data, cfg.data_root, True, cfg.subset, cfg.classes)
         loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, views(cfg))
-        view_imgs = augment.normalize(figure_images(dataset, 8, cfg.img_size, device))
+        view_imgs = augment.normalize(figure_images(dataset, 8, cfg.img_size, device)[0])
 
         # --- model ---
         raw_model = (model or MAE(cfg)).to(device)

@@ -211,7 +211,8 @@ class TestLoaders(unittest.TestCase):
             self.assertEqual(classes, 2)
             self.assertEqual([tuple(c.shape) for c in crops], [(4, 3, 16, 16)])
             self.assertEqual(labels.tolist(), [0, 0, 0, 1])
-            figs = figure_images(ds, 2, 16, CPU)  # figures: whole images decoded, then the eval view
+            figs, names = figure_images(ds, 2, 16, CPU)  # figures: whole images decoded, then the eval view
+            self.assertEqual(names, ["a", "b"])  # one of each class first, named by its folder
             self.assertEqual(figs.shape, (2, 3, 16, 16))
             self.assertLess((figs[0] - crops[0][0]).abs().mean().item(), 0.02)  # the workers' cut of the same image
 

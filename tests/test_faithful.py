@@ -20,7 +20,7 @@ import finetune
 import pretrain_contrastive as pc
 from study import reproduce
 from checkpoint import load_ckpt
-from data import Loader, build_dataset, figure_indices
+from data import Loader, build_dataset, class_by_class
 from finetune import timm_init
 from model import ViT, create_vit
 from weights import load_backbone, read_state_dict
@@ -181,7 +181,7 @@ class TestRandAugment(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         ds, _ = build_dataset("embedded", "", True, subset=300)
-        cls.u8 = torch.nn.functional.interpolate(ds.chw()[figure_indices(ds.labels, 300)].float(), size=32,
+        cls.u8 = torch.nn.functional.interpolate(ds.chw()[class_by_class(ds.labels, 300)].float(), size=32,
                                                  mode="bicubic").round().clamp(0, 255).to(torch.uint8)
         cls.x = cls.u8.float() / 255
 

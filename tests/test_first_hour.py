@@ -23,7 +23,7 @@ import pretrain_contrastive as pc
 import pretrain_mae
 from checkpoint import load_ckpt
 from common import RunError, parse_config
-from data import figure_indices
+from data import class_by_class
 from tests.helpers import TINY, quiet, tiny_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +183,7 @@ class TestSchedules(unittest.TestCase):
 
 class TestFigures(unittest.TestCase):
     def test_figure_images_are_class_balanced(self):
-        self.assertEqual(figure_indices([0, 0, 0, 1, 1, 2], 4), [0, 3, 5, 1])
+        self.assertEqual(class_by_class([0, 0, 0, 1, 1, 2], 4), [0, 3, 5, 1])
 
     def test_uniform_attention_reference_values(self):
         dist, ent = analyze.uniform_values(8, 4)

@@ -31,7 +31,7 @@ class TestMAE(unittest.TestCase):
         torch.manual_seed(0)
         cfg = Config(**{**TINY, "out_dir": self.dir})
         data, _ = build_dataset("embedded", "", True, subset=8)
-        imgs = augment.normalize(figure_images(data, 8, 16, torch.device("cpu")))
+        imgs = augment.normalize(figure_images(data, 8, 16, torch.device("cpu"))[0])
         mae = MAE(cfg)
         opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
         losses = []
