@@ -1,8 +1,7 @@
 """REPORT.md and its figures from the study's results: one function per claim, each a table, a verdict by a stated
-rule and a figure. It reads what the study hands over, nothing of its machinery: the study's settings (`s`, its
-flags as attributes, plus seed_list, shot_list, keep_list, devices, train_images) and every finished run's result
-(result.json: name, stage, config, tags, and its numbers). Runs are chosen by their tags (method, seed, eval, shots,
-keep), never by parsing their names."""
+rule and a figure. It reads what the study hands over, none of its machinery: the study's settings `s` (its flags, and
+seed_list, shot_list, keep_list, devices, train_images) and every finished run's result (result.json: name, stage,
+config, tags, numbers). Runs are chosen by their tags (method, seed, eval, shots, keep), never by their names."""
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from model import VIT_SIZES
 METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}  # the pre-trainings compared
 NAMES = dict(METHODS, scratch="supervised (scratch)", supervised="supervised (scratch)", random="random init")
 PRETTY = {"embedded": "Fashion-MNIST slice", "mnist": "MNIST slice"}
-PRETRAINING = ("pretrain_mae", "distill", "pretrain_contrastive")
+SOURCES = ("mae", "mocov3", "dmae", "supervised")  # claim 3's pre-trainings
 
 
 def select(results, key="top1", **tags):
@@ -23,12 +22,6 @@ def select(results, key="top1", **tags):
     return [r[key] for r in results if all(r["tags"].get(k) == v for k, v in tags.items())]
 
 
-def pretrained(results, method):
-    """The pre-training runs whose method tag starts with `method` (DINO's sweep: dino_b256, ...)."""
-    return [r for r in results if r["stage"] in PRETRAINING and r["tags"].get("method", "").startswith(method)]
-
-
-# --- statistics and verdicts ---
 def stats(values):
     """(mean, sample std, n)."""
     n = len(values)
@@ -37,10 +30,7 @@ def stats(values):
 
 
 def fmt(values):
-    if not values:
-        return "-"
-    m, s, n = stats(values)
-    return f"{m:.1f} ± {s:.1f} (n={n})"
+    return f"{stats(values)[0]:.1f} ± {stats(values)[1]:.1f} (n={len(values)})" if values else "-"
 
 
 def compare(a, b):
@@ -55,10 +45,10 @@ def verdict(signs, wanted):
     """Every comparison as the paper has it: reproduced; none, some reversed: not reproduced; none, all within noise:
     not shown; otherwise mixed."""
     ok = sum(s == w for s, w in zip(signs, wanted))
-    reversed_ = sum(s not in (w, "≈") for s, w in zip(signs, wanted))
     if ok == len(signs):
         return "**reproduced**"
     if ok == 0:
+        reversed_ = any(s not in (w, "≈") for s, w in zip(signs, wanted))
         return "**not reproduced**" if reversed_ else "**not shown** (within noise)"
     return "**mixed**"
 
@@ -68,7 +58,11 @@ def mean_curve(curves):
     return [sum(c[i] for c in curves) / len(curves) for i in range(min(len(c) for c in curves))] if curves else []
 
 
-# --- plotting helpers ---
+def table(head, rows):
+    """A markdown table's lines."""
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 class Figures:
     def __init__(self, out_dir):
         self.dir, self.plt = os.path.join(out_dir, "figures"), figures.plt()
@@ -77,7 +71,12 @@ class Figures:
     def new(self, w=5.5, h=3.5):
         return self.plt.subplots(figsize=(w, h))
 
-    def save(self, fig, name):
+    def save(self, fig, name, ax=None, xlabel="", ylabel="", title=""):
+        """Label the axes (when given), save, and return the report's link."""
+        if ax is not None:
+            ax.set(xlabel=xlabel, ylabel=ylabel)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
         fig.savefig(os.path.join(self.dir, name), dpi=120, bbox_inches="tight")
         self.plt.close(fig)
         return f"figures/{name}"
@@ -90,12 +89,11 @@ def mean_std_line(ax, xs, per_x, label):  # per_x: one list of seed values per x
 
 # --- the report ---
 def header(s, results, wall):
-    seeds, core_s = s.seed_list, sum(r["seconds"] for r in results)
-    adopted = sorted(r["name"] for r in results if r.get("adopted"))
+    core_s, adopted = sum(r["seconds"] for r in results), sorted(r["name"] for r in results if r.get("adopted"))
     adopted = (f"; not counted: {', '.join(adopted)}, run by their own commands (`study.reproduce --plan`) with these "
                "settings and adopted from their logs") if adopted else ""
     transfer = [r["config"] for r in results if r["tags"].get("eval") == "transfer"
-                and r["tags"].get("method") == "mae" and r["tags"].get("seed") == seeds[0]]
+                and r["tags"].get("method") == "mae" and r["tags"].get("seed") == s.seed_list[0]]
     where = (f"GPUs {','.join(s.devices)}, {s.gpus_per_run} per long run" if s.devices else
              f"{os.cpu_count()} CPU cores ({platform.machine()}), {s.jobs} runs at a time, {s.threads} thread each")
     return [
@@ -108,7 +106,7 @@ def header(s, results, wall):
         f"Setting: data `{s.data}`{f' (classes: {s.classes})' if s.classes else ''} ({s.train_images} training "
         f"images), ViT `{s.model}` {VIT_SIZES[s.model]} at {s.img_size} px with {s.patch_size}-px patches; "
         "pre-training " + (f"{s.pretrain_epochs} epochs for MAE and D-MAE, {s.contrastive_epochs} for MoCo-v3 and DINO"
-           if s.contrastive_epochs else f"{s.pretrain_epochs} epochs for every method")
+                           if s.contrastive_epochs else f"{s.pretrain_epochs} epochs for every method")
         + (f" (D-MAE's teacher: `{s.teacher_ckpt}`); " if s.teacher_ckpt else
            f" (D-MAE's teacher: one `{s.teacher_model}` MAE, first seed, shared); ")
         + (f"fine-tuning {s.finetune_epochs} epochs and the from-scratch baseline {s.scratch_epochs}, linear probes "
@@ -129,14 +127,11 @@ def header(s, results, wall):
 
 def claim1(s, results, figs):
     get = lambda **t: select(results, **t)
-    seeds, dname = s.seed_list, PRETTY.get(s.data, s.data)
-    out = ["## Claim 1: MAE pre-training beats training from scratch and MoCo-v3 after fine-tuning\n",
-           "| pre-training | fine-tune top-1 | linear probe top-1 | k-NN top-1 (k 20, T 0.07) |", "|---|---|---|---|",
-           f"| none: supervised from scratch | {fmt(get(method='scratch', eval='ft'))} | - | - |",
-           f"| none: random-initialised backbone | - | - | {fmt(get(method='random', eval='knn'))} |"]
-    for m, label in METHODS.items():
-        out.append(f"| {label} | {fmt(get(method=m, eval='ft'))} | {fmt(get(method=m, eval='lin'))} | "
-                   f"{fmt(get(method=m, eval='knn'))} |")
+    out = ["## Claim 1: MAE pre-training beats training from scratch and MoCo-v3 after fine-tuning\n"]
+    out += table(["pre-training", "fine-tune top-1", "linear probe top-1", "k-NN top-1 (k 20, T 0.07)"],
+                 [["none: supervised from scratch", fmt(get(method="scratch", eval="ft")), "-", "-"],
+                  ["none: random-initialised backbone", "-", "-", fmt(get(method="random", eval="knn"))]]
+                 + [[name] + [fmt(get(method=m, eval=e)) for e in ("ft", "lin", "knn")] for m, name in METHODS.items()])
     mae, scr, moco = get(method="mae", eval="ft"), get(method="scratch", eval="ft"), get(method="mocov3", eval="ft")
     signs = [compare(mae, scr), compare(mae, moco)]
     out.append(f"\nMAE vs scratch: {signs[0]}; MAE vs MoCo-v3: {signs[1]} (fine-tuning). "
@@ -148,17 +143,14 @@ def claim1(s, results, figs):
         c = mean_curve(get(key="curve", method=m, eval="ft"))
         ax.plot(range(1, len(c) + 1), c, marker="." if len(c) < 5 else None, label=label)
     for c in long:
-        ax.plot(range(1, len(c) + 1), c, "k:", label=f"scratch x2 (seed {seeds[0]})")
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"Fine-tuning on {dname}: test top-1 per epoch (mean of {len(seeds)} seeds)")
-    ax.legend(fontsize=8)
+        ax.plot(range(1, len(c) + 1), c, "k:", label=f"scratch x2 (seed {s.seed_list[0]})")
+    link = figs.save(fig, "curves.png", ax, "fine-tuning epoch", "test top-1 (%)", f"Fine-tuning on "
+                     f"{PRETTY.get(s.data, s.data)}: test top-1 per epoch (mean of {len(s.seed_list)} seeds)")
     out.append(f"Is the baseline converged? From scratch, mean top-1 of the last five epochs: "
                f"{', '.join(f'{v:.1f}' for v in curve[-5:])}. "
-               + (f"The same recipe for twice the epochs (seed {seeds[0]}): {long[0][-1]:.1f} (vs {scr[0]:.1f} at "
-                  f"{s.scratch_epochs or s.finetune_epochs} epochs). " if long else
-                  "(No run at twice the epochs: --long_baseline=false.) ")
-               + f"![top-1 per epoch]({figs.save(fig, 'curves.png')})\n")
+               + (f"The same recipe for twice the epochs (seed {s.seed_list[0]}): {long[0][-1]:.1f} (vs {scr[0]:.1f} "
+                  f"at {s.scratch_epochs or s.finetune_epochs} epochs). " if long else
+                  "(No run at twice the epochs: --long_baseline=false.) ") + f"![top-1 per epoch]({link})\n")
     return out + dino(s, results, figs), signs
 
 
@@ -167,71 +159,62 @@ def dino(s, results, figs):
     their collapse values (ln K: a uniform output; 0: a one-hot one)."""
     get = lambda **t: select(results, **t)
     s0, floor, knn_ = s.seed_list[0], get(method="random", eval="knn"), get(method="dino", eval="knn")
-    out = [f"DINO's k-NN against the random-initialised floor: {fmt(knn_)} vs {fmt(floor)} ({compare(knn_, floor)}, "
-           f"{stats(knn_)[0] - stats(floor)[0]:+.1f} points)."]
-    pre = pretrained(results, "dino")  # the study's DINO (method "dino"), then the sweep's settings
-    study_dino = [r for r in pre if r["tags"]["method"] == "dino"]
-    moco = pretrained(results, "mocov3")
-    if study_dino and moco:  # equal epochs; a smaller batch is more steps, and the report says so
-        c = {r["tags"]["method"]: r["config"] for r in (study_dino[0], moco[0])}
-        batch = {m: c[m]["batch_size_per_gpu"] * c[m]["accum_steps"] for m in c}
-        steps = {m: s.train_images // batch[m] * c[m]["epochs"] for m in c}
-        out.append(f"DINO trains the same {study_dino[0]['config']['epochs']} epochs as "
-                   f"{'MoCo-v3' if s.contrastive_epochs else 'every method'}, at batch "
-                   f"{batch['dino']} with {study_dino[0]['config']['head_out_dim']} prototypes: "
-                   f"{steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} (the sweep below shows "
-                   "what fewer steps give).")
-    sweep = [r for r in results if r["tags"].get("sweep")]
-    if sweep and study_dino:  # issue 18: what DINO needs to learn at this scale, every setting tried (seed 0)
-        out += [f"\nDINO's sweep (seed {s0}; every other setting as the study's DINO, the same {s.pretrain_epochs} "
-                f"epochs). The random floor of seed {s0}: {fmt(get(method='random', eval='knn', seed=s0))}.\n",
-                "| setting | batch | prototypes K | teacher momentum | teacher temp. | base lr | k-NN top-1 | "
-                "loss vs ln K | teacher entropy (end) |", "|---" * 9 + "|"]
-        for r in study_dino[:1] + sweep:
-            c, m = r["config"], r["tags"]["method"]
-            name = "**the study's DINO**" if m == "dino" else m[5:]
-            out.append(f"| {name} | {c['batch_size_per_gpu']} | {c['head_out_dim']} | {c['ema_momentum']} | "
-                       f"{c['warmup_teacher_temp']} -> {c['teacher_temp']} | {c['base_lr']:g} | "
-                       f"{fmt(get(method=m, eval='knn', seed=s0))} | "
-                       f"{r['loss']:.2f} vs {math.log(c['head_out_dim']):.2f} | "
-                       f"{r.get('teacher_entropy', [math.nan])[-1]:.2f} |")
-    out.append("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
-               + ", ".join(f"{r['name']} {r['loss']:.2f} vs {math.log(r['config']['head_out_dim']):.2f}" for r in pre)
-               + ".")
-    fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
-    methods = list(dict.fromkeys(r["tags"]["method"] for r in pre))  # the study's DINO, then the other settings
-    labelled = set()
-    for r in pre:
-        m, c = r["tags"]["method"], r["config"]
-        color = f"C{methods.index(m)}"
-        label = None if m in labelled else ("the study's: " if m == "dino" else "") + \
-            f"batch {c['batch_size_per_gpu']}, K {c['head_out_dim']}, m {c['ema_momentum']}" + \
-            (f", T {c['teacher_temp']}, lr {c['base_lr']:g}" if c['teacher_temp'] == c['warmup_teacher_temp'] else "")
-        labelled.add(m)  # a legend a person reads: what the setting is, not its name
-        for ax, key in zip(axes, ("losses", "teacher_entropy")):
-            if key in r:
-                ax.plot(range(1, len(r[key]) + 1), r[key], color=color, marker="o" if len(r[key]) < 5 else None,
-                        label=label)
-            ax.axhline(math.log(c["head_out_dim"]), color=color, ls=":", lw=1)
-    axes[0].set_ylabel("DINO loss (nats)")
-    axes[1].set_ylabel("teacher output entropy (nats)")
-    axes[1].axhline(0, color="k", ls=":", lw=1)
-    for ax in axes:
-        ax.set_xlabel("pre-training epoch")
-        ax.legend(fontsize=8)
-    fig.suptitle("DINO pre-training (K prototypes, m teacher momentum, T teacher temperature); dotted: ln K, a "
-                 "uniform (collapsed) output, and 0, a one-hot collapse", fontsize=10)
-    out.append(f"![DINO loss]({figs.save(fig, 'dino_loss.png')})\n")
     fig, ax = figs.new(6, 3.5)
     vals = [stats(get(method=m, eval="knn")) for m in METHODS]
     ax.bar(range(len(vals)), [v[0] for v in vals], yerr=[v[1] for v in vals], capsize=3, color="C0")
     ax.axhline(stats(floor)[0], color="k", ls="--", label="random-initialised backbone")
     ax.set_xticks(range(len(vals)), list(METHODS.values()), fontsize=8, rotation=15)
-    ax.set_ylabel("k-NN test top-1 (%)")
-    ax.set_title(f"k-NN on frozen features after pre-training ({PRETTY.get(s.data, s.data)})")
-    ax.legend(fontsize=8)
-    out.insert(1, f"![k-NN]({figs.save(fig, 'knn.png')})\n")
-    return out
+    link = figs.save(fig, "knn.png", ax, "", "k-NN test top-1 (%)",
+                     f"k-NN on frozen features after pre-training ({PRETTY.get(s.data, s.data)})")
+    out = [f"DINO's k-NN against the random-initialised floor: {fmt(knn_)} vs {fmt(floor)} ({compare(knn_, floor)}, "
+           f"{stats(knn_)[0] - stats(floor)[0]:+.1f} points).", f"![k-NN]({link})\n"]
+    pre = [r for r in results if r["stage"] == "pretrain_contrastive" and r["tags"]["method"].startswith("dino")]
+    study_dino = [r for r in pre if r["tags"]["method"] == "dino"]  # then the sweep's settings (dino_b256, ...)
+    moco = [r for r in results if r["stage"] == "pretrain_contrastive" and r["tags"]["method"] == "mocov3"]
+    if study_dino and moco:  # equal epochs; a smaller batch is more steps, and the report says so
+        c = {r["tags"]["method"]: r["config"] for r in (study_dino[0], moco[0])}
+        steps = {m: s.train_images // (c[m]["batch_size_per_gpu"] * c[m]["accum_steps"]) * c[m]["epochs"] for m in c}
+        out.append(f"DINO trains the same {c['dino']['epochs']} epochs as "
+                   f"{'MoCo-v3' if s.contrastive_epochs else 'every method'}, at batch "
+                   f"{c['dino']['batch_size_per_gpu'] * c['dino']['accum_steps']} with {c['dino']['head_out_dim']} "
+                   f"prototypes: {steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} (the sweep below "
+                   "shows what fewer steps give).")
+    sweep = [r for r in results if r["tags"].get("sweep")]
+    if sweep and study_dino:  # issue 18: what DINO needs to learn at this scale, every setting tried (seed 0)
+        out.append(f"\nDINO's sweep (seed {s0}; every other setting as the study's DINO, the same {s.pretrain_epochs} "
+                   f"epochs). The random floor of seed {s0}: {fmt(get(method='random', eval='knn', seed=s0))}.\n")
+        out += table(["setting", "batch", "prototypes K", "teacher momentum", "teacher temp.", "base lr", "k-NN top-1",
+                      "loss vs ln K", "teacher entropy (end)"],
+                     [["**the study's DINO**" if r["tags"]["method"] == "dino" else r["tags"]["method"][5:],
+                       str(c["batch_size_per_gpu"]), str(c["head_out_dim"]), str(c["ema_momentum"]),
+                       f"{c['warmup_teacher_temp']} -> {c['teacher_temp']}", f"{c['base_lr']:g}",
+                       fmt(get(method=r["tags"]["method"], eval="knn", seed=s0)),
+                       f"{r['loss']:.2f} vs {math.log(c['head_out_dim']):.2f}",
+                       f"{r.get('teacher_entropy', [math.nan])[-1]:.2f}"]
+                      for r, c in ((r, r["config"]) for r in study_dino[:1] + sweep)])
+    out.append("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
+               + ", ".join(f"{r['name']} {r['loss']:.2f} vs {math.log(r['config']['head_out_dim']):.2f}" for r in pre)
+               + ".")
+    fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
+    methods, labelled = list(dict.fromkeys(r["tags"]["method"] for r in pre)), set()
+    for r in pre:  # a legend a person reads: what the setting is, not its name
+        m, c = r["tags"]["method"], r["config"]
+        label = None if m in labelled else ("the study's: " if m == "dino" else "") + \
+            f"batch {c['batch_size_per_gpu']}, K {c['head_out_dim']}, m {c['ema_momentum']}" + \
+            (f", T {c['teacher_temp']}, lr {c['base_lr']:g}" if c['teacher_temp'] == c['warmup_teacher_temp'] else "")
+        labelled.add(m)
+        for ax, key in zip(axes, ("losses", "teacher_entropy")):
+            if key in r:
+                ax.plot(range(1, len(r[key]) + 1), r[key], color=f"C{methods.index(m)}",
+                        marker="o" if len(r[key]) < 5 else None, label=label)
+            ax.axhline(math.log(c["head_out_dim"]), color=f"C{methods.index(m)}", ls=":", lw=1)
+    axes[1].axhline(0, color="k", ls=":", lw=1)
+    for ax, ylabel in zip(axes, ("DINO loss (nats)", "teacher output entropy (nats)")):
+        ax.set(xlabel="pre-training epoch", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("DINO pre-training (K prototypes, m teacher momentum, T teacher temperature); dotted: ln K, a "
+                 "uniform (collapsed) output, and 0, a one-hot collapse", fontsize=10)
+    return out + [f"![DINO loss]({figs.save(fig, 'dino_loss.png')})\n"]
 
 
 def claim2(s, results, figs):
@@ -239,9 +222,8 @@ def claim2(s, results, figs):
     layer = {m: {k: select(results, method=m, eval="keep", keep=k) for k in ks} for m in ("mae", "mocov3")}
     out = ["## Claim 2: the lower layers matter more\n",
            f"Fine-tuning for {s.layer_epochs} epochs after keeping only the first K pre-trained blocks (the rest "
-           f"re-initialised; K = {depth} keeps them all).\n",
-           "| K | " + " | ".join(METHODS[m] for m in layer) + " |", "|---|---|---|"]
-    out += [f"| {k} | {fmt(layer['mae'][k])} | {fmt(layer['mocov3'][k])} |" for k in ks]
+           f"re-initialised; K = {depth} keeps them all).\n"]
+    out += table(["K"] + [METHODS[m] for m in layer], [[str(k)] + [fmt(layer[m][k]) for m in layer] for k in ks])
     half, found, signs = depth // 2, [], []
     for m in layer:  # the claim needs a gain from the pre-trained blocks, most of it from the lower half
         lo, mid, hi = (stats(layer[m][k])[0] for k in (0, half, depth))
@@ -255,45 +237,34 @@ def claim2(s, results, figs):
     fig, ax = figs.new()
     for m in layer:
         mean_std_line(ax, ks, [layer[m][k] for k in ks], METHODS[m])
-    ax.set_xlabel("pre-trained blocks kept (K), the rest re-initialised")
-    ax.set_ylabel("fine-tuned test top-1 (%)")
-    ax.set_title(f"Which pre-trained layers matter ({PRETTY.get(s.data, s.data)}, {s.layer_epochs} epochs, "
-                 "mean ± std)")
-    ax.legend(fontsize=8)
+    link = figs.save(fig, "layers.png", ax, "pre-trained blocks kept (K), the rest re-initialised",
+                     "fine-tuned test top-1 (%)", f"Which pre-trained layers matter ({PRETTY.get(s.data, s.data)}, "
+                     f"{s.layer_epochs} epochs, mean ± std)")
     out.append("\n" + "; ".join(found) + ". Verdict (K = depth above K = 0, and the lower half giving more than "
-               f"half of that gain, for both): {verdict(signs, '>' * len(signs))}. "
-               f"![layers]({figs.save(fig, 'layers.png')})\n")
+               f"half of that gain, for both): {verdict(signs, '>' * len(signs))}. ![layers]({link})\n")
     return out, signs
-
-
-SOURCES = ("mae", "mocov3", "dmae", "supervised")
 
 
 def claim3(s, results, figs):
     td, shots = s.transfer_data, s.shot_list or [0]
+    v = {(src, n): select(results, method=src, eval="transfer", shots=n) for src in SOURCES for n in shots}
+    signs = [compare(v["mae", n], v[other, n]) for n in shots for other in ("supervised", "mocov3")]
     out = ["## Claim 3: on a data-poor task of another domain, MAE is worse than supervised and contrastive "
            "pre-training\n",
-           f"Transfer to `{td}` (pre-trained on `{s.data}`), test top-1 after fine-tuning on the labelled images.\n",
-           "| labels per class | " + " | ".join(NAMES[src] for src in SOURCES) + " | MAE vs supervised | MAE vs "
-           "MoCo-v3 |", "|---" * (len(SOURCES) + 3) + "|"]
-    signs = []
-    for n in shots:
-        v = {src: select(results, method=src, eval="transfer", shots=n) for src in SOURCES}
-        c = [compare(v["mae"], v["supervised"]), compare(v["mae"], v["mocov3"])]
-        signs += c
-        out.append(f"| {n or 'all'} | " + " | ".join(fmt(v[src]) for src in SOURCES) + f" | {c[0]} | {c[1]} |")
+           f"Transfer to `{td}` (pre-trained on `{s.data}`), test top-1 after fine-tuning on the labelled images.\n"]
+    out += table(["labels per class"] + [NAMES[src] for src in SOURCES] + ["MAE vs supervised", "MAE vs MoCo-v3"],
+                 [[str(n or "all")] + [fmt(v[src, n]) for src in SOURCES] + signs[2 * i:2 * i + 2]
+                  for i, n in enumerate(shots)])
     fig, ax = figs.new()
     for src in SOURCES:
-        mean_std_line(ax, shots, [select(results, method=src, eval="transfer", shots=n) for n in shots], NAMES[src])
+        mean_std_line(ax, shots, [v[src, n] for n in shots], NAMES[src])
     if len(shots) > 1:
         ax.set_xscale("log")
     ax.set_xticks(shots, [str(x) for x in shots])
-    ax.set_xlabel("labelled images per class (log scale)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"Transfer {PRETTY.get(s.data, s.data)} -> {PRETTY.get(td, td)} with few labels (mean ± std)")
-    ax.legend(fontsize=8)
+    link = figs.save(fig, "transfer.png", ax, "labelled images per class (log scale)", "test top-1 (%)",
+                     f"Transfer {PRETTY.get(s.data, s.data)} -> {PRETTY.get(td, td)} with few labels (mean ± std)")
     out.append(f"\nVerdict (MAE below both, at every size): {verdict(signs, '<' * len(signs))}. "
-               f"![transfer]({figs.save(fig, 'transfer.png')})\n")
+               f"![transfer]({link})\n")
     return out, signs
 
 
@@ -301,14 +272,14 @@ def claim4(s, results):
     td, shots = s.transfer_data, s.shot_list or [0]
     rows = [("fine-tune", dict(eval="ft")), ("linear probe", dict(eval="lin")), ("k-NN", dict(eval="knn"))] + \
         [(f"{td}, {n or 'all'} labels/class", dict(eval="transfer", shots=n)) for n in shots]
-    out = ["## Claim 4: distilling a larger MAE's attention (D-MAE) helps, most on data-poor tasks\n",
-           "| evaluation | MAE | D-MAE | D-MAE vs MAE |", "|---|---|---|---|"]
-    signs, gains = [], []
+    cells, signs, gains = [], [], []
     for label, tags in rows:
         a, b = select(results, method="mae", **tags), select(results, method="dmae", **tags)
         signs.append(compare(b, a))
         gains.append(stats(b)[0] - stats(a)[0])
-        out.append(f"| {label} | {fmt(a)} | {fmt(b)} | {signs[-1]} ({gains[-1]:+.1f}) |")
+        cells.append([label, fmt(a), fmt(b), f"{signs[-1]} ({gains[-1]:+.1f})"])
+    out = ["## Claim 4: distilling a larger MAE's attention (D-MAE) helps, most on data-poor tasks\n"]
+    out += table(["evaluation", "MAE", "D-MAE", "D-MAE vs MAE"], cells)
     poor = gains[3:]
     out.append(f"\nVerdict (D-MAE above MAE everywhere): {verdict(signs, '>' * len(signs))}; the gain on the "
                f"data-poor task ({', '.join(f'{g:+.1f}' for g in poor)}) is "
@@ -318,9 +289,8 @@ def claim4(s, results):
 
 def inside(s, results, figs):
     """The analysis runs' figures: attention distance per layer (with the uniform line), CKA, reconstructions, maps."""
-    seed = s.seed_list[0]
     folder = {r["tags"]["method"]: r["config"]["out_dir"] for r in results if r["tags"].get("eval") == "analysis"}
-    out, attn = [f"## What the models look like inside (seed {seed})\n"], {}
+    attn = {}
     for m, labels in (("mae", ("MAE", "supervised")), ("mocov3", ("MoCo-v3",)), ("dmae", ("D-MAE",))):
         with open(os.path.join(folder[m], "analysis.json")) as f:
             analysis = json.load(f)
@@ -332,27 +302,23 @@ def inside(s, results, figs):
             ax.scatter([li + 1] * len(heads), heads, s=10, color="C0", alpha=0.6)
         ax.plot(range(1, len(d) + 1), [sum(h) / len(h) for h in d], color="C1", label="mean over heads")
         ax.axhline(uniform, color="k", ls="--", lw=1, label=f"uniform ({uniform:.1f} px)")
-        ax.set_title(label)
-        ax.set_xlabel("block")
-        ax.set_xticks(range(1, len(d) + 1))
-        ax.set_ylim(0, max(ax.get_ylim()[1], uniform * 1.1))
+        ax.set(title=label, xlabel="block", xticks=range(1, len(d) + 1), ylim=(0, max(ax.get_ylim()[1], uniform * 1.1)))
     axes[0, 0].set_ylabel("attention distance (pixels)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"Mean attention distance per head and block ({PRETTY.get(s.data, s.data)} test images, "
-                 f"{s.img_size} px, {s.patch_size}-px patches; seed {seed})", fontsize=10, y=1.04)
-    out += ["| model | mean attention distance per block (pixels, mean over heads; uniform attention: "
-            f"{uniform:.1f}) |", "|---|---|"]
-    out += [f"| {label} | " + ", ".join(f"{sum(h) / len(h):.1f}" for h in d) + " |" for label, d in attn.items()]
+                 f"{s.img_size} px, {s.patch_size}-px patches; seed {s.seed_list[0]})", fontsize=10, y=1.04)
+    out = [f"## What the models look like inside (seed {s.seed_list[0]})\n"]
+    out += table(["model", f"mean attention distance per block (pixels, mean over heads; uniform attention: "
+                           f"{uniform:.1f})"], [[label, ", ".join(f"{sum(h) / len(h):.1f}" for h in d)]
+                                                for label, d in attn.items()])
     out.append(f"\n![attention distance]({figs.save(fig, 'attn_distance.png')})\n")
-    copies = [("mae", "cka.png", "cka_mae_vs_supervised.png", "Linear CKA between the layers of MAE and the "
-               "supervised model"),
-              ("mae", "recon.png", "recon_mae.png", "MAE reconstructions"),
-              ("dmae", "recon.png", "recon_dmae.png", "D-MAE reconstructions"),
-              ("mae", "attn_maps.png", "attn_maps_mae.png", "MAE: last-layer attention per head"),
-              ("mocov3", "attn_maps.png", "attn_maps_mocov3.png", "MoCo-v3: last-layer attention per head"),
-              ("dmae", "attn_maps.png", "attn_maps_dmae.png", "D-MAE: last-layer attention per head"),
-              ("mae", "attn_maps2.png", "attn_maps_supervised.png", "supervised: last-layer attention per head")]
-    for m, src, dst, caption in copies:
+    for m, src, dst, caption in [("mae", "cka.png", "cka_mae_vs_supervised.png", "Linear CKA between the layers of "
+                                  "MAE and the supervised model"),
+                                 ("mae", "recon.png", "recon_mae.png", "MAE reconstructions"),
+                                 ("dmae", "recon.png", "recon_dmae.png", "D-MAE reconstructions")] + \
+            [(m, "attn_maps.png", f"attn_maps_{m}.png", f"{METHODS[m]}: last-layer attention per head")
+             for m in ("mae", "mocov3", "dmae")] + \
+            [("mae", "attn_maps2.png", "attn_maps_supervised.png", "supervised: last-layer attention per head")]:
         if os.path.exists(os.path.join(folder[m], src)):
             shutil.copyfile(os.path.join(folder[m], src), os.path.join(figs.dir, dst))
             out.append(f"{caption}:\n\n![{caption}](figures/{dst})\n")
@@ -360,12 +326,11 @@ def inside(s, results, figs):
 
 
 def write_report(s, results, wall):
-    """s: the study's settings; results: every finished run's result, in the study's order; wall: seconds."""
+    """s: the study's settings; results: every finished run's result with its tags, in the study's order."""
     figs = Figures(s.out_dir)
     out = header(s, results, wall)
     for part in (claim1(s, results, figs), claim2(s, results, figs), claim3(s, results, figs), claim4(s, results)):
         out += part[0]
-    out += inside(s, results, figs)
     with open(os.path.join(s.out_dir, "REPORT.md"), "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write("\n".join(out + inside(s, results, figs)) + "\n")
     print(f"wrote {s.out_dir}/REPORT.md and {figs.dir}/", flush=True)

@@ -1,14 +1,12 @@
-r"""The reproduction study in one command: every run of the paper's four claims, several seeds, then
-results/REPORT.md with mean ± std tables, verdicts and figures (study/report.py).
+r"""The reproduction study in one command: every run of the paper's four claims, several seeds, then REPORT.md with
+mean ± std tables, verdicts and figures (study/report.py).
 
-The study is a list of runs (`study()`, read it top to bottom): `add(name, cfg, deps, **tags)` with one stage's
-Config; the stage, the folder (results/runs/<name>) and the cost follow from the config, and the report picks runs by
-their tags. Each run is its own process (`python -m study.reproduce run-one <folder>/run.json`, under `torchrun
---nproc_per_node=K` for a run that spans K GPUs), with CUDA_VISIBLE_DEVICES set to its own GPUs before CUDA starts; a
-run dies with the study (even by SIGKILL). A run that finished left result.json and is skipped, so a killed study
-resumes where it stopped; a run finished by hand (the stage command `--plan` prints, on your own scheduler) is read
-back from its log. On CPU, `--jobs` runs go side by side, one thread each (two single-threaded runs do 1.2 to 1.8
-times the work of one two-threaded run at these sizes); a fixed thread count keeps every run deterministic.
+`study()` lists the runs, top to bottom: `add(name, cfg, deps, **tags)` with one stage's Config; the report picks runs
+by their tags. Each run is its own process (under torchrun when it spans several GPUs), pinned to its GPUs before
+CUDA starts and killed with the study. A run that finished left result.json and is skipped, so a killed study
+resumes; a run finished by hand (the stage command `--plan` prints) is read back from its log. On CPU, `--jobs`
+single-threaded runs go side by side (1.2 to 1.8 times the work of one two-threaded run; a fixed thread count keeps
+every run deterministic).
 
     python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 45, 2 cores)
     python -m study.reproduce --quick          # every step at micro size in about 3 minutes, into out/quick
@@ -18,7 +16,7 @@ times the work of one two-threaded run at these sizes); a fixed thread count kee
 
 Claims (PAPER §3-§5): (1) MAE pre-training beats scratch and MoCo-v3 after fine-tuning; (2) lower layers matter more;
 (3) MAE is worse than supervised / contrastive pre-training on data-poor tasks of another domain; (4) D-MAE helps,
-most on those. Every claim row uses all seeds; the report states the rule behind each verdict.
+most on those.
 """
 import contextlib
 import ctypes
@@ -49,34 +47,27 @@ from study.report import METHODS, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, analyze)}
-# Images per second of one CPU core with the `mini` model, per kind of run: the first ETA and the CPU plan
+# Images per second of one CPU core, the `mini` ViT, per kind of run: the ETA and the CPU plan
 CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, "finetune": 1100, "linear": 2500,
              "knn": 5000, "analyze": 500}
-# Images per second of one H100 (bf16), ViT-Tiny at 224 px, for --plan. Measured by bench.py on one H100 (README):
-# the compiled MAE-Tiny step at batch 1024 (31,100) and the compiled ViT-Tiny train step (12,600). The others are
-# derived from those by their FLOPs (marked ~): MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum forwards = 2.7 ViT steps;
-# D-MAE = the MAE step + an MAE-Base forward on the visible patches (~4x the student's FLOPs, PAPER §4); a linear
-# probe or k-NN = forwards only (~1/3 of a step).
+# Images per second of one H100 (bf16), ViT-Tiny at 224 px: bench.py's compiled MAE-Tiny step (31,100) and ViT-Tiny
+# train step (12,600) at batch 1024; the rest derived by FLOPs (~): MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum
+# forwards = 2.7 ViT steps; D-MAE = the MAE step + an MAE-Base forward on the visible patches (~4x the student's,
+# PAPER §4); a linear probe or k-NN = forwards only (~1/3 of a step).
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
-# JPEG img/s that one worker core reads, decodes and crops to 224 px, per kind of run: bench.py's "one worker core"
-# (ImageNet-sized JPEGs, 375x500 to 480x640, on this project's 2-core CPU): MAE's view 265 (fine-tuning's one crop is
-# the same work), the eval centre crop 252, MoCo-v3's two views 178. DINO's 2 + 8 crops were not measured: ~ = PIL's
-# decode alone (528 img/s) + two global views at MoCo-v3's cost per view + eight local ones at a third of that each.
+# JPEGs per second one worker core reads, decodes and crops to 224 px: bench.py's "one worker core" (ImageNet-sized
+# files, this project's 2-core CPU). DINO's 2 + 8 crops were not measured: ~ = PIL's decode alone (528 img/s) + two
+# global views at MoCo-v3's cost per view + eight local ones at a third of that each.
 WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
                 "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
                 "analyze": (252, "measured")}
-# On a GPU the workers only read bytes and nvjpeg decodes: 3,800 img/s with the crops, measured on one H100 before the
-# worker-side crops; it bounds a run there too when the run asks for more
-NVJPEG_SPEED = 3800
+NVJPEG_SPEED = 3800  # on a GPU nvjpeg decodes: img/s with the crops, one H100, measured before the worker-side crops
 FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
-# The largest micro-batch per GPU (ViT-Tiny, 224 px, bf16, an 80 GB GPU) of each kind of run, for --fit_gpu: larger
-# global batches accumulate micro-batches. bench.py measured batch 1024 at 9.2 GB for the MAE step and 17.8 GB for
-# the ViT train step (README), so MAE, D-MAE (+ a frozen MAE-Base forward on the visible quarter) and fine-tuning take
-# 1024. Not measured, so with room to spare (an estimate from the tokens per step): MoCo-v3's 2 views of 512 are
-# the tokens of a fine-tuning batch of 1024 (~20 GB); DINO's 2 global + 8 local (112 px) views of 256 about as many,
-# plus its 65,536-way outputs per view (~25 GB)
+# The largest micro-batch per 80 GB GPU (ViT-Tiny, 224 px, bf16) for --fit_gpu; larger global batches accumulate.
+# bench.py: batch 1024 takes 9.2 GB for the MAE step, 17.8 GB for the ViT train step. Estimated from the tokens per
+# step, with room to spare: MoCo-v3's 2 views of 512 (~20 GB); DINO's 2 + 8 views of 256 and 65,536-way outputs (~25 GB)
 MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear": 1024, "mocov3": 512, "dino": 256}
 # Settings of the GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
@@ -88,15 +79,12 @@ PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, da
              transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08)
 PRESETS = {
     "paper": PAPER,
-    # a day on 4-8 GPUs: 100 pre-training epochs (MAE-Lite's MAE-Tiny reaches 76.2 after 400 + 100, its issue #6) and
-    # 100 fine-tuning epochs keep every comparison on equal epochs; the layer study and probes at 30
+    # a day on 4-8 GPUs: 100 + 100 epochs for every method (MAE-Lite's MAE-Tiny: 76.2 after 400 + 100, its issue #6)
     "fewgpu": dict(PAPER, pretrain_epochs=100, pretrain_warmup=10, finetune_epochs=100, linear_epochs=30,
                    layer_epochs=30),
-    # ImageNet-100 (CMC's 100 classes of the ImageNet-1k folder, nothing copied), one seed in under 12 GPU-hours on one
-    # H100: MAE-Lite's MAE recipe whole for MAE and D-MAE, MoCo-v3 and DINO 300 epochs (their ViT recipes' length; an
-    # epoch of theirs costs 5-10 of MAE's), scratch 300 (DeiT's), fine-tuning 100; probes 50 and the layer study 20 at
-    # 5 values of K; no 600-epoch second baseline (1.7 GPU-hours); D-MAE's teacher a published MAE-Base
-    # (--teacher_ckpt); the paper's global batches, accumulated where one GPU holds less (fit_gpu)
+    # ImageNet-100 (CMC's 100 classes of the ImageNet-1k folder), a seed in under 12 H100-hours: MAE-Lite's MAE recipe
+    # whole, MoCo-v3 and DINO their recipes' 300 epochs (an epoch of theirs costs 5-10 of MAE's), scratch DeiT's 300,
+    # fine-tuning 100; no 600-epoch baseline; D-MAE's teacher a published MAE-Base; the paper's global batches
     "in100": dict(PAPER, seeds="0,1,2", classes="imagenet100", fit_gpu=True, contrastive_epochs=300,
                   scratch_epochs=300, finetune_epochs=100, linear_epochs=50, layer_epochs=20, layer_keep="0,3,6,9,12",
                   long_baseline=False),
@@ -191,8 +179,7 @@ class Config:
         check({0, depth // 2, depth} <= set(self.keep_list) <= set(range(depth + 1)),
               f"--layer_keep must lie in 0..{depth} and hold 0, {depth // 2} and {depth} (its verdict compares "
               f"them), got {self.layer_keep!r}")
-        # in100's D-MAE distils a published MAE-Base, as the paper (trained on ImageNet-1k); one trained here on
-        # ImageNet-100 would be another teacher and about 7 more GPU-hours
+        # in100's D-MAE distils a published MAE-Base, as the paper (one trained here would be another teacher)
         check(self.preset != "in100" or self.teacher_ckpt or self.plan,
               "--preset=in100 needs --teacher_ckpt: a published MAE-Base, e.g. MAE's mae_pretrain_vit_base.pth "
               "(--plan shows the study without it)")
@@ -238,8 +225,7 @@ class Run:
         return "linear" if self.stage == "finetune" and self.cfg.mode == "linear" else self.stage
 
 
-# Training-set sizes and classes, for a --plan on a machine that does not hold the data (else they are counted)
-# (name, or name:classes for a --classes subset); ImageNet-100 (CMC's list) also has 5,000 val images
+# Training-set sizes and classes for a --plan without the data (name, or name:classes for a --classes subset)
 NOMINAL = {"imagefolder": (1281167, 1000), "imagefolder:imagenet100": (126689, 100), "flowers102": (2040, 102),
            "cifar10": (50000, 10), "cifar100": (50000, 100), "pets": (3680, 37), "aircraft": (6667, 100),
            "cars": (8144, 196)}
@@ -489,19 +475,25 @@ def adopt(run):
     return result
 
 
-def launch(run, cfg, devices):
-    """Start a run's process: pinned to `devices` (CUDA_VISIBLE_DEVICES, set before CUDA starts), under torchrun
-    when it spans several; its output goes to its folder's output.log. On CPU, world = 1, or --gpus_per_run gloo
-    processes for a DDP run (how the tests check the DDP path)."""
-    world = len(devices) if devices else (cfg.gpus_per_run if run.ddp else 1)
+def per_rank(run, world):
+    """The run's settings for one of `world` processes: the study's batch is global, so each takes its share, in
+    fewer micro-batches where they fit."""
     c = settings(run)
-    if world > 1:  # the study's batch is the global batch (as one process runs it); each rank takes its share
+    if world > 1:
         c.update(split_batch(c["batch_size_per_gpu"] * c["accum_steps"], world, c["batch_size_per_gpu"],
                              f"{run.name}: batch"))
+    return c
+
+
+def launch(run, cfg, devices):
+    """Start a run's process, pinned to `devices` (CUDA_VISIBLE_DEVICES, set before CUDA starts), under torchrun when
+    it spans several (on CPU: --gpus_per_run gloo processes for a DDP run, how the tests check that path); its output
+    goes to its folder's output.log."""
+    world = len(devices) if devices else (cfg.gpus_per_run if run.ddp else 1)
     os.makedirs(run.folder, exist_ok=True)
     spec = os.path.join(run.folder, "run.json")
-    write_json(spec, dict(name=run.name, stage=run.stage, config=c, devices=devices, world_size=world,
-                          threads=cfg.threads, study_config=settings(run), launched=time.time()))
+    write_json(spec, dict(name=run.name, stage=run.stage, config=per_rank(run, world), devices=devices,
+                          world_size=world, threads=cfg.threads, study_config=settings(run), launched=time.time()))
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
                               if world > 1 else []) + ["-m", "study.reproduce", "run-one", spec]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), CUDA_VISIBLE_DEVICES=",".join(devices),
@@ -511,8 +503,8 @@ def launch(run, cfg, devices):
 
 
 def run_all(runs, cfg):
-    """Run what has not finished, dependencies first, each on its own GPU(s) (or `jobs` at a time on CPU); print
-    progress and an ETA. A failed run stops the study with one line naming it, its GPUs and its log."""
+    """Run what has not finished, dependencies first, the longest ready run first, each on its own GPU(s) (or `jobs`
+    at a time on CPU), with progress and an ETA. A failed run stops the study with one line naming it and its log."""
     results = {r.name: res for r in runs if (res := finished(r)) is not None}
     todo = [r for r in runs if r.name not in results]
     slots = cfg.devices or [None] * cfg.jobs  # a GPU each, or CPU job slots
@@ -565,34 +557,29 @@ def on_gpus(cfg):
 
 
 def cost(run, cfg):
-    """Estimated seconds on one CPU core (CPU study) or one GPU (GPU study, a preset) for the ETA and the plan: the
-    speed of its kind, scaled by its model's width^2 x depth x tokens against the size the speed was measured at."""
+    """Estimated seconds on one CPU core or one GPU: the speed of its kind, scaled by its model's width^2 x depth x
+    tokens against the size the speed was measured at (GPU: tiny at 224/16; CPU: mini at 28/7)."""
     size = VIT_SIZES[getattr(run.cfg, "model", "") or cfg.model]
     work = size["embed_dim"] ** 2 * size["depth"] * (cfg.img_size // cfg.patch_size) ** 2
-    if on_gpus(cfg):  # GPU_SPEED: tiny at 224/16
+    if on_gpus(cfg):
         return run.images() / GPU_SPEED[run.speed_key()][0] * work / (192 ** 2 * 12 * 196)
-    return run.images() / CPU_SPEED[run.speed_key()] * work / (64 ** 2 * 4 * 16)  # CPU_SPEED: mini at 28/7
+    return run.images() / CPU_SPEED[run.speed_key()] * work / (64 ** 2 * 4 * 16)
 
 
 def command(run, cfg):
-    """The stage command that runs `run` alone (its flags that differ from the stage's defaults)."""
+    """The stage command that runs `run` alone: its flags that differ from the stage's defaults."""
     given = {"teacher_ckpt": "x"} if run.stage == "distill" else {}  # its one required flag
     if hasattr(run.cfg, "method"):  # --method brings the method's own defaults (DINO's momentum, lr, ...)
         given["method"] = run.cfg.method
     defaults = settings(Run("", type(run.cfg)(**given)))
-    gpus, c = cfg.gpus_per_run if run.ddp else 1, settings(run)
-    if gpus > 1:  # the study's batch is global: each GPU takes its share, in fewer micro-batches where they fit
-        c.update(split_batch(c["batch_size_per_gpu"] * c["accum_steps"], gpus, c["batch_size_per_gpu"],
-                             f"{run.name}: batch"))
-    flags = [f"--{k}={v}" for k, v in c.items() if defaults.get(k) != v or k in ("out_dir", "method")]
-    launcher = f"torchrun --nproc_per_node={gpus}" if gpus > 1 else "python"
-    return f"{launcher} {run.stage}.py " + " ".join(flags)
+    gpus = cfg.gpus_per_run if run.ddp else 1
+    flags = [f"--{k}={v}" for k, v in per_rank(run, gpus).items() if defaults.get(k) != v or k in ("out_dir", "method")]
+    return f"{f'torchrun --nproc_per_node={gpus}' if gpus > 1 else 'python'} {run.stage}.py " + " ".join(flags)
 
 
 def wall_clock(runs, cfg, gpus, seconds):
-    """Hours the study takes on `gpus` GPUs (CPU: job slots), scheduled as run_all does (dependencies first, the
-    longest ready run first, a DDP run on --gpus_per_run GPUs at 1/K of its time; on CPU one slot each): a simulation
-    with `seconds` per run."""
+    """Hours the study takes on `gpus` GPUs (CPU: job slots) at `seconds` per run, scheduled as run_all does: a
+    simulation (a DDP run takes --gpus_per_run GPUs for 1/K of its time)."""
     done, todo, going, free, now = {}, list(runs), [], gpus, 0.0
     while todo or going:
         for r in sorted((r for r in todo if all(d in done for d in r.deps)), key=lambda r: -seconds[r.name]):
@@ -607,39 +594,34 @@ def wall_clock(runs, cfg, gpus, seconds):
     return now
 
 
-def measured(run):
-    """The seconds a run took here (its result.json), if it finished with these settings; else None (adopted runs
-    record 0: not timed here)."""
-    result = recorded(run)
-    return result.get("seconds") or None if result and not differences(run, result.get("config", {})) else None
-
-
 def print_plan(runs, cfg):
-    """Every run with its cost and its own command, then the totals and the wall-clock. A GPU study: GPU-hours, and
-    the worker cores per GPU its data path needs to keep up (JPEG files; with fewer, the hours at that pace). The CPU
-    study: CPU minutes, measured where a run finished here, else estimated."""
+    """Every run with its cost and its own command, the total and the wall-clock. The CPU study: CPU minutes,
+    measured where a run finished here with these settings (adopted runs record 0), else estimated. A GPU study:
+    GPU-hours, the worker cores per GPU its JPEG data path needs to keep up, and the pace at --num_workers."""
     gpu = on_gpus(cfg)
-    timed = {} if gpu else {r.name: measured(r) for r in runs}
+    timed = {} if gpu else {r.name: (x := recorded(r)) and not differences(r, x["config"]) and x["seconds"] or None
+                            for r in runs}
     seconds = {r.name: timed.get(r.name) or cost(r, cfg) for r in runs}
-    bound, slow = dict(seconds), []  # GPU-seconds at the runs' num_workers cores; runs asking more than nvjpeg gives
-    if gpu:
-        print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px), from bench.py's "
-              "model-step figures (measured: MAE 31,100 img/s and fine-tuning 12,600 img/s compiled at batch 1024; ~ "
-              "= derived from those by FLOPs), if the data path keeps up; then the worker cores per GPU it needs to "
-              "(JPEG read + decode + crops per core: bench.py's 265 img/s for one view, 178 for MoCo-v3's two; DINO's "
-              f"~95 an estimate) and, where the run's --num_workers={cfg.num_workers} cores are fewer, its GPU-hours "
-              "at that pace")
-    else:
+    if not gpu:
         print(f"{len(runs)} runs; CPU minutes, one core and --threads={cfg.threads} each: measured = the run's own "
               f"seconds in its result.json here ({sum(map(bool, timed.values()))} runs), ~ = estimated from CPU_SPEED "
               "(img/s per core of the `mini` ViT per kind of run, scaled by the run's model size)")
+        for r in runs:
+            print(f"{r.name:24s} {seconds[r.name] / 60:8.1f} CPU-min {'measured' if timed[r.name] else '~':8s} "
+                  + command(r, cfg))
+        hours = wall_clock(runs, cfg, cfg.jobs, seconds)
+        print(f"total {sum(seconds.values()) / 60:.0f} CPU-minutes; {cfg.jobs} runs at a time (--jobs): about "
+              f"{hours * 60:.0f} min wall-clock (scheduled as the study runs them)")
+        return sum(seconds.values()) / 3600, hours
+    print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px) from bench.py's model "
+          "steps (measured: MAE 31,100 and fine-tuning 12,600 img/s, compiled, batch 1024; ~ = derived by FLOPs), if "
+          "the data path keeps up; then the worker cores per GPU it needs to (JPEG read + decode + crops: 265 img/s a "
+          f"core for one view, 178 for MoCo-v3's two, DINO's ~95 estimated) and, where --num_workers={cfg.num_workers} "
+          "cores are fewer, its GPU-hours at that pace")
+    bound, slow = dict(seconds), []  # GPU-seconds at num_workers cores; runs asking more than nvjpeg gives
     for r in runs:
-        if not gpu:
-            how = "measured" if timed[r.name] else "~"
-            print(f"{r.name:24s} {seconds[r.name] / 60:8.1f} CPU-min {how:8s} {command(r, cfg)}")
-            continue
         data = "in memory"
-        if r.cfg.data in FILE_DATA:  # the worker cores per GPU to keep up, and the pace at the run's own
+        if r.cfg.data in FILE_DATA:
             per_core = WORKER_SPEED[r.speed_key()][0]
             workers = max(1, getattr(r.cfg, "num_workers", 0))  # no workers: the training process decodes
             bound[r.name] = max(seconds[r.name], r.images() / (workers * per_core))
@@ -648,24 +630,17 @@ def print_plan(runs, cfg):
                 f", {bound[r.name] / 3600:.2f} GPU-h at {cfg.num_workers}" if bound[r.name] > seconds[r.name] else "")
         print(f"{r.name:24s} {seconds[r.name] / 3600:8.2f} GPU-h {GPU_SPEED[r.speed_key()][1]:8s} data: {data:30s} "
               + command(r, cfg))
-    total = sum(seconds.values()) / 3600
-    if not gpu:
-        hours = wall_clock(runs, cfg, cfg.jobs, seconds)
-        print(f"total {total * 60:.0f} CPU-minutes; {cfg.jobs} runs at a time (--jobs): about {hours * 60:.0f} min "
-              "wall-clock (scheduled as the study runs them)")
-        return total, hours
-    gpus = len(cfg.devices) or cfg.gpus_per_run  # no GPUs here: as many as one run spans
+    total, gpus = sum(seconds.values()) / 3600, len(cfg.devices) or cfg.gpus_per_run  # no GPUs here: one run's
     hours = wall_clock(runs, cfg, gpus, seconds)
     print(f"total {total:.1f} GPU-hours; on {gpus} GPU(s), {cfg.gpus_per_run} per pre-training / fine-tuning run: "
           f"about {hours:.1f} h wall-clock (scheduled as the study runs them; {total / gpus:.1f} h if never idle)")
-    limited = [r for r in runs if bound[r.name] > seconds[r.name]]
+    limited = sum(bound[r.name] > seconds[r.name] for r in runs)
     if limited:
-        print(f"data path: {len(limited)} of {len(runs)} runs need more worker cores per GPU than their "
-              f"--num_workers={cfg.num_workers} to keep up; with {cfg.num_workers} cores per GPU the study takes "
+        print(f"data path: {limited} of {len(runs)} runs need more worker cores per GPU than their --num_workers="
+              f"{cfg.num_workers} to keep up; with {cfg.num_workers} cores per GPU the study takes "
               f"{sum(bound.values()) / 3600:.1f} GPU-hours, about {wall_clock(runs, cfg, gpus, bound):.1f} h "
-              f"wall-clock. On a GPU the workers only read the files and nvjpeg decodes ({NVJPEG_SPEED:,} img/s with "
-              f"the crops, measured on one H100 before the worker-side crops): {len(slow)} runs ask more of it than "
-              "that")
+              f"wall-clock. On a GPU nvjpeg decodes ({NVJPEG_SPEED:,} img/s with the crops, one H100, measured before "
+              f"the worker-side crops): {len(slow)} runs ask more of it than that")
     if NO_TEACHER in {getattr(r.cfg, "teacher_ckpt", "") for r in runs}:
         print(f"D-MAE's teacher: {NO_TEACHER} above stands for the published MAE-Base the study needs: pass "
               "--teacher_ckpt=mae_pretrain_vit_base.pth (MAE's) to run it")
