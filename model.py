@@ -17,7 +17,7 @@ from einops import rearrange
 # loads into 12 heads silently and computes another function), so our checkpoints carry the count in their config.
 VIT_SIZES = {
     "micro": dict(embed_dim=32, depth=2, num_heads=2),  # tests
-    "mini": dict(embed_dim=64, depth=4, num_heads=4),  # reproduce.py's study on 2 CPU cores
+    "mini": dict(embed_dim=64, depth=4, num_heads=4),  # the study (study/reproduce.py) on 2 CPU cores
     "cpu": dict(embed_dim=96, depth=6, num_heads=6),
     "tiny": dict(embed_dim=192, depth=12, num_heads=12),
     "small": dict(embed_dim=384, depth=12, num_heads=12),

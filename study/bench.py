@@ -8,8 +8,8 @@ reading + decoding and the crops divide it. The model-only figure times forward 
 bf16 autocast on CUDA (synchronised timings), fp32 on CPU. timm's ViT-Tiny is measured beside ours when timm is
 installed (optional). Speed targets live here, never in the tests.
 
-    python bench.py                                  # CPU: the four stages on the embedded data, then model steps
-    python bench.py --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
+    python -m study.bench                            # CPU: the four stages on the embedded data, then model steps
+    python -m study.bench --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
         --stage_model=tiny --stage_img_size=224 --stage_patch=16 --stage_batch=512 --num_workers=14   # GPU, JPEG
 """
 import json
