@@ -28,9 +28,10 @@ import torchvision.transforms.functional as TF
 
 import augment
 import figures
+from flags import check, check_config, cli
 import pretrain_mae
 from checkpoint import config_of, load_ckpt
-from common import check, check_config, cli, print0
+from common import print0
 from data import Loader, build_dataset, figure_images, load_rgb
 from weights import pretrained_vit, read_state_dict
 
@@ -220,8 +221,8 @@ def main(cfg):
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
-        figures.save_reconstructions(mae, augment.normalize(figure_images(dataset, 8, img_size, device)[0]),
-                                     f"{type(mae).__name__} reconstructions of {cfg.ckpt}",
+        title = f"{type(mae).__name__} reconstructions of 8 test images (centre crops), {cfg.ckpt}"
+        figures.save_reconstructions(mae, augment.normalize(figure_images(dataset, 8, img_size, device)[0]), title,
                                      os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
         written.append("recon.png")
     for i, ((m, *_), name) in enumerate(zip(models, names)):

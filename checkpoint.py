@@ -194,7 +194,8 @@ class RunFolder:
         if refused:
             raise RunError(f"{self.dir} holds a {self.stage}.py run with other settings: "
                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                           + "; pass another --out_dir, or --resume=false to start that run over")
+                           + "; pass another --out_dir, or --resume=false to start that run over (its files are "
+                           "replaced)")
         for k, (a, b) in allowed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
 
@@ -221,7 +222,8 @@ class RunFolder:
                     obj.load_state_dict(ckpt[name])
                 except (KeyError, RuntimeError, ValueError) as e:
                     raise BadData(f"{self.ckpt_path} does not fit this run's {name} ({str(e).splitlines()[0][:100]});"
-                                  " pass another --out_dir, or --resume=false to start that run over") from None
+                                  " pass another --out_dir, or --resume=false to start that run over (its files are"
+                                  " replaced)") from None
             restore_rng(ckpt["rng"], rank)
             self.start_epoch, self.history = ckpt["epoch"], ckpt["log"]
         self.started = True
@@ -238,7 +240,8 @@ class RunFolder:
             best = os.path.join(self.dir, "best.pt")
             if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
                 save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
-            print0(f"resumed from {self.ckpt_path} at epoch {ckpt['epoch']}")
+            print0(f"resumed from {self.ckpt_path} at epoch {ckpt['epoch']}" + ("" if ckpt["epoch"] < self.cfg.epochs
+                   else f": the run is complete, nothing to train (--epochs={ckpt['epoch'] + 1} or more trains on)"))
         return ckpt
 
     def save_epoch(self, row, best=None, **state):

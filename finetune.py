@@ -21,10 +21,10 @@ import torchvision.transforms.v2 as v2
 
 import augment
 from checkpoint import RunFolder, load_ckpt
-from common import (EpochSteps, TrainFlags, all_reduce_sum, autocast_ctx, check, check_config, check_finite, cli,
-                    cosine_schedule, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
-                    setup_dist, wrap)
+from common import (EpochSteps, all_reduce_sum, autocast_ctx, check_finite, cosine_schedule, make_scaler,
+                    optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist, wrap)
 from data import Loader, build_dataset
+from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
 from weights import pretrained_vit, vit_spec
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 import augment
 from checkpoint import config_of, load_ckpt
-from common import autocast_ctx, check, check_config, cli, print0
+from common import autocast_ctx, print0
 from data import Loader, build_dataset
+from flags import check, check_config, cli
 from model import create_vit
 from weights import pretrained_vit
 

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 import augment
 from checkpoint import RunFolder
-from common import (EpochSteps, TrainFlags, all_gather_cat, all_reduce_mean, autocast_ctx, check, check_config,
-                    check_finite, cli, cosine_schedule, epoch_line, make_scaler, optimizer_step, param_groups, print0,
-                    seed_everything, set_lr, set_weight_decay, setup_dist, wrap)
+from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check_finite, cosine_schedule,
+                    epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
+                    set_weight_decay, setup_dist, wrap)
 from data import Loader, build_dataset
+from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
 
 # Each method's recipe, for the Config fields left at None: MoCo-v3's (its lr raised for short CPU runs), and DINO's

@@ -20,10 +20,10 @@ import torch.nn as nn
 import augment
 import figures
 from checkpoint import RunFolder
-from common import (EpochSteps, TrainFlags, autocast_ctx, check, check_config, check_finite, cli, cosine_schedule,
-                    epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist,
-                    wrap)
+from common import (EpochSteps, autocast_ctx, check_finite, cosine_schedule, epoch_line, make_scaler, optimizer_step,
+                    param_groups, print0, seed_everything, set_lr, setup_dist, wrap)
 from data import Loader, build_dataset, figure_images
+from flags import TrainFlags, check, check_config, cli
 from model import Block, ViT, create_vit, patchify, sincos_pos_embed, vit_heads
 
 
@@ -149,7 +149,7 @@ def augment_batch(crops):
     return augment.normalize(augment.random_flip(crops[0]))
 
 
-def main(cfg, model=None, teacher=None):
+def main(cfg, mae=None, teacher=None):
     """Train. distill.py reuses this loop with its MAE subclass and frozen teacher, passed to forward (as
     pretrain_contrastive.py passes its EMA teacher): never a submodule, so never trained, saved or wrapped by DDP."""
     # --- setup ---
@@ -164,7 +164,7 @@ def main(cfg, model=None, teacher=None):
         view_imgs = augment.normalize(figure_images(dataset, 8, cfg.img_size, device)[0])
 
         # --- model ---
-        raw_model = (model or MAE(cfg)).to(device)
+        raw_model = (mae or MAE(cfg)).to(device)
         print0(f"encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M params, "
                f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
 

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+from flags import check, check_config, cli
 import pretrain_contrastive
 import pretrain_mae
-from common import autocast_ctx, check, check_config, cli
+from common import autocast_ctx
 from data import FileImages, Loader, build_dataset
 from model import create_vit
 from pretrain_mae import MAE, Config as MAEConfig

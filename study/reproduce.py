@@ -36,11 +36,12 @@ import torch
 import analyze
 import distill
 import finetune
+from flags import check, check_config, cli, int_list
 import knn
 import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log
-from common import RunError, check, check_config, cli, int_list
+from common import RunError
 from data import build_dataset
 from model import VIT_SIZES
 from study.report import METHODS, write_report

@@ -19,10 +19,11 @@ import checkpoint
 import distill
 import figures
 import finetune
+from flags import parse_config
 import pretrain_contrastive as pc
 import pretrain_mae
 from checkpoint import load_ckpt
-from common import RunError, parse_config
+from common import RunError
 from data import class_by_class
 from tests.helpers import TINY, quiet, tiny_mae
 

@@ -22,11 +22,12 @@ import analyze
 import data
 import distill
 import finetune
+from flags import parse_config
 import knn
 import pretrain_contrastive
 import pretrain_mae
 from study import reproduce
-from common import BadValue, MissingFile, RunError, make_scaler, optimizer_step, parse_config
+from common import BadValue, MissingFile, RunError, make_scaler, optimizer_step
 from tests.helpers import TINY, quiet, tiny_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import augment
+from flags import parse_config
 import pretrain_mae
 from checkpoint import load_ckpt
-from common import parse_config
 from data import build_dataset, figure_images
 from pretrain_mae import MAE, Config, main
 from tests.helpers import TINY, crash_then_resume, quiet
@@ -83,6 +83,7 @@ class TestMAE(unittest.TestCase):
         for argv, msg in [(["--mask_ratio=1.5"], "--mask_ratio must be in (0,1), got 1.5"),
                           (["--img_size=30"], "img_size 30 is not divisible by patch_size 4"),
                           (["--model=huge"], "model must be one of"),
+                          (["--model=tinyy"], "got 'tinyy': did you mean --model=tiny?"),
                           (["--norm_pix_loss=maybe"], "expected true or false")]:
             err = io.StringIO()
             with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):

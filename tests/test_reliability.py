@@ -20,10 +20,11 @@ import checkpoint
 import data
 import distill
 import finetune
+from flags import parse_config
 import pretrain_contrastive as pc
 import pretrain_mae
 from checkpoint import load_ckpt
-from common import BadData, RunError, parse_config
+from common import BadData, RunError
 from tests.helpers import TINY, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,8 +111,11 @@ class TestKillPoints(unittest.TestCase):
         with quiet():
             finetune.main(finetune.Config(**cfg, out_dir=out))
         checkpoint.save_ckpt({"model": {}, "epoch": 0, "top1": 10.4}, os.path.join(out, "best.pt"))  # an older best.pt
-        with quiet():
-            finetune.main(finetune.Config(**cfg, out_dir=out))  # resumes a finished run: trains nothing
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(io.StringIO()):
+            finetune.main(finetune.Config(**cfg, out_dir=out))  # resumes a finished run: trains nothing, says so
+        self.assertIn("at epoch 1: the run is complete, nothing to train (--epochs=2 or more trains on)",
+                      said.getvalue())
         best, ckpt = load_ckpt(os.path.join(out, "best.pt")), load_ckpt(os.path.join(out, "ckpt.pt"))
         self.assertEqual((best["epoch"], best["top1"]), (1, ckpt["best_top1"]))
         self.assertEqual(sorted(best["model"]), sorted(ckpt["model"]))

@@ -13,9 +13,10 @@ import tempfile
 import time
 import unittest
 
+from flags import parse_config
 from study import report
 from study import reproduce
-from common import RunError, parse_config
+from common import RunError
 from tests.helpers import quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
