@@ -28,11 +28,11 @@ import torchvision.transforms.functional as TF
 
 import augment
 import figures
-from flags import check, check_config, cli
 import pretrain_mae
 from checkpoint import config_of, load_ckpt
 from common import print0
 from data import Loader, build_dataset, figure_images, load_rgb
+from flags import check, check_config, cli
 from weights import pretrained_vit, read_state_dict
 
 

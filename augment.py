@@ -302,28 +302,17 @@ def _matrix(name, arg, H, W):
     return torch.stack([torch.stack(r, 1) for r in rows], 1)
 
 
+# every op but the geometric ones (affine), on a float batch with its per-sample args (B,)
+PIXEL_OPS = {"AutoContrast": lambda x, a: autocontrast(x), "Equalize": lambda x, a: equalize(x),
+             "Invert": lambda x, a: 1 - x, "Posterize": lambda x, a: posterize(x, a.long()),
+             "Solarize": solarize_levels, "SolarizeAdd": solarize_add, "Color": adjust_saturation,
+             "Contrast": adjust_contrast, "Brightness": adjust_brightness, "Sharpness": sharpness}
+
+
 def apply_op(x, name, arg):
     """Op `name` on float batch x with per-sample args (B,)."""
-    if name == "AutoContrast":
-        return autocontrast(x)
-    if name == "Equalize":
-        return equalize(x)
-    if name == "Invert":
-        return 1 - x
-    if name == "Posterize":
-        return posterize(x, arg.long())
-    if name == "Solarize":
-        return solarize_levels(x, arg)
-    if name == "SolarizeAdd":
-        return solarize_add(x, arg)
-    if name == "Color":
-        return adjust_saturation(x, arg)
-    if name == "Contrast":
-        return adjust_contrast(x, arg)
-    if name == "Brightness":
-        return adjust_brightness(x, arg)
-    if name == "Sharpness":
-        return sharpness(x, arg)
+    if name in PIXEL_OPS:
+        return PIXEL_OPS[name](x, arg)
     return affine(x, _matrix(name, arg, *x.shape[-2:]))
 
 

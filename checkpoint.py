@@ -240,8 +240,11 @@ class RunFolder:
             best = os.path.join(self.dir, "best.pt")
             if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
                 save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
-            print0(f"resumed from {self.ckpt_path} at epoch {ckpt['epoch']}" + ("" if ckpt["epoch"] < self.cfg.epochs
-                   else f": the run is complete, nothing to train (--epochs={ckpt['epoch'] + 1} or more trains on)"))
+            done, last = ckpt["epoch"], ckpt["log"][-1]
+            numbers = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "step", "imgs_per_s"))
+            print0(f"resumed from {self.ckpt_path}: epoch {done} of {self.cfg.epochs} done, on from epoch {done + 1}"
+                   if done < self.cfg.epochs else f"{self.ckpt_path} holds a complete run ({done} epochs; the last: "
+                   f"{numbers}): nothing to train; another --out_dir starts a new one")
         return ckpt
 
     def save_epoch(self, row, best=None, **state):

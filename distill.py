@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flags import check, check_config, cli, int_list
 import pretrain_mae
 from checkpoint import load_ckpt
 from common import print0, seed_everything, setup_dist
+from flags import check, check_config, cli, int_list
 from model import VIT_SIZES
 from weights import pretrained_vit
 

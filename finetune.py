@@ -239,8 +239,6 @@ def main(cfg):
             best_top1 = top1 if is_best else best_top1
             top5_part = {"top5": top5} if num_classes > 5 else {}  # top-5 of 5 classes or fewer says nothing
             row.update(top1=top1, **top5_part, best_top1=best_top1)
-            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} " + (f"top-5 {top5:.2f} "
-                   if top5_part else "") + f"(best {best_top1:.2f}) {row['imgs_per_s']:.0f} img/s")
 
             # --- save --- best.pt, then ckpt.pt (with the best weights and every log row), then log.jsonl: after a
             # kill at any point the checkpoint and log never claim a best that best.pt lacks; resume re-derives both
@@ -249,6 +247,8 @@ def main(cfg):
                             epoch=epoch + 1, top1=top1, top5=top5, config=asdict(cfg))
             run.save_epoch(row, best=best, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict(), best_top1=best_top1)
+            print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} " + (f"top-5 {top5:.2f} "
+                   if top5_part else "") + f"(best {best_top1:.2f}) {row['imgs_per_s']:.0f} img/s")  # once saved
     return best_top1
 
 

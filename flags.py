@@ -29,6 +29,9 @@ def cli(main, cls):
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line says it
             print(f"\n{prog}: stopped by Ctrl-C" + (f"; {e}" if str(e) else ""), file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # `... --plan | head` closed the pipe: stop quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 @dataclasses.dataclass

@@ -309,11 +309,11 @@ def main(cfg):
                                    per_parameter=raw_model.CLIP_PER_PARAMETER)
                     ema_update(teacher, raw_model, momentum_schedule[step])
             row = steps.row(global_batch, lr=lr_schedule, momentum=momentum_schedule)
-            print0(epoch_line(row, cfg.epochs))
 
             # --- save ---
             run.save_epoch(row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+            print0(epoch_line(row, cfg.epochs))  # once saved: a Ctrl-C after this line loses no epoch
     return raw_model, teacher
 
 

@@ -199,7 +199,6 @@ def main(cfg, mae=None, teacher=None):
                 steps.add(loss=loss_value, **{k: v.item() for k, v in extra.items()})  # distill.py's loss parts
                 steps.show(f"loss {loss_value:.4f} lr {lr_schedule[step]:.1e}")
             row = steps.row(global_batch, lr=lr_schedule)
-            print0(epoch_line(row, cfg.epochs))
 
             # --- eval: reconstructions of 8 training images (MAE has no accuracy to measure while pre-training) ---
             if master and ((epoch + 1) & epoch == 0 or epoch + 1 == cfg.epochs):  # epochs 1, 2, 4, 8, ..., last
@@ -211,6 +210,7 @@ def main(cfg, mae=None, teacher=None):
             # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
             run.save_epoch(row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                            scaler=scaler.state_dict())
+            print0(epoch_line(row, cfg.epochs))  # once saved: a Ctrl-C after this line loses no epoch
     return raw_model
 
 

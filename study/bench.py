@@ -1,4 +1,4 @@
-"""Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
+r"""Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
 
 End to end: each stage's own main() runs on real data in a temporary folder; the figure is its training loop's
 img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. Beside it, the
@@ -22,12 +22,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import finetune
-from flags import check, check_config, cli
+try:  # the stages sit in the project's folder: `python study/bench.py` puts study/ on the path instead
+    import finetune
+except ModuleNotFoundError as e:
+    if e.name != "finetune":
+        raise
+    raise SystemExit("study/bench.py is part of the study package: run it from the project's folder as "
+                     "python -m study.bench") from None
 import pretrain_contrastive
 import pretrain_mae
 from common import autocast_ctx
 from data import FileImages, Loader, build_dataset
+from flags import check, check_config, cli
 from model import create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 

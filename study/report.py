@@ -192,7 +192,7 @@ def dino(s, results, figs):
                        f"{r['loss']:.2f} vs {math.log(c['head_out_dim']):.2f}",
                        f"{r.get('teacher_entropy', [math.nan])[-1]:.2f}"]
                       for r, c in ((r, r["config"]) for r in study_dino[:1] + sweep)])
-    out.append("DINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
+    out.append("\nDINO's loss against ln(prototypes), the loss of a collapsed (uniform) output: "
                + ", ".join(f"{r['name']} {r['loss']:.2f} vs {math.log(r['config']['head_out_dim']):.2f}" for r in pre)
                + ".")
     fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))

@@ -8,7 +8,7 @@ resumes; a run finished by hand (the stage command `--plan` prints) is read back
 single-threaded runs go side by side (1.2 to 1.8 times the work of one two-threaded run; a fixed thread count keeps
 every run deterministic).
 
-    python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 45, 2 cores)
+    python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 25, 2 cores)
     python -m study.reproduce --quick          # every step at micro size in about 3 minutes, into out/quick
     python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan  # GPU-hours
     python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
@@ -33,24 +33,32 @@ from types import SimpleNamespace
 
 import torch
 
-import analyze
+try:  # the stages sit in the project's folder: `python study/reproduce.py` puts study/ on the path instead
+    import analyze
+except ModuleNotFoundError as e:
+    if e.name != "analyze":
+        raise
+    raise SystemExit("study/reproduce.py is part of the study package: run it from the project's folder as "
+                     "python -m study.reproduce") from None
 import distill
 import finetune
-from flags import check, check_config, cli, int_list
 import knn
 import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log
 from common import RunError
 from data import build_dataset
+from flags import check, check_config, cli, int_list
 from model import VIT_SIZES
 from study.report import METHODS, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, analyze)}
-# Images per second of one CPU core, the `mini` ViT, per kind of run: the ETA and the CPU plan
-CPU_SPEED = {"pretrain_mae": 3000, "distill": 1500, "mocov3": 450, "dino": 150, "finetune": 1100, "linear": 2500,
-             "knn": 5000, "analyze": 500}
+# Images per second of one CPU core, the `mini` ViT, per kind of run, for the ETA and the CPU plan: calibrated on the
+# default study as last run (REPORT.md: 238 run-minutes for the 128 runs it timed, two side by side on 2 cores; its
+# three adopted DINO runs took about 16 minutes each)
+CPU_SPEED = {"pretrain_mae": 2000, "distill": 1000, "mocov3": 300, "dino": 125, "finetune": 730, "linear": 1670,
+             "knn": 3330, "analyze": 330}
 # Images per second of one H100 (bf16), ViT-Tiny at 224 px: bench.py's compiled MAE-Tiny step (31,100) and ViT-Tiny
 # train step (12,600) at batch 1024; the rest derived by FLOPs (~): MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum
 # forwards = 2.7 ViT steps; D-MAE = the MAE step + an MAE-Base forward on the visible patches (~4x the student's,
@@ -541,8 +549,8 @@ def run_all(runs, cfg):
                 left = sum(cost(x, cfg) for x in todo + [g[0] for g in going.values()])
                 eta = left * spent / max(estimated, 1e-9) / len(slots)
                 score = f" top-1 {results[name]['top1']:.1f}" if "top1" in results[name] else ""
-                print(f"[{len(results)}/{len(runs)}] {name} done in {results[name]['seconds']:.0f} s{score} | "
-                      f"{(time.time() - start) / 60:.1f} min so far, about {eta / 60:.0f} min left", flush=True)
+                print(f"[{len(results)}/{len(runs)}] {name} done in {results[name]['seconds']:.1f} s{score} | "
+                      f"{(time.time() - start) / 60:.1f} min so far, about {eta / 60:.1f} min left", flush=True)
     finally:
         for _, proc, log, _ in going.values():  # a failure or Ctrl-C: the runs in flight stop (they resume later)
             proc.kill()

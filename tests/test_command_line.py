@@ -148,7 +148,7 @@ class TestCommandLine(unittest.TestCase):
         for attempt in range(2):
             proc = subprocess.Popen(cmd, cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             seen = []
-            for line in proc.stdout:  # two epochs printed: the first is saved (its line comes before its save)
+            for line in proc.stdout:  # two epochs printed: both are saved (a line comes after its save)
                 seen.append(line)
                 if sum(s.startswith("ep ") for s in seen) == 2:
                     break
@@ -163,7 +163,8 @@ class TestCommandLine(unittest.TestCase):
             self.assertTrue(found, lines[0])
             self.assertEqual(int(found.group(2)), int(found.group(1)) + 1)
             if attempt:
-                self.assertIn(f"resumed from stopped/ckpt.pt at epoch {last}", "".join(seen))
+                self.assertIn(f"resumed from stopped/ckpt.pt: epoch {last} of 400 done, on from epoch {last + 1}",
+                              "".join(seen))
             last = int(found.group(1))
 
     def test_two_images_of_the_same_name_get_two_figures(self):

@@ -114,8 +114,8 @@ class TestKillPoints(unittest.TestCase):
         said = io.StringIO()
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(io.StringIO()):
             finetune.main(finetune.Config(**cfg, out_dir=out))  # resumes a finished run: trains nothing, says so
-        self.assertIn("at epoch 1: the run is complete, nothing to train (--epochs=2 or more trains on)",
-                      said.getvalue())
+        self.assertRegex(said.getvalue(), r"ckpt.pt holds a complete run \(1 epochs; the last: loss [\d.]+, .*top1 "
+                                          r"[\d.]+.*\): nothing to train; another --out_dir starts a new one")
         best, ckpt = load_ckpt(os.path.join(out, "best.pt")), load_ckpt(os.path.join(out, "ckpt.pt"))
         self.assertEqual((best["epoch"], best["top1"]), (1, ckpt["best_top1"]))
         self.assertEqual(sorted(best["model"]), sorted(ckpt["model"]))

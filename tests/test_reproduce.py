@@ -269,5 +269,16 @@ class TestVerdicts(unittest.TestCase):
             reproduce.Config(seeds="0,one")
 
 
+
+class TestTypedAsAScript(unittest.TestCase):
+    def test_a_study_file_typed_as_a_script_says_how_to_run_it(self):  # the stages are one folder up from study/
+        for path, module in (("study/reproduce.py", "study.reproduce"), ("study/bench.py", "study.bench")):
+            run = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
+            self.assertEqual(run.returncode, 1, run.stderr)
+            self.assertEqual(run.stderr.strip().splitlines(), [f"{path} is part of the study package: run it from "
+                                                               f"the project's folder as python -m {module}"])
+
+
 if __name__ == "__main__":
     unittest.main()
