@@ -187,8 +187,8 @@ def main(cfg):
         return image_figures(cfg, *models[0], device)
 
     # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
-    vit, grid, patch_size = models[0][0], models[0][0].grid, models[0][0].patch_embed.patch_size
-    img_size = vit.patch_embed.img_size
+    vit = models[0][0]
+    grid, patch_size, img_size = vit.grid, vit.patch_embed.patch_size, vit.patch_embed.img_size
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
     # equal minibatches for HSIC: an incomplete last one is dropped
     loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)

@@ -603,13 +603,18 @@ def wall_clock(runs, cfg, gpus, seconds):
     return now
 
 
+def measured(run):
+    """The seconds a run took here, if its result.json holds these settings; None for adopted runs (they record 0)."""
+    result = recorded(run)
+    return (result["seconds"] or None) if result and not differences(run, result["config"]) else None
+
+
 def print_plan(runs, cfg):
     """Every run with its cost and its own command, the total and the wall-clock. The CPU study: CPU minutes,
     measured where a run finished here with these settings (adopted runs record 0), else estimated. A GPU study:
     GPU-hours, the worker cores per GPU its JPEG data path needs to keep up, and the pace at --num_workers."""
     gpu = on_gpus(cfg)
-    timed = {} if gpu else {r.name: (x := recorded(r)) and not differences(r, x["config"]) and x["seconds"] or None
-                            for r in runs}
+    timed = {} if gpu else {r.name: measured(r) for r in runs}
     seconds = {r.name: timed.get(r.name) or cost(r, cfg) for r in runs}
     if not gpu:
         print(f"{len(runs)} runs; CPU minutes, one core and --threads={cfg.threads} each: measured = the run's own "
