@@ -1,16 +1,13 @@
 r"""Look inside pre-trained ViTs (PAPER §5): layer similarity (CKA), attention distance and entropy, attention maps,
 reconstructions.
 
-- CKA: minibatch linear CKA with the unbiased HSIC estimator (Nguyen et al. 2021) between every layer of one model
-  and every layer of another (or itself). A layer's representation is what its block's norm1 sees (plus the final
-  norm output), cls token removed, each image's tokens flattened into one vector.
-- Attention: per layer and head, the cls row/column is dropped and the softmax re-taken over patches; the mean
-  attention distance (pixels: patch-grid distance x patch size) and entropy (nats) are averaged over queries/images.
-- Attention maps: the last layer's cls-to-patch attention per head and their mean, over test images one per class
-  first; reconstructions when the checkpoint has an MAE decoder (figures.py draws both).
-Layers are numbered alike everywhere: block k = 1..depth; CKA's representations are "after block k", 0 = embedding.
-Writes analysis.json and cka.png, attn_distance.png, attn_entropy.png, recon.png, attn_maps.png (attn_maps2.png for
-ckpt2) into out_dir. With --image (repeatable): one figure per image file, nothing else.
+- CKA: minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), every layer of one model against every layer of
+  another (or itself). A layer is what its block's norm1 sees (plus the final norm output), cls token removed.
+- Attention: per layer and head, cls row/column dropped and the softmax re-taken over patches; mean distance
+  (pixels) and entropy (nats) over queries and images.
+- Figures: the last layer's cls-to-patch attention per head; reconstructions if the checkpoint has an MAE decoder.
+Layers: block k = 1..depth; CKA's representations are "after block k", 0 = embedding. Writes analysis.json and
+PNG figures into out_dir; with --image (repeatable), only one figure per image file.
 
     python analyze.py                                     # analyse out/mae/ckpt.pt on the embedded test images
     python analyze.py --ckpt=out/mae/ckpt.pt --ckpt2=out/scratch/best.pt    # CKA between MAE and supervised layers
@@ -29,7 +26,7 @@ import torchvision.transforms.functional as TF
 import augment
 import figures
 import pretrain_mae
-from checkpoint import config_of, load_ckpt
+from checkpoint import config_of, load_ckpt, write_text
 from common import print0
 from data import Loader, build_dataset, figure_images, load_rgb
 from flags import check, check_config, cli
@@ -42,7 +39,7 @@ class Config:
     ckpt2: str = ""  # a second model for CKA and attention comparison; empty = the first model with itself
     key: str = "model"  # which weights in ckpt (teacher: DINO's EMA teacher)
     key2: str = "model"  # which weights in ckpt2
-    # used only when a checkpoint carries no config of its own
+    # only for checkpoints without a config
     model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = read off the weights
     num_heads: int = 0  # attention heads; 0 = the size's default (timm/DeiT vit_tiny: 3, vit_small: 6)
     img_size: int = 32  # input side in pixels
@@ -81,20 +78,20 @@ def gram(x):
 
 
 def cka(hsic_xy, hsic_xx, hsic_yy):
-    """CKA from HSIC values averaged over minibatches: mean HSIC(K,L) / sqrt(mean HSIC(K,K) * mean HSIC(L,L))."""
+    """CKA of every layer pair from minibatch-mean HSICs: HSIC(K,L) / sqrt(HSIC(K,K) * HSIC(L,L))."""
     return hsic_xy / (hsic_xx[:, None] * hsic_yy[None, :]).sqrt()
 
 
 # --- attention ---
 def patch_distances(grid, patch_size):
-    """(L, L) Euclidean distances between patch centres in pixels (the official code used x14 for 16-pixel patches)."""
+    """(L, L) distances between patch centres in pixels (the official code used x14 for 16-pixel patches)."""
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).float() * patch_size
     return torch.cdist(pos, pos)
 
 
 def attention_distance(probs, dist):
-    """probs (B, H, L, L) over patches -> (H,) mean attention distance, averaged over queries and images."""
+    """probs (B, H, L, L) -> (H,) mean attention distance over queries and images."""
     return (probs * dist).sum(-1).mean(dim=(0, 2))
 
 
@@ -104,8 +101,8 @@ def attention_entropy(probs):
 
 
 def load_model(path, key, cfg, device):
-    """A headless ViT that fits the checkpoint (size, heads, input and patch size from its config, else its
-    weights, else the flags), with its weights; and the checkpoint's config and the checkpoint."""
+    """(headless ViT, checkpoint config, checkpoint); the ViT's shape from that config, else the weights, else the
+    flags."""
     ckpt = load_ckpt(path)
     ccfg = config_of(ckpt)
     fine_tuned = any(k.startswith("fc_norm.") for k in read_state_dict(ckpt, key, path))  # ends in fc_norm
@@ -115,7 +112,7 @@ def load_model(path, key, cfg, device):
 
 
 def mae_of(vit, ccfg, ckpt, key, device):
-    """The MAE (encoder + decoder) of a pretrain_mae.py / distill.py checkpoint; None for other checkpoints."""
+    """The MAE of a checkpoint with a decoder (pretrain_mae.py, distill.py), else None."""
     if not any(k.startswith("decoder.") for k in ckpt.get(key, {})):
         return None
     names = {f.name for f in fields(pretrain_mae.Config)}
@@ -127,8 +124,8 @@ def mae_of(vit, ccfg, ckpt, key, device):
 
 @torch.no_grad()
 def last_layer_maps(vit, crops):
-    """crops in [0, 1] -> (B, H + 1, g, g): the last layer's cls-to-patch attention per head (softmax over every token,
-    the cls row), then the mean over heads."""
+    """crops in [0, 1] -> (B, H + 1, g, g): last-layer cls-to-patch attention per head (softmax over all tokens),
+    then the head mean."""
     _, attns, _ = vit.forward_features(augment.normalize(crops), return_attn=True)
     maps = attns[-1].float().softmax(-1)[:, :, 0, 1:]  # (B, H, L): where the cls token looks
     maps = torch.cat([maps, maps.mean(1, keepdim=True)], 1)
@@ -136,19 +133,19 @@ def last_layer_maps(vit, crops):
 
 
 def uniform_values(grid, patch_size):
-    """Attention distance (px) and entropy (nats) of uniform attention over the grid: the 'looks everywhere' line."""
+    """Distance (px) and entropy (nats) of uniform attention: the 'looks everywhere' line."""
     return patch_distances(grid, patch_size).mean().item(), math.log(grid * grid)
 
 
 def what_it_reads(vit):
-    """What the attention figures say about the classifier: a fine-tuned model never reads the cls token."""
+    """The attention figures' note on a global-pool (fine-tuned) model."""
     return ("its classifier reads the mean of the patch tokens, never cls: these maps show where cls looks, not "
             "what decides the class" if vit.global_pool else "")
 
 
 def figure_stems(paths):
-    """A name per image file for its figures: its own (000), or, where two files share one, its path below their
-    common folder (val/a/000.jpg, val/b/000.jpg -> a_000_jpg, b_000_jpg)."""
+    """A figure name per image file: its stem, or where stems clash its path below the common folder
+    (val/a/000.jpg, val/b/000.jpg -> a_000_jpg, b_000_jpg)."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) == len(stems):
         return stems
@@ -157,7 +154,7 @@ def figure_stems(paths):
 
 
 def image_figures(cfg, vit, ccfg, ckpt, device):
-    """--image: per file, its attention maps and (with a decoder) its masked input and reconstruction."""
+    """--image: per file, its attention maps and (with a decoder) its reconstruction."""
     mae, written = mae_of(vit, ccfg, ckpt, cfg.key, device), []
     for path, name in zip(cfg.image, figure_stems(cfg.image)):
         img = TF.pil_to_tensor(load_rgb(path)).to(device)
@@ -186,11 +183,11 @@ def main(cfg):
     if cfg.image:
         return image_figures(cfg, *models[0], device)
 
-    # --- data --- (the first model's input size; a second model resizes its position embedding on the fly)
+    # --- data --- (the first model's input size; a second one resizes its pos_embed)
     vit = models[0][0]
     grid, patch_size, img_size = vit.grid, vit.patch_embed.patch_size, vit.patch_embed.img_size
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
-    # equal minibatches for HSIC: an incomplete last one is dropped
+    # HSIC wants equal minibatches
     loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)
     check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
 
@@ -216,8 +213,7 @@ def main(cfg):
                   attn_distance=[(s / n).tolist() for s in dist_sum], attn_entropy=[(s / n).tolist() for s in ent_sum],
                   uniform=dict(zip(("attn_distance", "attn_entropy"), uniform_values(grid, patch_size))))
 
-    # --- figures --- reconstructions (checkpoints of pretrain_mae.py / distill.py carry the decoder), then each
-    # model's per-head attention maps on test images, one per class first
+    # --- figures ---
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
@@ -232,8 +228,7 @@ def main(cfg):
                                  labels, cfg.shared_scale, what_it_reads(m))
 
     # --- save ---
-    with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
-        json.dump(result, f)
+    write_text(os.path.join(cfg.out_dir, "analysis.json"), json.dumps(result))
     figures.analysis_plots(result, cfg.out_dir, grid, patch_size)
     for name, dists, ents in zip(names, result["attn_distance"], result["attn_entropy"]):
         print0(f"{name}: attention distance per layer (px) " + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)

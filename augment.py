@@ -1,19 +1,9 @@
 """Batched augmentation on the training device: one code path for CPU and GPU, per-sample randomness.
 
-The crops are cut first, by data.Loader from the stage's views (files in its workers, with rrc_box; in-memory sets on
-the device, with random_resized_crop); everything here then works on float (B, 3, S, S) batches in [0, 1], and
-`normalize` applies ImageNet's mean and std last. Every random draw is per sample and comes from torch's RNG on the
-images' device, which checkpoints save, so a resumed run draws the same augmentations.
-
-- random_resized_crop: torchvision's sampling rule (area scale, log-uniform ratio, 10 tries, centre fallback), a
-  batch cropped and resized by one affine grid_sample (bicubic).
-- center_crop: the eval transform, resize the shorter side to S / 0.875 then crop the centre (timm, PAPER §3.1).
-- random_flip, and byol_view: MoCo-v3 / DINO views: colour jitter in random order, grayscale, blur, solarize.
-- rand_augment: timm's `rand-m10-mstd0.5-inc1` (PAPER §3.1), the paper's strength; torchvision's RandAugment(10)
-  is bin 10 of 31, a third of it. 2 ops of 15, each applied with p 0.5, magnitude ~ N(10, 0.5) clipped to [0, 10],
-  random sign; at 10: rotate 30 deg, shear 0.3, translate 0.45 x side, enhance 1 +- 0.9, posterize to 0 bits,
-  solarize threshold 0, SolarizeAdd +110; geometric ops fill with the ImageNet mean colour, bicubic. Samples are
-  grouped by the op they drew, so each op runs once per batch.
+data.Loader cuts the crops first (rrc_box in file workers, random_resized_crop on the device); the rest works on float
+(B, 3, S, S) batches in [0, 1], `normalize` last. Every draw comes from torch's RNG on the images' device, which
+checkpoints save, so a resumed run draws the same augmentations. Samples are grouped by the op they drew, so each op
+runs once per batch.
 """
 import math
 
@@ -34,10 +24,10 @@ def _bshape(v):
     return v.view(-1, 1, 1, 1)
 
 
-# --- crops: torchvision's RandomResizedCrop rule, drawn two ways (a sample's box in a worker, a batch's on the device)
+# --- crops: torchvision's RandomResizedCrop rule ---
 def rrc_box(rng, height, width, scale, ratio=RATIO):
-    """One sample's (top, left, h, w), drawn from a random.Random: the loader's workers crop files with it (40x cheaper
-    per box than the tensor ops of rrc_params, which would slow a worker down by a third for DINO's ten crops)."""
+    """rrc_params for one sample, from a random.Random: file workers use it, 40x cheaper per box than rrc_params'
+    tensor ops (which slow a worker by a third for DINO's ten crops)."""
     for _ in range(10):
         target = height * width * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -48,7 +38,7 @@ def rrc_box(rng, height, width, scale, ratio=RATIO):
 
 
 def centre_box(height, width, ratio=RATIO):
-    """Where no try fits: the whole image, trimmed to the nearest allowed ratio, centred."""
+    """No try fits: the whole image, trimmed to the nearest allowed ratio, centred."""
     w, h = width, height
     if width / height < ratio[0]:
         h = round(width / ratio[0])
@@ -58,8 +48,8 @@ def centre_box(height, width, ratio=RATIO):
 
 
 def rrc_params(n, height, width, scale, ratio=RATIO, device="cpu", generator=None):
-    """(top, left, h, w) of n samples (long tensors), the same rule from torch's RNG: 10 tries of area ~ U(scale) x
-    image area and log-uniform aspect ratio; the first that fits wins, else the largest centred crop within `ratio`."""
+    """(top, left, h, w) long tensors of n samples: 10 tries of area ~ U(scale) x image area and log-uniform aspect
+    ratio; the first that fits, else centre_box."""
     tries = 10
     target = (height * width) * _rand(n * tries, device, *scale, generator).view(n, tries)
     aspect = torch.exp(_rand(n * tries, device, math.log(ratio[0]), math.log(ratio[1]), generator)).view(n, tries)
@@ -70,14 +60,14 @@ def rrc_params(n, height, width, scale, ratio=RATIO, device="cpu", generator=Non
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
     top = (_rand(n, device, generator=generator) * (height - h + 1)).long().clamp(min=0)
     left = (_rand(n, device, generator=generator) * (width - w + 1)).long().clamp(min=0)
-    none = ~ok.any(1)  # no try fits: the centred box
+    none = ~ok.any(1)
     box = zip((top, left, h, w), centre_box(height, width, ratio))
     return tuple(torch.where(none, fallback, drawn) for drawn, fallback in box)
 
 
 def crop_resize(x, top, left, h, w, size):
-    """Per-sample crop boxes of a same-size batch, resized to size x size by one bicubic grid_sample (sampling the
-    same points as interpolate(align_corners=False) on the crop)."""
+    """Per-sample boxes resized to size x size by one bicubic grid_sample, at the points
+    interpolate(align_corners=False) samples on the crop."""
     B, _, H, W = x.shape
     theta = torch.zeros(B, 2, 3, device=x.device)
     theta[:, 0, 0] = w.float() / W
@@ -89,21 +79,21 @@ def crop_resize(x, top, left, h, w, size):
 
 
 def random_resized_crop(images, size, scale):
-    """uint8 batch (B, 3, H, W) -> float (B, 3, size, size) in [0, 1], a box per sample by torchvision's rule."""
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1], a random box per sample."""
     B, _, H, W = images.shape
     top, left, h, w = rrc_params(B, H, W, scale, device=images.device)
     return (crop_resize(images, top, left, h, w, size) / 255).clamp_(0, 1)
 
 
 def eval_resize(height, width, size, crop_pct=0.875):
-    """timm's eval view: the shorter side resized to int(size / crop_pct), the centre size x size cut from it. Returns
-    the resized (height, width); data.crop_box maps the same box onto a file's own pixels."""
+    """Resized (height, width) of timm's eval view (PAPER §3.1): shorter side to int(size / crop_pct), then the centre
+    size x size. data.crop_box maps it onto a file's own pixels."""
     short = int(size / crop_pct)
     return (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
 
 
 def center_crop(images, size):
-    """Eval: resize the shorter side (bicubic, antialiased), crop the centre: uint8 (B, 3, H, W) -> float [0, 1]."""
+    """The eval view, bicubic antialiased: uint8 (B, 3, H, W) -> float [0, 1]."""
     nh, nw = eval_resize(*images.shape[-2:], size)
     x = F.interpolate(images.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
     top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
@@ -111,7 +101,7 @@ def center_crop(images, size):
 
 
 def random_flip(x):
-    """Mirror each sample with p 0.5 (every training view is flipped after its crop)."""
+    """Mirror each sample with p 0.5."""
     return torch.where(_bshape(_rand(len(x), x.device) < 0.5), x.flip(-1), x)
 
 
@@ -121,7 +111,7 @@ def normalize(x):
     return (x - mean) / std
 
 
-# --- colour ops on float [0, 1] batches, one factor per sample ---
+# --- colour ops, one factor per sample ---
 def grayscale(x):
     g = torch.tensor(GRAY, device=x.device).view(1, 3, 1, 1)
     return (x * g).sum(1, keepdim=True).expand_as(x)
@@ -177,23 +167,21 @@ def solarize(x, threshold):
 
 
 def _apply(x, mask, fn, *args):
-    """fn applied in place to the samples of x where mask is set (args indexed alike): each op runs once per batch.
-    Callers own x (they copy their input once), so no per-op copy of the whole batch is needed."""
+    """fn, in place, on the samples where mask is set (args indexed alike); callers copy x once, not per op."""
     idx = mask.nonzero()[:, 0]
     if len(idx):
         x[idx] = fn(x[idx], *(a[idx] for a in args))
 
 
 def byol_view(x, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
-    """BYOL's asymmetric view (MoCo-v3, DINO) after the crop and flip: colour jitter with p 0.8 in a random order
-    per sample, grayscale p 0.2, Gaussian blur (sigma 0.1-2, kernel ~10% of the side) with blur_p, solarize
-    (threshold 128) with solarize_p."""
+    """BYOL's asymmetric view (MoCo-v3, DINO), after crop and flip: colour jitter in random order per sample,
+    grayscale, Gaussian blur, solarize."""
     B, dev, x = len(x), x.device, x.clone()  # the ops below write into this copy
     b, c, s, h = jitter
     jitter_on = _rand(B, dev) < jitter_p
     factors = [_rand(B, dev, 1 - b, 1 + b), _rand(B, dev, 1 - c, 1 + c), _rand(B, dev, 1 - s, 1 + s),
                _rand(B, dev, -h, h)]
-    order = torch.rand(B, 4, device=dev).argsort(1)  # a random permutation of the 4 jitters per sample
+    order = torch.rand(B, 4, device=dev).argsort(1)  # per-sample jitter order
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for step in range(4):
         for k, op in enumerate(ops):
@@ -276,8 +264,8 @@ def sharpness(x, f):
 
 
 def affine(x, matrix):
-    """Per-sample affine maps in pixel units (output pixel centre -> input point, PIL's convention), bicubic, the
-    area outside the image filled with the ImageNet mean colour."""
+    """Per-sample affine maps in pixels (output pixel centre -> input point, PIL's convention), bicubic, filled with
+    the ImageNet mean colour."""
     B, _, H, W = x.shape
     to_px = torch.tensor([[W / 2, 0, W / 2], [0, H / 2, H / 2], [0, 0, 1]], device=x.device)
     to_norm = torch.tensor([[2 / W, 0, -1], [0, 2 / H, -1], [0, 0, 1]], device=x.device)
@@ -302,7 +290,7 @@ def _matrix(name, arg, H, W):
     return torch.stack([torch.stack(r, 1) for r in rows], 1)
 
 
-# every op but the geometric ones (affine), on a float batch with its per-sample args (B,)
+# the non-geometric ops: (x, per-sample args (B,)) -> x
 PIXEL_OPS = {"AutoContrast": lambda x, a: autocontrast(x), "Equalize": lambda x, a: equalize(x),
              "Invert": lambda x, a: 1 - x, "Posterize": lambda x, a: posterize(x, a.long()),
              "Solarize": solarize_levels, "SolarizeAdd": solarize_add, "Color": adjust_saturation,
@@ -310,14 +298,14 @@ PIXEL_OPS = {"AutoContrast": lambda x, a: autocontrast(x), "Equalize": lambda x,
 
 
 def apply_op(x, name, arg):
-    """Op `name` on float batch x with per-sample args (B,)."""
     if name in PIXEL_OPS:
         return PIXEL_OPS[name](x, arg)
     return affine(x, _matrix(name, arg, *x.shape[-2:]))
 
 
 def rand_augment(x, magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=0.5, ops=OPS):
-    """timm's rand-m{magnitude}-mstd{magnitude_std}-inc1 on a float batch in [0, 1], per sample."""
+    """timm's rand-m{magnitude}-mstd{magnitude_std}-inc1 per sample; the defaults are the paper's rand-m10-mstd0.5-inc1
+    (PAPER §3.1). torchvision's RandAugment(10) is bin 10 of 31, a third of that strength."""
     B, dev, x = len(x), x.device, x.clone()  # the ops below write into this copy
     for _ in range(num_ops):
         drawn = torch.randint(len(ops), (B,), device=dev)  # uniform, with replacement across the num_ops layers

@@ -1,9 +1,8 @@
-"""Plumbing for what a run leaves on disk: checkpoints, RNG state, log.jsonl and the out_dir's life cycle.
+"""What a run leaves on disk: checkpoints, RNG state, log.jsonl and the out_dir's life cycle.
 
-What holds at any kill point: a checkpoint is written atomically, and log.jsonl (and best.pt) are re-derived from it
-on resume; one run per folder (a lock); only the same run resumes; a stage never writes over another stage's run
-or over the checkpoint it was given to start from; a run that fails before its first step leaves its folder as it
-found it.
+At any kill point: a checkpoint is written atomically, and log.jsonl (and best.pt) are re-derived from it on resume;
+one run per folder (a lock); only the same run resumes; a stage never writes over another stage's run or its input
+checkpoint; a run that fails before its first step leaves its folder as it found it.
 """
 import argparse
 import contextlib
@@ -31,8 +30,8 @@ RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir
 
 # --- checkpoint files ---
 def save_ckpt(obj, path):
-    """Atomic: serialise in memory, write a temporary file unique to this process, fsync, then rename over the old
-    one. A crash or a full disk never leaves half a checkpoint, and the previous one stays."""
+    """Atomic (per-process temp file, fsync, rename): a crash or a full disk never leaves half a checkpoint, and the
+    previous one stays."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -42,7 +41,7 @@ def save_ckpt(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or Ctrl-C mid-write: no temporary file is left behind
+    except BaseException as e:  # a full disk, or Ctrl-C mid-write
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if not isinstance(e, OSError):
@@ -54,9 +53,8 @@ def save_ckpt(obj, path):
 
 
 def load_ckpt(path, what="checkpoint"):
-    """torch.load with weights_only=True: a checkpoint is data, never code. Ours are plain dicts; the one class
-    allowed beyond that is argparse.Namespace, which facebookresearch/mae stores under 'args'. A missing, empty,
-    truncated or foreign file ends in one line naming it."""
+    """weights_only: a checkpoint is data, never code. The one class allowed is argparse.Namespace, which
+    facebookresearch/mae stores under 'args'. A bad file ends in one line naming it."""
     if not os.path.isfile(path):
         raise MissingFile(f"{what} not found: {path}")
     with open(path, "rb") as f:
@@ -73,7 +71,7 @@ def load_ckpt(path, what="checkpoint"):
         raise BadData(f"{what} {path} holds a Python object that is not plain data"
                       f" ({found.group(1) if found else 'unknown class'}); it is refused for safety. Re-save its "
                       "tensors as a plain dict (torch.save(state_dict, path))") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, OSError, KeyError... for a damaged file
+    except Exception as e:  # a damaged file: RuntimeError, EOFError, OSError, ...
         size = os.path.getsize(path)
         why = "an empty file" if size == 0 else f"{size} bytes, truncated or not a PyTorch checkpoint"
         detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
@@ -85,7 +83,7 @@ def config_of(ckpt):
     return ckpt["config"] if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else {}
 
 
-# --- RNG: every rank's stream travels in the checkpoint ---
+# --- RNG ---
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -104,10 +102,10 @@ def restore_rng(states, rank):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-# --- the out_dir: one run folder, as a context manager ---
+# --- the out_dir ---
 def stage_of(saved):
-    """Which stage wrote a checkpoint of ours (or a config.json, given as {"config": ...}): its 'stage'; those written
-    by `python <stage>.py` up to bfbdbd2 say '__main__' and, like those with none, are recognised by their config."""
+    """The stage that wrote a checkpoint or config.json of ours. Those written by `python <stage>.py` up to bfbdbd2
+    say '__main__'; they and those with none are told by their config."""
     if saved.get("stage") not in (None, "", "__main__"):
         return saved["stage"]
     c = saved.get("config") or {}
@@ -116,9 +114,8 @@ def stage_of(saved):
 
 
 def lock_out_dir(out_dir):
-    """One run per out_dir: an flock on out_dir/.lock held while the returned file is open (the OS drops it on any
-    exit, kill -9 included, so a stale lock never blocks). A second process is refused at once. The holder removes
-    the file when it is done, so a lock taken on a file just removed is taken again."""
+    """An flock on out_dir/.lock, held while the returned file is open. The OS drops it on any exit, kill -9
+    included, so a stale lock never blocks; a second process is refused at once."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
     while True:
@@ -145,14 +142,12 @@ def lock_out_dir(out_dir):
 class RunFolder:
     """The out_dir of one training run, entered by every rank of a stage's main():
 
-        with RunFolder(cfg, rank, inputs=[cfg.init_ckpt]) as run:  # master: lock, refuse what must not be written over
-            ...                                                     # data, model, optimizer: nothing written yet
+        with RunFolder(cfg, rank, inputs=[cfg.init_ckpt]) as run:  # master: lock, refuse to write over
+            ...  # data, model, optimizer: nothing written yet
             ckpt = run.start(model=raw_model, optimizer=optimizer)  # config.json, script; a resumed run's state
             for epoch in range(run.start_epoch, cfg.epochs): ...; run.save_epoch(row, model=...)
 
-    On leaving, the lock is released and its file removed; a run that failed before start() leaves the folder as it
-    found it (the folder removed too if this run created it); Ctrl-C says where the run stopped and how to resume.
-    active=False (finetune --eval_only): a run that writes nothing, anywhere."""
+    Ctrl-C says how to resume. active=False (finetune --eval_only) writes nothing."""
 
     def __init__(self, cfg, rank=0, inputs=(), active=True):
         self.cfg, self.master, self.inputs, self.active = cfg, rank == 0, [p for p in inputs if p], active
@@ -172,8 +167,8 @@ class RunFolder:
         return self
 
     def claim(self):
-        """Refuse to write over `inputs` (the checkpoints this run reads) or another stage's run; lock; if the folder
-        holds a run of this stage, refuse different settings (one message, every difference, the ways out)."""
+        """Lock, refusing to write over `inputs` (checkpoints this run reads) or another stage's run, or to resume
+        this stage's run with other settings than RESUMABLE."""
         for path in self.inputs:
             if os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.dir):
                 raise RunError(f"--out_dir {self.dir} holds {path}, which this run reads; {self.stage}.py would write "
@@ -210,10 +205,9 @@ class RunFolder:
         return None
 
     def start(self, rank=0, **stateful):
-        """Right before the first step. If cfg.resume and out_dir/ckpt.pt exists: load each object's state (model=,
-        optimizer=, ...) and this rank's RNG, set start_epoch and history, and return the checkpoint (else None). Only
-        then, the master writes config.json and the script and re-derives log.jsonl (and best.pt) from the checkpoint:
-        a checkpoint that does not fit is refused with the folder untouched."""
+        """Right before the first step: on resume, load each object's state and this rank's RNG and return the
+        checkpoint (else None). Only then does the master write, so a checkpoint that does not fit leaves the folder
+        untouched."""
         ckpt = None
         if self.active and self.cfg.resume and os.path.exists(self.ckpt_path):
             ckpt = load_ckpt(self.ckpt_path, "out_dir's checkpoint")
@@ -229,8 +223,7 @@ class RunFolder:
         self.started = True
         if not (self.master and self.active):
             return ckpt
-        with open(os.path.join(self.dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        write_text(os.path.join(self.dir, "config.json"), json.dumps(dataclasses.asdict(self.cfg), indent=2))
         for klass in type(self.cfg).__mro__[:-1]:  # the stage's script (distill.py: pretrain_mae.py's too)
             if hasattr(sys.modules[klass.__module__], "main"):  # a stage, not common.TrainFlags
                 script = sys.modules[klass.__module__].__file__
@@ -248,9 +241,8 @@ class RunFolder:
         return ckpt
 
     def save_epoch(self, row, best=None, **state):
-        """The end of an epoch; collective (every rank calls it). The master writes best.pt (when given), then
-        ckpt.pt (the state, this epoch's row appended to every earlier one, each rank's RNG, and `best`), then
-        log.jsonl rewritten from those rows: after a kill anywhere in between, resume re-derives the later files."""
+        """Collective (every rank calls it). The master writes best.pt, then ckpt.pt (with every row so far), then
+        log.jsonl: after a kill in between, resume re-derives the later files."""
         rng = [rng_state()]
         if dist.is_initialized():  # every rank's stream, so a resumed DDP run continues each one
             rng = [None] * dist.get_world_size()
@@ -269,7 +261,7 @@ class RunFolder:
             with contextlib.suppress(OSError):  # the file removed while still held, then released: no .lock left
                 os.remove(self.lock.name)
             self.lock.close()
-            if self.created and not self.started:  # nothing was written: leave no folder behind either
+            if self.created and not self.started:  # leave no folder behind either
                 with contextlib.suppress(OSError):
                     os.rmdir(self.dir)  # only when empty: nothing of anyone else's is removed
         if kind is KeyboardInterrupt and self.master and self.active:
@@ -285,7 +277,7 @@ class RunFolder:
 
 
 def read_log(out_dir):
-    """Every epoch's row of a run's log.jsonl (the last written, where an epoch appears twice)."""
+    """Every epoch's row of log.jsonl (the last, where an epoch appears twice)."""
     rows, path = {}, os.path.join(out_dir, "log.jsonl")
     for line in open(path) if os.path.exists(path) else []:
         with contextlib.suppress(ValueError):
@@ -294,10 +286,14 @@ def read_log(out_dir):
     return [rows[e] for e in sorted(rows)]
 
 
-def write_log(out_dir, rows):
-    """log.jsonl rewritten whole from the rows the checkpoint carries: every epoch exactly once, whatever the kill."""
-    path = os.path.join(out_dir, "log.jsonl")
+def write_text(path, text):
+    """Atomic, as save_ckpt: a temporary file, then a rename; a kill never leaves half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_log(out_dir, rows):
+    """Rewritten whole from the checkpoint's rows: every epoch exactly once, whatever the kill."""
+    write_text(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))

@@ -1,6 +1,5 @@
-"""Plumbing shared by the stages: errors, distributed setup and precision, schedules, the steps of an epoch. A stage's
-flags are flags.py; what a run leaves on disk is checkpoint.py; the data path is data.py and augment.py. What a stage
-is *about* (masking, losses, EMA, the step) stays inline in that stage.
+"""Plumbing shared by the stages: errors, DDP and precision, schedules, the steps of an epoch. What a stage is *about*
+(masking, losses, EMA, the step) stays inline in that stage.
 """
 import contextlib
 import math
@@ -14,9 +13,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-# --- errors the user can fix: one line from cli(), never a traceback ---
+# --- errors the user can fix ---
 class RunError(Exception):
-    """Bad input (a flag's value, a file, the data, the out_dir): reported by cli() as one line naming the way out."""
+    """Bad input (flag, file, data, out_dir): cli() prints one line naming the way out, never a traceback."""
 
 
 class BadValue(RunError, ValueError):
@@ -32,15 +31,15 @@ class BadData(RunError, RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with where the run stood and how to continue it (checkpoint.RunFolder adds that)."""
+    """Ctrl-C, with where the run stood and how to resume (checkpoint.RunFolder adds that)."""
 
 
 # --- distributed & precision ---
 def setup_dist():
-    """DDP if and only if torchrun set RANK: nccl on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
+    """DDP iff torchrun set RANK. Returns (rank, world_size, device)."""
     if "RANK" in os.environ:
         device = torch.device("cpu")
-        if torch.cuda.is_available():  # pick this process's GPU before NCCL starts, so it never lands on GPU 0
+        if torch.cuda.is_available():  # before NCCL starts, or every rank lands on GPU 0
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
@@ -60,19 +59,19 @@ def print0(*args, **kwargs):
 
 
 def autocast_ctx(device):
-    """bf16 autocast on CUDA from Ampere on, fp16 before it (with an enabled GradScaler), fp32 on CPU."""
+    """bf16 on Ampere and later, fp16 before (with make_scaler's GradScaler), fp32 on CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.amp.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def make_scaler(device):
-    # bf16 keeps fp32's exponent range, so loss scaling is only needed for fp16 (pre-Ampere GPUs)
+    # bf16 has fp32's exponent range: only fp16 needs loss scaling
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
 
 def all_gather_cat(x):
-    """Concatenate x from every rank along dim 0 (no grads: MoCo keys); the identity in one process."""
+    """Concatenate x over ranks on dim 0 (no grads: MoCo keys)."""
     if not dist.is_initialized():
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -81,7 +80,7 @@ def all_gather_cat(x):
 
 
 def all_reduce_sum(x):
-    """Sum x over ranks (metrics); the identity in one process."""
+    """Sum x over ranks (metrics)."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
@@ -89,12 +88,12 @@ def all_reduce_sum(x):
 
 
 def all_reduce_mean(x):
-    """Average x over ranks (DINO's centre); the identity in one process."""
+    """Average x over ranks (DINO's centre)."""
     return all_reduce_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def check_finite(loss, epoch, step):
-    """Stop at once on a NaN/inf loss: nothing after it would be worth keeping (the last checkpoint is)."""
+    """Stop on a NaN/inf loss: nothing after it is worth keeping (the last checkpoint is)."""
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at epoch {epoch}, step {step}; stopping (try a lower lr)")
@@ -103,8 +102,8 @@ def check_finite(loss, epoch, step):
 
 # --- schedules & optimizer groups ---
 def cosine_schedule(total_steps, warmup_steps, peak, final=0.0, start=0.0):
-    """One value per optimizer step, read as schedule[step] in the loop (DINO's schedule arrays): a linear warm-up
-    from `start` to `peak`, then a half-cosine down to `final` (per iteration, as MAE)."""
+    """One value per optimizer step (DINO's schedule arrays; per iteration, as MAE): linear warm-up from `start` to
+    `peak`, then a half-cosine to `final`."""
     out = []
     for step in range(total_steps):
         if step < warmup_steps:
@@ -116,7 +115,7 @@ def cosine_schedule(total_steps, warmup_steps, peak, final=0.0, start=0.0):
 
 
 def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW groups: no weight decay on biases, norms, cls_token, pos_embed (timm/MAE); optional lr scale per name."""
+    """AdamW groups: no weight decay on biases, norms and tokens (timm/MAE); optional per-name lr scale."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -135,24 +134,19 @@ def set_lr(optimizer, lr):
 
 
 def set_weight_decay(optimizer, weight_decay):
-    """The groups that decay at all (not biases, norms, tokens) take the scheduled value, even from 0."""
+    """Decaying groups (not biases, norms, tokens) take the scheduled value, even from 0."""
     for g in optimizer.param_groups:
         if g.get("decays", True):
             g["weight_decay"] = weight_decay
 
 
-def optimizer_step(optimizer, scaler, model, clip_grad=0.0, before_step=None, per_parameter=False):
-    """Unscale, clip the gradient norm (0 = off: the whole model's, or each parameter's own with per_parameter), let
-    the method edit the gradients (DINO's frozen last layer), step through the scaler (a no-op without fp16), clear
-    the gradients."""
-    if clip_grad > 0:
+def optimizer_step(optimizer, scaler, model=None, clip_grad=0.0, before_step=None):
+    """Unscale, clip the total norm (0 = off), let before_step edit the gradients (the contrastive methods' clip and
+    DINO's frozen last layer), step (the scaler is a no-op without fp16), zero the gradients."""
+    if clip_grad > 0 or before_step:
         scaler.unscale_(optimizer)
-        if per_parameter:  # DINO's utils.clip_gradients: each tensor scaled by its own norm, only when above clip_grad
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_((clip_grad / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
-        else:  # MoCo-v3's and timm's (fine-tuning): one scale for all, from the total norm of every gradient together
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     if before_step:
         before_step()
     scaler.step(optimizer)
@@ -161,11 +155,17 @@ def optimizer_step(optimizer, scaler, model, clip_grad=0.0, before_step=None, pe
 
 
 # --- the steps of an epoch ---
+def steps_in_epoch(loader, accum_steps):
+    """Optimizer steps per epoch: an incomplete last group of micro-batches is skipped."""
+    if len(loader) < accum_steps:
+        raise BadValue(f"{len(loader)} batches per epoch are fewer than accum_steps {accum_steps}")
+    return len(loader) // accum_steps
+
+
 class EpochSteps:
-    """One epoch of a loader as (step, sync, batch): `step` counts optimizer steps over the run; `sync` is True on
-    the last micro-batch of each step, where the optimizer steps (gradient accumulation: DDP all-reduces only then,
-    nanoGPT's require_backward_grad_sync; at accum_steps=1 every batch syncs). A last incomplete group is skipped.
-    The progress bar shows on a terminal only; a redirected run writes the stage's one line per epoch."""
+    """One epoch as (step, sync, batch): `step` counts optimizer steps over the run; `sync` marks each step's last
+    micro-batch, where the optimizer steps and DDP all-reduces (nanoGPT's require_backward_grad_sync). An incomplete
+    last group is skipped."""
 
     def __init__(self, loader, epoch, steps_per_epoch, cfg, model=None):
         self.loader, self.epoch, self.steps_per_epoch, self.accum = loader, epoch, steps_per_epoch, cfg.accum_steps
@@ -193,13 +193,12 @@ class EpochSteps:
         self.bar.set_postfix_str(text)
 
     def add(self, **numbers):
-        """Sum numbers per micro-batch (the loss, the method's parts), for the epoch means."""
+        """Accumulate per-micro-batch numbers (the loss, the method's parts) for the epoch means."""
         for k, v in numbers.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
     def row(self, global_batch, **schedules):
-        """The epoch's log row: its number, the optimizer steps so far, the mean loss (and the method's parts, summed
-        by add()), each schedule's value at the epoch's last step (lr=, momentum=), img/s."""
+        """The epoch's log row: means of add()'s numbers, each schedule (lr=, momentum=) at its last step, img/s."""
         means = {k: v / (self.steps_per_epoch * self.accum) for k, v in self.sums.items()}
         return dict(epoch=self.epoch + 1, step=self.last_step + 1, loss=means.pop("loss"),
                     **{k: v[self.last_step] for k, v in schedules.items()},
@@ -207,7 +206,7 @@ class EpochSteps:
 
 
 def epoch_line(row, epochs):
-    """An epoch's console line: ep 3/20 loss 0.5246 [the method's parts] lr 1.5e-03 [m 0.9990] 455 img/s."""
+    """Console line: ep 3/20 loss 0.5246 [the method's parts] lr 1.5e-03 [m 0.9990] 455 img/s."""
     parts = "".join(f"{k} {v:.4f} " for k, v in row.items() if k not in ("epoch", "step", "loss", "lr", "momentum",
                                                                           "imgs_per_s"))
     momentum = f"m {row['momentum']:.4f} " if "momentum" in row else ""
@@ -216,7 +215,7 @@ def epoch_line(row, epochs):
 
 
 def wrap(raw_model, world, compile_):
-    """The model the train loop calls: DDP when distributed (wrapped last), then torch.compile when asked; raw_model
-    stays, unwrapped, for the optimizer, the EMA, saving and eval."""
+    """The model the train loop calls (DDP, then torch.compile); raw_model stays unwrapped for the optimizer, EMA,
+    saving and eval."""
     model = torch.nn.parallel.DistributedDataParallel(raw_model) if world > 1 else raw_model
     return torch.compile(model) if compile_ else model

@@ -1,16 +1,10 @@
-"""The data path: datasets as uint8 images, and a loader that hands each batch to the training device already cut to
-the stage's views, with nothing per-sample in Python on the hot path.
+"""Datasets as uint8 images, and a loader that hands each batch to the device already cut to the stage's views, with
+no per-sample Python on the hot path.
 
 A view is (side, scale range): torchvision's RandomResizedCrop; or (side, "center"): timm's eval centre crop.
-- In-memory sets (the embedded slices, Fashion-MNIST, CIFAR) are one uint8 tensor on the device; the loader draws
-  indices, and each view is cut from the batch there, batched (augment.py), when the stage reads it.
-- File sets (ImageFolder = ImageNet, the small transfer sets) are read by DataLoader workers, each image cut to every
-  view before it moves: on CPU the workers decode with PIL (JPEG `draft` when every crop is at least twice its
-  output) and resize with PIL's antialiased bicubic, as torchvision's RandomResizedCrop on PIL images; on a GPU they
-  read JPEG bytes, nvjpeg decodes a batch and each image is cut on the device, the next batch in a thread on a side
-  stream while this one trains. The boxes come from a seed per sample that the training process draws from torch's
-  RNG (saved in checkpoints), never from worker RNG, so a resumed run cuts the same boxes.
-Nothing is ever downloaded: a missing folder is an error naming it, an undecodable file is an error naming its path.
+In-memory sets (embedded slices, Fashion-MNIST, CIFAR) are cut on the device (augment.py); file sets (ImageFolder =
+ImageNet, the small transfer sets) per image, by DataLoader workers with PIL or, on a GPU, after nvjpeg.
+Nothing is ever downloaded: a missing folder or an undecodable file is an error naming it.
 """
 import gzip
 import math
@@ -35,7 +29,7 @@ CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.tx
 UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
-# --- datasets: labels, class names, and the images in memory or as files ---
+# --- datasets ---
 def read_idx(path):
     """An idx-ubyte(.gz) file (the MNIST format) as a uint8 tensor."""
     if not os.path.isfile(path):
@@ -49,7 +43,7 @@ def read_idx(path):
 
 
 class MemoryImages:
-    """uint8 images (N, H, W) grey or (N, H, W, 3), held whole (and moved whole to the device)."""
+    """uint8 images, (N, H, W) grey or (N, H, W, 3), moved whole to the device."""
 
     def __init__(self, images, labels, names=None):
         self.images, self.labels, self.names = images, torch.as_tensor(labels, dtype=torch.long), names
@@ -61,13 +55,13 @@ class MemoryImages:
         return MemoryImages(self.images[indices], self.labels[indices], self.names)
 
     def chw(self):
-        """The images as (N, 3, H, W) uint8, grey ones repeated to 3 channels (a view where possible)."""
+        """(N, 3, H, W) uint8, grey repeated to 3 channels (a view, not a copy)."""
         x = self.images if self.images.dim() == 4 else self.images[..., None].expand(-1, -1, -1, 3)
         return x.permute(0, 3, 1, 2)
 
 
 def open_image(path):
-    """PIL's lazy open (the header only), naming the file when it cannot be read."""
+    """PIL's lazy open (header only), naming the file on failure."""
     try:
         img = Image.open(path)
         img.filename = path
@@ -77,8 +71,8 @@ def open_image(path):
 
 
 def rgb(img):
-    """Decode to RGB, naming the file on failure. 16-bit grey images are scaled to 8 bits (convert("RGB") alone would
-    clip mid-grey to white)."""
+    """Decode to RGB, naming the file on failure. 16-bit grey is scaled to 8 bits: convert("RGB") alone clips
+    mid-grey to white."""
     try:
         if img.mode.startswith("I"):  # I;16 / I: 0..65535
             img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
@@ -93,23 +87,22 @@ def load_rgb(path):
 
 
 def crop_box(seed, k, height, width, view):
-    """(top, left, h, w) of one sample's view k in its own pixels: RandomResizedCrop's box (augment.rrc_box) drawn
-    from a generator seeded by the training process, or the eval view's centre box."""
+    """(top, left, h, w) of a sample's view k in its own pixels: augment.rrc_box from its seed, or the centre box."""
     size, scale = view
     if scale != "center":
         return augment.rrc_box(random.Random(seed * 16 + k), height, width, scale)
-    nh, nw = augment.eval_resize(height, width, size)  # the centre of the resized image, in the original's pixels
+    nh, nw = augment.eval_resize(height, width, size)  # the resized centre, in the original's pixels
     sy, sx = height / nh, width / nw
     return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
 
 
 def crop_pil(img, seed, views):
-    """A lazily decoded PIL image -> one uint8 (3, S, S) tensor per view. The decode is reduced by JPEG's DCT scaling
-    (draft) when every crop is at least twice its output size; the resize is PIL's antialiased bicubic."""
+    """Lazily opened PIL image -> uint8 (3, S, S) per view, resized (antialiased bicubic) as torchvision's
+    RandomResizedCrop on PIL images."""
     width, height = img.size
     boxes = [crop_box(seed, k, height, width, v) for k, v in enumerate(views)]
     factor = min(min(h, w) / v[0] for (_, _, h, w), v in zip(boxes, views))
-    if img.format == "JPEG" and factor >= 2:  # DCT scaling by 1/2, 1/4 or 1/8
+    if img.format == "JPEG" and factor >= 2:  # decode reduced by JPEG's DCT scaling: 1/2, 1/4 or 1/8
         reduce = 2 ** min(3, int(math.log2(factor)))
         img.draft("RGB", (width // reduce, height // reduce))
     img = rgb(img)
@@ -120,7 +113,7 @@ def crop_pil(img, seed, views):
 
 
 def crop_tensor(img, seed, k, view):
-    """crop_pil's twin on the GPU: an image nvjpeg decoded, uint8 (3, H, W) -> its view k, the same box."""
+    """crop_pil on the GPU: decoded uint8 (3, H, W) -> view k, the same box."""
     top, left, h, w = crop_box(seed, k, img.shape[1], img.shape[2], view)
     t, lft = int(round(top)), int(round(left))
     x = img[None, :, t:t + int(round(h)), lft:lft + int(round(w))].float()
@@ -129,8 +122,8 @@ def crop_tensor(img, seed, k, view):
 
 
 class FileImages(Dataset):
-    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): one uint8 (3, S, S) tensor per view
-    (the Loader sets `views`), or with raw=True (a GPU decodes) a JPEG's bytes."""
+    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): uint8 (3, S, S) per view, or with
+    raw=True (GPU decoding) a JPEG's bytes."""
 
     def __init__(self, samples, names=None):
         self.samples, self.labels, self.names, self.raw, self.views = samples, [y for _, y in samples], names, False, ()
@@ -147,14 +140,14 @@ class FileImages(Dataset):
         if self.raw:
             with open(path, "rb") as f:
                 data = f.read()
-            if data[:2] == b"\xff\xd8":  # JPEG: left to the GPU's decoder
+            if data[:2] == b"\xff\xd8":  # JPEG: the GPU decodes it
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, seed
         with open_image(path) as img:
             return crop_pil(img, seed, self.views), label, i, seed
 
 
 def class_list(classes):
-    """(path, class folder names) of a --classes file, one name per line (or a CLASS_LISTS name)."""
+    """(path, names) of a --classes file (one folder per line) or of a CLASS_LISTS name."""
     path = CLASS_LISTS.get(classes, classes)
     if not os.path.isfile(path):
         raise MissingFile(f"--classes file not found: {path} (one class folder name per line, or one of "
@@ -169,9 +162,8 @@ def class_list(classes):
 
 
 def image_folder(root, train, classes=""):
-    """ImageNet's layout, root/{train,val}/<class>/<image>: its samples, labelled by the sorted class folders, or with
-    `classes` (a class_list file) only those folders, labelled in the file's order; and the class names. Nothing is
-    copied or linked."""
+    """(samples, class names) of root/{train,val}/<class>/<image> (ImageNet's layout), labelled by sorted folder, or
+    by a class_list file's order. Nothing is copied or linked."""
     if not root:
         raise MissingFile("--data=imagefolder needs --data_root: a folder holding train/ and val/, one sub-folder per "
                           "class (ImageNet's layout)")
@@ -181,7 +173,7 @@ def image_folder(root, train, classes=""):
                           "per class)")
     splits = [d for d in (os.path.join(root, "train"), os.path.join(root, "val")) if os.path.isdir(d)]
     folders = {d: sorted(e.name for e in os.scandir(d) if e.is_dir()) for d in splits}
-    if classes:  # a subset (ImageNet-100 of ImageNet-1k): the listed folders must be in both splits, the rest is unread
+    if classes:  # a subset (ImageNet-100 of ImageNet-1k): the rest is never read
         list_path, names = class_list(classes)
         for split in splits:
             missing = [c for c in names if c not in folders[split]]
@@ -204,7 +196,7 @@ def image_folder(root, train, classes=""):
 
 
 def transfer_set(name, root, train):
-    """torchvision's small transfer sets (PAPER §3.3), read from a local root, never downloaded: (dataset, classes)."""
+    """(dataset, num_classes) of torchvision's small transfer sets (PAPER §3.3), from a local root."""
     import torchvision.datasets as D  # only here: importing every dataset class is slow
 
     splits = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
@@ -230,8 +222,8 @@ def transfer_set(name, root, train):
 
 
 def class_by_class(labels, n, order=None):
-    """n indices taken class by class in turn, each class's in `order` (default: index order): as balanced as n
-    allows (the first files of a folder are all of one class)."""
+    """n indices, one class at a time in turn (each class's in `order`): as balanced as n allows, where the first
+    files of a folder are all one class."""
     by_class = {}
     for i in range(len(labels)) if order is None else order:
         by_class.setdefault(int(labels[i]), []).append(i)
@@ -240,11 +232,11 @@ def class_by_class(labels, n, order=None):
 
 
 def build_dataset(name, root, train, subset=0, classes=""):
-    """(dataset, num_classes): MemoryImages or FileImages (see README 'Data' for the names). `subset`: N training
-    images, class-balanced and seeded; `classes` (image folders only): a file listing the class folders to keep."""
+    """(dataset, num_classes); README 'Data' lists the names. `subset`: N images, class-balanced and seeded;
+    `classes`: see image_folder."""
     if classes and name != "imagefolder":  # silently ignoring it would train on every class
         raise BadValue(f"--classes selects class folders of --data=imagefolder, not of --data={name}: drop --classes")
-    if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices (data/README.md), or Debian's 70k
+    if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices, or Debian's 70k
         folder, prefix = {"embedded": (EMBEDDED_DIR, "fmnist-"), "mnist": (EMBEDDED_DIR, "mnist-"),
                           "fashion-mnist": (root or FASHION_MNIST_DIR, "")}[name]
         split = "train" if train else "t10k"
@@ -255,7 +247,7 @@ def build_dataset(name, root, train, subset=0, classes=""):
     elif name == "imagefolder":
         samples, names = image_folder(root, train, classes)
         ds, classes = FileImages(samples, names), len(names)
-        if not train:  # open every header (no decoding): a bad val file stops the run before training
+        if not train:  # headers only: a bad val file fails before training
             for path, _ in samples:
                 open_image(path).close()
     else:
@@ -267,8 +259,7 @@ def build_dataset(name, root, train, subset=0, classes=""):
 
 
 def figure_images(dataset, n, size, device):
-    """n images for figures, class-balanced and always the same, in the eval view (centre crops, float in [0, 1]),
-    and their class names."""
+    """n class-balanced images, always the same, as eval centre crops (float in [0, 1]), and their class names."""
     idx = class_by_class(dataset.labels, n)
     names = [str(dataset.names[y]) if dataset.names else f"class {y}" for y in (int(dataset.labels[i]) for i in idx)]
     if isinstance(dataset, MemoryImages):
@@ -279,16 +270,16 @@ def figure_images(dataset, n, size, device):
 
 # --- the loader ---
 def _collate(batch):
-    """Per sample (its crops or JPEG bytes, label, index, seed) -> lists of those, labels as one tensor."""
+    """Lists, not stacked (JPEG bytes differ in length); labels as one tensor."""
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch], [b[3] for b in batch]
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """The indices of `sampler`, each with a crop seed drawn here, in the training process, from torch's RNG (which
-    checkpoints save): a resumed run crops the same boxes, whatever the workers did."""
+    """(index, crop seed) pairs. Seeds come from torch's RNG here, in the training process (checkpoints save it),
+    never from a worker, so a resumed run cuts the same boxes."""
 
     def __init__(self, sampler, n, draw):
-        self.sampler, self.n, self.draw = sampler, n, draw  # draw: only random crops need seeds (eval: none)
+        self.sampler, self.n, self.draw = sampler, n, draw  # draw: False for eval views
 
     def __len__(self):
         return len(self.sampler) if self.sampler is not None else self.n
@@ -300,9 +291,8 @@ class SeededSampler(torch.utils.data.Sampler):
 
 
 class DeviceCrops:
-    """An in-memory batch, cut on the device when read: crops[k] is the batch cut to view k, float (B, 3, S, S) in
-    [0, 1]. Cut when read, not before, so a view's draws come where the stage reads it (crop, flip and colour of
-    view 0, then those of view 1, ...)."""
+    """An in-memory batch; [k] cuts it to view k, float (B, 3, S, S) in [0, 1]. Cut when read, so each view's draws
+    come in the order the stage reads them (crop, flip, colour of view 0, then view 1, ...)."""
 
     def __init__(self, images, views):
         self.images, self.views = images, views
@@ -318,9 +308,8 @@ class DeviceCrops:
 
 
 class Loader:
-    """One pass of (crops, labels) on `device`: crops[k] is the batch cut to views[k], float (B, 3, S, S) in [0, 1]
-    (in-memory sets: DeviceCrops; files: a tuple cut by the workers). Shuffling draws from torch's global RNG
-    (DistributedSampler under DDP), which checkpoints save, so a resumed run sees the same order."""
+    """One pass of (crops, labels) on `device`: crops[k] is the batch cut to views[k], float (B, 3, S, S) in [0, 1].
+    Shuffling draws from torch's global RNG, which checkpoints save, so a resumed run sees the same order."""
 
     def __init__(self, dataset, batch_size, train, num_workers, device, views, drop_last=None, prefetch=None):
         drop_last = train if drop_last is None else drop_last
@@ -333,13 +322,13 @@ class Loader:
                 raise BadValue(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
                                "--batch_size_per_gpu")
             self.sampler = torch.utils.data.RandomSampler(range(len(dataset))) if train else None
-        if self.memory:  # the whole set moves to the device once; a batch is an index gather
+        if self.memory:  # a batch is an index gather on the device
             self.images = dataset.chw().contiguous().to(device)  # (N, 3, H, W) uint8
             self.labels = dataset.labels.to(device)
             self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
         else:
             self.files = dataset
-            dataset.raw, dataset.views = device.type == "cuda", views  # JPEG bytes for the GPU's decoder
+            dataset.raw, dataset.views = device.type == "cuda", views
             seeded = SeededSampler(self.sampler, len(dataset), any(scale != "center" for _, scale in views))
             self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last,
                                       num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -364,8 +353,8 @@ class Loader:
                 yield self._to_device(*batch)
 
     def _prefetched(self):
-        """Files on a GPU: the next batch is decoded and cut (nvjpeg, crop_tensor) by a thread, on a side CUDA
-        stream, while the caller trains on this one; the same batches in the same order, an error raised here."""
+        """Files on a GPU: a thread decodes and cuts the next batch on a side stream while the caller trains on this
+        one. Same batches, same order; errors are raised here."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
         index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
@@ -381,7 +370,7 @@ class Loader:
             batches = iter(self.batches)
             pending = pool.submit(prepare, next(batches)) if len(self.batches) else None
             while pending is not None:
-                following = next(batches, None)  # the workers' next batch, read here in the caller's thread
+                following = next(batches, None)  # read in the caller's thread
                 ready, pending = pending, pool.submit(prepare, following) if following is not None else None
                 (crops, labels), done = ready.result()
                 if cuda:  # the caller's stream waits for the side stream, and its allocator keeps the memory
@@ -391,13 +380,12 @@ class Loader:
                 yield crops, labels
 
     def _to_device(self, items, labels, indices, seeds):
-        """Per sample, its crops from the workers or (on a GPU) JPEG bytes, decoded and cut here -> one float batch
-        per view on the device."""
+        """Workers' crops, or JPEG bytes decoded and cut here -> one float batch per view on the device."""
         crops, jpeg = list(items), [i for i, x in enumerate(items) if torch.is_tensor(x)]  # bytes: only on a GPU
         if jpeg:
             try:  # one batched nvjpeg call
                 decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # a bad file in the batch: find it and name it
+            except RuntimeError:  # find the bad file to name it
                 decoded = []
                 for i in jpeg:
                     try:
@@ -405,7 +393,7 @@ class Loader:
                     except RuntimeError as e:
                         raise BadData(f"corrupt or unreadable image file: {self.files.samples[indices[i]][0]} "
                                       f"({str(e).splitlines()[0][:100]})") from None
-            for i, img in zip(jpeg, decoded):  # each image cut by itself: a slice and one interpolate
+            for i, img in zip(jpeg, decoded):  # one by one: sizes differ
                 crops[i] = tuple(crop_tensor(img, seeds[i], k, v) for k, v in enumerate(self.views))
         return (tuple(torch.stack([c[k].to(self.device, non_blocking=True) for c in crops]).float() / 255
                       for k in range(len(self.views))), labels.to(self.device, non_blocking=True))

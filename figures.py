@@ -1,6 +1,5 @@
-"""Figures for people, shared by the stages, analyze.py and the study: labelled image grids with every image upscaled
-by nearest neighbour (each patch stays a visible square), MAE reconstructions, attention maps laid over their images,
-and analyze.py's CKA and attention statistics."""
+"""Figures shared by the stages, analyze.py and the study: image grids, MAE reconstructions, attention maps, and
+analyze.py's CKA and attention plots."""
 import math
 import os
 import textwrap
@@ -28,14 +27,14 @@ def to_pixels(x):
 
 
 def canvas(rows, pad=2):
-    """rows: list of (B, 3, H, W) batches in [0, 1] -> one (H', W', 3) image, every image upscaled by an integer
-    factor so that its side is at least MIN_SIDE, white gaps between them. Returns it and the cell size."""
+    """rows of (B, 3, H, W) in [0, 1] -> ((H', W', 3) image, cell size); each image upscaled by an integer factor to
+    at least MIN_SIDE, by nearest neighbour so each patch stays a visible square."""
     n_rows, (n_cols, _, h, w) = len(rows), rows[0].shape
     k = max(1, math.ceil(MIN_SIDE / min(h, w)))
     cell_h, cell_w = h * k + pad, w * k + pad
     out = torch.ones(n_rows * cell_h + pad, n_cols * cell_w + pad, 3)
     for r, batch in enumerate(rows):
-        big = batch.float().cpu().repeat_interleave(k, -2).repeat_interleave(k, -1)  # nearest neighbour
+        big = batch.float().cpu().repeat_interleave(k, -2).repeat_interleave(k, -1)
         for c in range(n_cols):
             y, x = pad + r * cell_h, pad + c * cell_w
             out[y:y + h * k, x:x + w * k] = big[c].permute(1, 2, 0)
@@ -43,7 +42,7 @@ def canvas(rows, pad=2):
 
 
 def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
-    """A grid of images with a label per row (and per column), a title, and an optional note under it."""
+    """Labelled image grid with a title and an optional note."""
     pyplot = plt()
     img, (ch, cw) = canvas(rows)
     dpi = 100
@@ -66,11 +65,9 @@ def image_grid(rows, row_labels, title, path, col_labels=None, note=""):
 
 
 def attention_panels(images, maps, title, path, row_labels=None, shared_scale=True, note=""):
-    """Attention maps laid over their images: images (n, 3, S, S) in [0, 1], maps (n, P, g, g) for P panels (heads,
-    then their mean). shared_scale: one colour scale for the whole figure (from 0 to the largest value), so
-    near-uniform attention looks flat; else each map is stretched to its own maximum (shows structure, hides level).
-    The uniform value 1/g^2 is marked on the colour bar. The input is drawn in its colours, the maps over its grey
-    version (a heat map reads best on grey); `note` adds a line to the title."""
+    """Attention maps over their images: images (n, 3, S, S) in [0, 1], maps (n, P, g, g) (heads, then their mean).
+    shared_scale: one scale from 0 for the figure, so near-uniform attention looks flat; else each map is stretched
+    to its own max (shows structure, hides level). Maps lie over the grey image: a heat map reads best on grey."""
     pyplot = plt()
     n, panels, g = maps.shape[0], maps.shape[1], maps.shape[-1]
     grey = images.float().mean(1).cpu()
@@ -104,9 +101,9 @@ def attention_panels(images, maps, title, path, row_labels=None, shared_scale=Tr
 
 @torch.no_grad()
 def reconstruction_rows(mae, imgs, seed=0):
-    """(row label, images in [0, 1]) for a figure: the original, the masked input, the reconstruction with the
-    visible patches pasted in, and with norm-pix the prediction and the target in normalised-patch units (what the
-    loss compares; drawn as 0.5 + value / 4, i.e. +-2 std span black to white; visible patches, not scored, teal)."""
+    """(row label, images in [0, 1]): original, masked input, reconstruction with the visible patches pasted in; with
+    norm-pix also prediction and target in patch units (what the loss compares; +-2 std black to white; visible
+    patches, not scored, teal)."""
     p, grid = mae.cfg.patch_size, mae.encoder.grid
     g = torch.Generator(device=imgs.device).manual_seed(seed)  # same masks every epoch, training RNG untouched
     pred, mask, *_ = mae.encode_decode(imgs, generator=g)
@@ -136,9 +133,7 @@ def save_reconstructions(mae, imgs, title, path, seed=0):
 
 
 def analysis_plots(result, out_dir, grid, patch_size):
-    """analyze.py's result drawn: cka.png (every layer of one model against every layer of the other, the colour
-    scale fitted to the values), attn_distance.png and attn_entropy.png (per head and block, with the value of uniform
-    attention dashed)."""
+    """analyze.py's result as cka.png, attn_distance.png and attn_entropy.png (uniform attention dashed)."""
     pyplot = plt()
     names = [os.path.basename(os.path.dirname(n)) + "/" + os.path.basename(n) for n in result["names"]]
     cka_vals = torch.tensor(result["cka"]).T

@@ -22,7 +22,7 @@ import torchvision.transforms.v2 as v2
 import augment
 from checkpoint import RunFolder, load_ckpt
 from common import (EpochSteps, all_reduce_sum, autocast_ctx, check_finite, cosine_schedule, make_scaler,
-                    optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist, wrap)
+                    optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist, steps_in_epoch, wrap)
 from data import Loader, build_dataset
 from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
@@ -199,8 +199,7 @@ def main(cfg):
         else:
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         scaler = make_scaler(device)
-        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        steps_per_epoch = steps_in_epoch(loader, cfg.accum_steps)
         lr_schedule = cosine_schedule(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, lr,
                                       cfg.min_lr)
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)

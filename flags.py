@@ -1,5 +1,4 @@
-"""A stage's flags: its Config dataclass is its command line (every field a --field=value flag, its comment the
---help), checked in one place (check_config), and run by cli(), where bad input ends in one line, never a traceback.
+"""A stage's Config dataclass is its command line: each field a --field=value flag, its trailing comment the --help.
 """
 import argparse
 import contextlib
@@ -16,8 +15,8 @@ from model import VIT_SIZES, vit_heads
 
 
 def cli(main, cls):
-    """`python stage.py --flags`: parse the Config, run main; a RunError or a non-finite loss is one line, exit 2;
-    Ctrl-C is one line saying where the run stopped and how to continue it, exit 130."""
+    """Parse the Config, run main. Bad input or a non-finite loss: one line, exit 2, never a traceback; Ctrl-C: one
+    line saying how to resume, exit 130."""
     cfg = parse_config(cls)
     prog = os.path.basename(sys.argv[0])
     try:
@@ -26,18 +25,17 @@ def cli(main, cls):
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line says it
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal
             print(f"\n{prog}: stopped by Ctrl-C" + (f"; {e}" if str(e) else ""), file=sys.stderr, flush=True)
         sys.exit(130)
-    except BrokenPipeError:  # `... --plan | head` closed the pipe: stop quietly, as other commands do
+    except BrokenPipeError:  # `... --plan | head`: stop quietly, as other commands do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 
 
 @dataclasses.dataclass
 class TrainFlags:
-    """The flags every training stage shares (its Config subclasses this; --help lists them with its own): where
-    its images come from, and how its run restarts."""
+    """Flags every training stage's Config inherits: where the images come from, how the run restarts."""
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data (ImageNet: holds train/ and val/); unused for the embedded slices
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all): quick checks, data-poor studies
@@ -49,9 +47,8 @@ class TrainFlags:
 
 
 def parse_config(cls, argv=None):
-    """Turn a Config dataclass into --field=value flags, each with its source comment as help; a bad value ends in
-    one line naming the flag."""
-    comments = {}  # field -> its trailing '# comment' in the source, base classes first (distill's)
+    """argv -> a Config; a bad value ends in one line naming the flag."""
+    comments = {}  # field -> its trailing comment, base classes first (distill's)
     for klass in reversed(cls.__mro__[:-1]):
         with contextlib.suppress(OSError, TypeError):
             comments.update(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M))
@@ -71,7 +68,7 @@ def parse_config(cls, argv=None):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, not argparse's whole usage block
+    def error(self, message):  # one line, not argparse's usage block
         unknown = re.match(r"unrecognized arguments: (.*)", message)
         if unknown:  # --mask-ratio=0.9 -> did you mean --mask_ratio?
             flags = [a for a in self._option_string_actions if a.startswith("--")]
@@ -93,30 +90,29 @@ def _parse_bool(s):
 
 
 def check(cond, msg):
-    """Config validation: a ValueError that parse_config turns into a usage error (and cli() into one line)."""
+    """A ValueError that parse_config turns into a one-line usage error."""
     if not cond:
         raise BadValue(msg)
 
 
 def int_list(text, flag):
-    """'0,1,2' -> [0, 1, 2] ("" -> []); anything else is one line naming the flag."""
+    """'0,1,2' -> [0, 1, 2] ("" -> []); else a BadValue naming the flag."""
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise BadValue(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
-# The ranges of the flags the stages share; a stage's own are passed to check_config
+# Ranges of the shared flags; a stage passes its own to check_config
 RANGES = dict(img_size=">0", patch_size=">0", num_heads=">=0", num_workers=">=0", subset=">=0", seed=">=0",
               epochs=">0", warmup_epochs=">=0", batch_size_per_gpu=">0", accum_steps=">0", base_lr=">0",
               weight_decay=">=0", batch_size=">0")
 
 
 def check_config(cfg, default=None, **ranges):
-    """What every stage's Config checks: every float flag finite; each flag in its range ("(0,1]", "[0,1)", ">0",
-    ">=0"; RANGES, then `ranges`, else `default` for any other number); a known ViT size ("" lets the checkpoint
-    say) with a head count that divides its width; an image side divisible by the patch side. A warm-up longer
-    than the run (--epochs=1 with the default 2 warm-up epochs) becomes half the run, said once."""
+    """Checks every stage shares: floats finite; each number in its range ("(0,1]", "[0,1)", ">0", ">=0"; `ranges`
+    over RANGES, else `default`); a known ViT size ("" = the checkpoint's) whose width the heads divide. A warm-up
+    longer than the run (--epochs=1 with the default 2) becomes half the run, with a note."""
     numbers = [f.name for f in dataclasses.fields(cfg) if f.type in (int, float)]
     for name in numbers:
         value = getattr(cfg, name)
@@ -137,9 +133,10 @@ def check_config(cfg, default=None, **ranges):
         check(cfg.model in VIT_SIZES or (optional and not cfg.model), f"--model must be one of {sorted(VIT_SIZES)}, "
               f"got {cfg.model!r}" + (f": did you mean --model={close[0]}?" if close else ""))
         vit_heads(cfg.model or "cpu", getattr(cfg, "num_heads", 0))  # a count that does not split the width fails
-    if hasattr(cfg, "patch_size"):
-        check(cfg.img_size % cfg.patch_size == 0,
-              f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+    for side in ("img_size", "local_crop_size"):  # every view is a whole number of patches
+        if hasattr(cfg, side) and hasattr(cfg, "patch_size"):
+            check(getattr(cfg, side) % cfg.patch_size == 0,
+                  f"{side} {getattr(cfg, side)} is not divisible by patch_size {cfg.patch_size}")
     if getattr(cfg, "warmup_epochs", 0) > getattr(cfg, "epochs", math.inf):
         print(f"note: --warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
               f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)", file=sys.stderr)

@@ -1,7 +1,6 @@
-r"""k-NN evaluation of a backbone: DINO's weighted k-NN on frozen features, no training (fast, so every pre-training
-run can get one). Each test image votes with its k most cosine-similar training images, each vote weighted by
-exp(similarity / T); features are the L2-normalised cls token after the final norm (DINO) or the mean patch token.
-`--ckpt=random` evaluates a random-initialised backbone of the same size: the floor to report beside a result.
+r"""DINO's weighted k-NN on frozen features: no training, so every pre-training run can get one. A test image's k
+most cosine-similar training images vote, weighted exp(similarity / T). `--ckpt=random` scores a random backbone: the
+floor to report beside a result.
 
     python knn.py --ckpt=out/mae/ckpt.pt                 # MAE features on the embedded data (6,000 train / 1,000 test)
     python knn.py --ckpt=random                          # the floor
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import augment
-from checkpoint import config_of, load_ckpt
+from checkpoint import config_of, load_ckpt, write_text
 from common import autocast_ctx, print0
 from data import Loader, build_dataset
 from flags import check, check_config, cli
@@ -28,7 +27,7 @@ from weights import pretrained_vit
 class Config:
     ckpt: str = "out/mae/ckpt.pt"  # a checkpoint of any stage, a timm / MAE / MAE-Lite file, or "random" (the floor)
     key: str = "model"  # which weights in ckpt (teacher: DINO's EMA teacher)
-    # used for "random" and for files that carry no config of their own
+    # for "random" and checkpoints without a config
     model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = the checkpoint's (random: cpu)
     num_heads: int = 0  # attention heads; 0 = the size's default
     img_size: int = 32  # input side in pixels
@@ -54,7 +53,7 @@ class Config:
 
 @torch.no_grad()
 def features(vit, loader, pool, device):
-    """L2-normalised features and labels of every image the loader yields (its eval view: resize, centre crop)."""
+    """L2-normalised features and labels of the loader's images."""
     feats, labels = [], []
     for crops, y in loader:
         with autocast_ctx(device):
@@ -66,7 +65,7 @@ def features(vit, loader, pool, device):
 
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, k, temperature, num_classes, chunk=1024):
-    """Class scores (N_test, C): the k nearest training features by cosine similarity vote exp(sim / T) each."""
+    """Class scores (N_test, C) from the k-NN votes."""
     scores = []
     for q in test_f.split(chunk):
         sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, k)
@@ -82,7 +81,7 @@ def main(cfg):
         torch.manual_seed(cfg.seed)
         vit = create_vit(cfg.model or "cpu", cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
                          num_classes=0)
-    else:  # the checkpoint's size, heads and patch size, and its own input size when it records one
+    else:  # the checkpoint's shape and, where recorded, input size
         ckpt = load_ckpt(cfg.ckpt)
         vit, _ = pretrained_vit(cfg.ckpt, cfg.key, cfg.model, cfg.num_heads, ckpt=ckpt, num_classes=0,
                                 img_size=config_of(ckpt).get("img_size", cfg.img_size))
@@ -105,8 +104,7 @@ def main(cfg):
     print0(f"k-NN ({cfg.k}, T {cfg.temperature}, {cfg.pool}) of {cfg.ckpt} on {cfg.data}: top-1 {result['top1']:.2f} "
            f"top-5 {result['top5']:.2f} ({len(train_f)} train / {len(test_f)} test images)")
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text(cfg.out, json.dumps(result, indent=2))
     return result
 
 

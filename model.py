@@ -1,8 +1,8 @@
-"""The one ViT every stage shares: the network alone (weight files are read by weights.py).
+"""The one ViT every stage shares (weight files are read by weights.py).
 
-Parameter names follow timm / MAE, so published ViT weights load and ours load elsewhere. Attention runs SDPA; with
-`return_attn=True` it hands back every layer's pre-softmax scores (B, H, N, N), with gradients (`.softmax(-1)` gives
-the maps): what the paper distils (§4, scaled q·kᵀ) and what its analysis re-normalises over patches (§5.2).
+Parameter names follow timm / MAE, so published ViT weights load and ours load elsewhere. With `return_attn=True`
+attention hands back every layer's pre-softmax scores (B, H, N, N), with gradients: what the paper distils (§4,
+scaled q·kᵀ) and what its analysis re-normalises over patches (§5.2).
 """
 import math
 
@@ -14,10 +14,10 @@ from einops import rearrange
 
 # Tiny and Small use 12 heads, as MAE-Lite (PAPER §1.1: "changed to 12 from 3"); "cpu" (0.68M parameters, for the
 # embedded 32-px data) keeps MAE-Lite's head width of 16. Heads change no parameter shape (timm's 3-head vit_tiny
-# loads into 12 heads silently and computes another function), so our checkpoints carry the count in their config.
+# loads silently into 12 heads and computes another function), so our checkpoints carry the count in their config.
 VIT_SIZES = {
     "micro": dict(embed_dim=32, depth=2, num_heads=2),  # tests
-    "mini": dict(embed_dim=64, depth=4, num_heads=4),  # the study (study/reproduce.py) on 2 CPU cores
+    "mini": dict(embed_dim=64, depth=4, num_heads=4),  # the study on 2 CPU cores
     "cpu": dict(embed_dim=96, depth=6, num_heads=6),
     "tiny": dict(embed_dim=192, depth=12, num_heads=12),
     "small": dict(embed_dim=384, depth=12, num_heads=12),
@@ -58,7 +58,7 @@ def resize_pos_embed(pos_embed, grid):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples, rescale the rest."""
+    """Stochastic depth: drop the residual branch for random samples, rescale the rest."""
     if p == 0.0 or not training:
         return x
     keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p
@@ -75,7 +75,7 @@ class Attention(nn.Module):
     def forward(self, x, return_attn=False):
         q, k, v = rearrange(self.qkv(x), "B N (three H Dh) -> three B H N Dh", three=3, H=self.num_heads)
         scores = None
-        if return_attn:  # explicit path: same result as SDPA, but the scores are kept (with grads)
+        if return_attn:  # same result as SDPA, but keeps the scores (with grads)
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N), pre-softmax
             x = scores.softmax(dim=-1) @ v
         else:
@@ -133,7 +133,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid), requires_grad=learn_pos_embed)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rises linearly
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
-        # global_pool (MAE fine-tune): mean of patch tokens -> fc_norm -> head, and the final norm goes away
+        # global_pool (MAE fine-tune): mean of patch tokens -> fc_norm -> head; no final norm
         self.global_pool = global_pool
         self.norm = nn.Identity() if global_pool else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool else nn.Identity()
@@ -157,8 +157,8 @@ class ViT(nn.Module):
 
     def forward_features(self, imgs, ids_keep=None, return_attn=False, return_hidden=False):
         """Tokens after the final norm (B, 1+K, D), per-layer attention scores, per-layer hidden states. ids_keep
-        (B, K) keeps only those patches (MAE). Hidden states are what each block's norm1 sees, plus the normalised
-        output: depth+1 tensors, the representations compared by CKA (PAPER §5.1)."""
+        (B, K): the patches kept (MAE). Hidden states are what each block's norm1 sees, plus the normalised output:
+        depth+1 tensors, the representations CKA compares (PAPER §5.1)."""
         x = self.patch_embed(imgs)  # (B, L, D)
         pos = resize_pos_embed(self.pos_embed, math.isqrt(x.shape[1]))  # a no-op but for DINO's small local crops
         x = x + pos[:, 1:]  # index 0 of pos is the cls slot
@@ -186,7 +186,7 @@ class ViT(nn.Module):
         return (logits, attns, hiddens) if (return_attn or return_hidden) else logits
 
 
-def vit_heads(size, num_heads=0):  # num_heads, or the size's default when 0; it must divide the width
+def vit_heads(size, num_heads=0):  # num_heads=0: the size's default
     if size not in VIT_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {sorted(VIT_SIZES)}")
     heads, width = num_heads or VIT_SIZES[size]["num_heads"], VIT_SIZES[size]["embed_dim"]
@@ -195,5 +195,5 @@ def vit_heads(size, num_heads=0):  # num_heads, or the size's default when 0; it
     return heads
 
 
-def create_vit(size, num_heads=0, **kwargs):  # num_heads=0: the size's default
+def create_vit(size, num_heads=0, **kwargs):
     return ViT(**dict(VIT_SIZES[size], num_heads=vit_heads(size, num_heads)), **kwargs)

@@ -1,9 +1,8 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
-MoCo-v3: two BYOL-style views; InfoNCE between one view's query (predictor(projector(encoder))) and the other's
-momentum key, against every rank's keys. DINO: 2 global + N local crops; the student matches the EMA teacher's
-centred, sharpened output on the global ones by cross-entropy. Each method is one class behind one interface
-(`Method`), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
+MoCo-v3: InfoNCE between one view's query and the other view's momentum key. DINO: the student matches, from every
+crop, the EMA teacher's centred, sharpened output on the 2 global crops. Each method is a `Method`, so the train loop
+has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
@@ -25,14 +24,13 @@ import augment
 from checkpoint import RunFolder
 from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check_finite, cosine_schedule,
                     epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
-                    set_weight_decay, setup_dist, wrap)
+                    set_weight_decay, setup_dist, steps_in_epoch, wrap)
 from data import Loader, build_dataset
 from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
 
-# Each method's recipe, for the Config fields left at None: MoCo-v3's (its lr raised for short CPU runs), and DINO's
-# at the setting that learns at CPU scale (the study's sweep: with DINO's own batch 1024, 65,536 prototypes and
-# momentum 0.996, which --preset=paper passes, the output goes uniform here)
+# Each method's recipe for the Config fields left at None: MoCo-v3's, its lr raised for short CPU runs; DINO's where it
+# learns at CPU scale (the study's sweep: at DINO's own batch, prototypes and momentum its output goes uniform here)
 METHOD_DEFAULTS = {
     "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
                    head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256),
@@ -51,7 +49,6 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     patch_size: int = 4  # patch side in pixels; the paper: 16
     head_hidden_dim: int = None  # MoCo-v3's MLPs (the paper: 4096) / DINO's head MLP (DINO: 2048)
     head_out_dim: int = None  # MoCo-v3's embedding / DINO's prototypes (DINO's ViT recipe: 65536)
-    # the method's recipe
     ema_momentum: float = None  # teacher EMA momentum at the start, rising to 1 by cosine (DINO's recipe: 0.996)
     base_lr: float = None  # lr = base_lr x global batch / 256 (MoCo-v3 paper: 1.5e-4; short CPU runs like more)
     weight_decay: float = None  # MoCo-v3 decays every weight; DINO not biases/norms, and rises to weight_decay_end
@@ -86,8 +83,6 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
         check_config(self, ">=0", head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
                      local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
                      center_momentum="[0,1]")  # every other number >= 0
-        check(self.local_crop_size % self.patch_size == 0,
-              f"image size {self.local_crop_size} is not divisible by patch_size {self.patch_size}")
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
 
 
@@ -95,24 +90,21 @@ def views(cfg):  # what the loader cuts: (side, crop scale range) of each of the
     return [(size, scale) for size, scale, *_ in METHODS[cfg.method].view_specs(cfg)]
 
 
-def make_views(crops, cfg):
-    """The method's BYOL-style views on the device (augment.py): crop k (cut by the loader), flipped, then colour
-    jitter, grayscale, blur with blur_p, solarize with solarize_p, normalise."""
+def make_views(crops, cfg):  # BYOL's views on the device: the loader's crop k, flipped, then colour (augment.py)
     return [augment.normalize(augment.byol_view(augment.random_flip(crops[k]), blur, sol))
             for k, (_, _, blur, sol) in enumerate(METHODS[cfg.method].view_specs(cfg))]
 
 
 class Method(nn.Module):
-    """What the train loop asks of a method, the student (encoder + heads): view_specs(cfg), each view's (side, crop
-    scale range, blur p, solarize p); make_teacher(), the parts of itself the EMA teacher copies; param_groups(), for
-    AdamW; forward(views, teacher, step) -> (loss, {name: 0-d tensor to log}); and the two hooks below."""
-    CLIP_PER_PARAMETER = False  # --clip_grad clips the whole model's gradient norm (True: each parameter's)
+    """What the train loop asks of the student: view_specs(cfg) -> each view's (side, crop scale, blur p, solarize p);
+    make_teacher(); param_groups(); forward(views, teacher, step) -> (loss, {name: 0-d tensor}); the hooks below."""
 
-    def schedule(self, total_steps, steps_per_epoch):  # the method's own per-step schedules, built once
-        pass
+    def schedule(self, total_steps, steps_per_epoch):
+        """The method's own per-step schedules, built once."""
 
-    def before_step(self, epoch):  # edit the gradients before the optimizer steps
-        pass
+    def before_step(self, epoch):  # the unscaled gradients, before the optimizer steps: --clip_grad on the total norm
+        if self.cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.parameters(), self.cfg.clip_grad)
 
 
 @torch.no_grad()
@@ -143,8 +135,7 @@ def info_nce(q, k, temperature):
     return F.cross_entropy(logits, labels) * 2 * temperature  # MoCo-v3 scales by 2T
 
 
-class MoCoV3(Method):  # MoCo-v3's code clips nothing; a --clip_grad given clips the total norm
-
+class MoCoV3(Method):  # MoCo-v3's own code clips nothing (--clip_grad 0)
     def __init__(self, encoder, cfg):
         super().__init__()
         self.cfg, self.encoder = cfg, encoder
@@ -158,8 +149,8 @@ class MoCoV3(Method):  # MoCo-v3's code clips nothing; a --clip_grad given clips
         return [{"params": list(self.parameters()), "weight_decay": self.cfg.weight_decay}]
 
     @staticmethod
-    def view_specs(cfg):  # BYOL's asymmetric pair: (side, crop scale, blur p, solarize p)
-        return [(cfg.img_size, (0.08, 1.0), 1.0, 0.0), (cfg.img_size, (0.08, 1.0), 0.1, 0.2)]
+    def view_specs(cfg, scale=(0.08, 1.0)):  # BYOL's asymmetric pair: (side, crop scale, blur p, solarize p)
+        return [(cfg.img_size, scale, 1.0, 0.0), (cfg.img_size, scale, 0.1, 0.2)]
 
     def forward(self, crops, teacher, step):
         """Symmetrised InfoNCE; the teacher runs without grads."""
@@ -179,16 +170,8 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=STUDE
     return sum(terms) / len(terms)
 
 
-def update_center(center, teacher_out, momentum):
-    """EMA of the teacher's mean output over the global batch; subtracting it keeps one prototype from winning."""
-    return center * momentum + all_reduce_mean(teacher_out.mean(dim=0, keepdim=True)) * (1 - momentum)
-
-
 class DINO(Method):
     """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
-    # DINO's utils.clip_gradients clips each parameter's gradient norm by itself (clip 3.0), not the total norm: a
-    # large gradient in one tensor does not shrink every other tensor's step with it (a different optimizer step)
-    CLIP_PER_PARAMETER = True
 
     def __init__(self, encoder, cfg, bottleneck_dim=256):
         super().__init__()
@@ -215,10 +198,9 @@ class DINO(Method):
                                              c.teacher_temp, c.teacher_temp, start=c.warmup_teacher_temp)
 
     @staticmethod
-    def view_specs(c):  # 2 global views as MoCo-v3's (their own scale), then the small local ones (blur 0.5)
-        full, local = (c.global_crop_min_scale, 1.0), (0.05, c.global_crop_min_scale)
-        return [(c.img_size, full, 1.0, 0.0), (c.img_size, full, 0.1, 0.2)] + \
-            [(c.local_crop_size, local, 0.5, 0.0)] * c.local_crops
+    def view_specs(c):  # MoCo-v3's pair at their own scale, then the small local crops (blur 0.5)
+        local = [(c.local_crop_size, (0.05, c.global_crop_min_scale), 0.5, 0.0)] * c.local_crops
+        return MoCoV3.view_specs(c, (c.global_crop_min_scale, 1.0)) + local
 
     def embed(self, crops):
         """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
@@ -240,11 +222,16 @@ class DINO(Method):
             s = F.log_softmax(student_out[:len(t)].float() / STUDENT_TEMP, dim=-1)  # the student, same crops
             logs = dict(teacher_entropy=torch.special.entr(t).sum(-1).mean(),
                         teacher_student_kl=(torch.special.xlogy(t, t) - t * s).sum(-1).mean())
-        self.center.copy_(update_center(self.center, teacher_out, self.cfg.center_momentum))
+        # centre <- EMA of the teacher's mean over the global batch (subtracting it keeps one prototype from winning)
+        m = self.cfg.center_momentum
+        self.center.mul_(m).add_(all_reduce_mean(teacher_out.mean(dim=0, keepdim=True)) * (1 - m))
         return loss, logs
 
-    def before_step(self, epoch):  # DINO keeps the prototypes fixed for the first epochs
-        if epoch < self.cfg.freeze_last_layer_epochs:
+    def before_step(self, epoch):
+        for p in self.parameters():  # DINO's clip_gradients: each by its own norm (one large one shrinks no other)
+            if p.grad is not None and self.cfg.clip_grad > 0:
+                p.grad.mul_((self.cfg.clip_grad / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
+        if epoch < self.cfg.freeze_last_layer_epochs:  # DINO keeps the prototypes fixed for the first epochs
             self.last_layer.weight.grad = None
 
 
@@ -276,13 +263,11 @@ def main(cfg):
         lr = cfg.base_lr * global_batch / 256
         optimizer = torch.optim.AdamW(raw_model.param_groups(), lr=lr)
         scaler = make_scaler(device)
-        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        steps_per_epoch = steps_in_epoch(loader, cfg.accum_steps)
         total_steps = cfg.epochs * steps_per_epoch
         lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
-        # the EMA momentum rises from ema_momentum to 1 by a half cosine, written as MoCo-v3 / DINO write it (through
-        # cosine_schedule, pi * (s / T) for their pi * s / T, it would differ in the last bit)
+        # EMA momentum: up to 1 by a half cosine, as MoCo-v3 / DINO write it (cosine_schedule differs in the last bit)
         momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
                              for s in range(total_steps)]
         raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
@@ -305,8 +290,7 @@ def main(cfg):
                 steps.add(loss=check_finite(loss, epoch, step), **{k: v.item() for k, v in extra.items()})
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:
-                    optimizer_step(optimizer, scaler, raw_model, cfg.clip_grad, lambda: raw_model.before_step(epoch),
-                                   per_parameter=raw_model.CLIP_PER_PARAMETER)
+                    optimizer_step(optimizer, scaler, before_step=lambda: raw_model.before_step(epoch))
                     ema_update(teacher, raw_model, momentum_schedule[step])
             row = steps.row(global_batch, lr=lr_schedule, momentum=momentum_schedule)
 

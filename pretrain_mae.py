@@ -21,7 +21,7 @@ import augment
 import figures
 from checkpoint import RunFolder
 from common import (EpochSteps, autocast_ctx, check_finite, cosine_schedule, epoch_line, make_scaler, optimizer_step,
-                    param_groups, print0, seed_everything, set_lr, setup_dist, wrap)
+                    param_groups, print0, seed_everything, set_lr, setup_dist, steps_in_epoch, wrap)
 from data import Loader, build_dataset, figure_images
 from flags import TrainFlags, check, check_config, cli
 from model import Block, ViT, create_vit, patchify, sincos_pos_embed, vit_heads
@@ -173,8 +173,7 @@ def main(cfg, mae=None, teacher=None):
         lr = cfg.base_lr * global_batch / 256
         optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
         scaler = make_scaler(device)
-        steps_per_epoch = len(loader) // cfg.accum_steps  # optimizer steps; a last incomplete group is skipped
-        check(steps_per_epoch > 0, f"{len(loader)} batches per epoch are fewer than accum_steps {cfg.accum_steps}")
+        steps_per_epoch = steps_in_epoch(loader, cfg.accum_steps)
         total_steps = cfg.epochs * steps_per_epoch
         lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")

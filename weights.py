@@ -1,11 +1,10 @@
-"""The one way to build a ViT from a weights file (ours, timm, MAE, MAE-Lite): find the backbone's weights in it,
-read its size, heads and patch size (our config, else the weights' shapes), and load them strictly, with one line
-naming the flags to pass when they do not fit. Checkpoint I/O, beside checkpoint.py; the network is model.py."""
+"""The one way to build a ViT from a weights file (ours, timm, MAE, MAE-Lite): find the backbone, read its shape,
+load it strictly; a misfit is one line naming the flags to pass."""
 import difflib
 
 import torch
 
-from checkpoint import config_of, load_ckpt  # weights_only loads and one-line errors
+from checkpoint import config_of, load_ckpt
 from common import BadValue
 from model import VIT_SIZES, create_vit, resize_pos_embed
 
@@ -14,9 +13,9 @@ SKIPPED, RPE_KEYS = ("tch_model.", "attn_adapter."), ("relative_position", "q_bi
 
 
 def read_state_dict(ckpt, key="model", source="checkpoint", verbose=False, key_flag="--key"):  # ckpt: loaded or a path
-    """The backbone weights inside a loaded checkpoint, in our names: ckpt[key] (ours, MAE, MAE-Lite),
-    ckpt['state_dict'] or a flat state dict (timm); under `encoder.` (ours), `base_encoder.` (MoCo-v3) or not.
-    MAE's decoder and D-MAE's teacher / adapter keys (SKIPPED) are dropped; MAE-Lite's RPE variant is refused."""
+    """The backbone weights, in our names: ckpt[key] (ours, MAE, MAE-Lite), ckpt['state_dict'] or a flat dict (timm);
+    under `encoder.` (ours), `base_encoder.` (MoCo-v3) or not. D-MAE's teacher / adapter keys are dropped; MAE-Lite's
+    RPE variant is refused."""
     ckpt, source = (load_ckpt(ckpt), ckpt) if isinstance(ckpt, str) else (ckpt, source)
     sd = next((ckpt[k] for k in (key, "state_dict") if isinstance(ckpt.get(k), dict)), ckpt) if isinstance(ckpt, dict) \
         else {"": ckpt}
@@ -54,9 +53,8 @@ def describe_weights(sd):
 
 
 def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "--num_heads", "--key"), verbose=True):
-    """(size, heads, patch size) of a checkpoint's ViT. Ours carry them in their config; timm / MAE / MAE-Lite files
-    do not: the size is read off the weights' shapes and the heads are the flag's or the size's default (said). A flag
-    that contradicts the checkpoint is one line naming what to pass."""
+    """(size, heads, patch size) of a checkpoint's ViT: our config, else the weights' shapes, and the heads from the
+    flag or the size's default (printed)."""
     ccfg = config_of(ckpt)
     found, patch, what = describe_weights(read_state_dict(ckpt, key, path, key_flag=flags[2]))
     size, heads = ccfg.get("model") or found, ccfg.get("num_heads")
@@ -77,9 +75,8 @@ def vit_spec(ckpt, path, key="model", model="", num_heads=0, flags=("--model", "
 
 
 def load_backbone(model, ckpt, key="model", verbose=True):
-    """Load a checkpoint's ViT weights strictly, except that head / fc_norm may be new and a final norm left over;
-    the pos_embed is resized to the model's grid and a head of another shape dropped (a new task). Anything else
-    that does not fit is an architecture mismatch: one line naming both sizes and the flags to pass."""
+    """Strict, except: head / fc_norm may be new and a final norm left over; pos_embed is resized to the model's
+    grid; a head of another shape is dropped (a new task)."""
     own, sd = model.state_dict(), read_state_dict(ckpt, key, verbose=verbose)
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid)
@@ -104,8 +101,7 @@ def load_backbone(model, ckpt, key="model", verbose=True):
 
 def pretrained_vit(path, key="model", model="", num_heads=0, flags=("--model", "--num_heads", "--key"), verbose=True,
                    ckpt=None, **vit_kwargs):
-    """A ViT that fits the weights in `path` (ours, timm, MAE, MAE-Lite) with them loaded, and the checkpoint: size,
-    heads and patch size from vit_spec; vit_kwargs (img_size, num_classes, global_pool, ...) build the rest."""
+    """(ViT built to fit `path`'s weights, with them loaded; the checkpoint). vit_kwargs go to create_vit."""
     ckpt = load_ckpt(path) if ckpt is None else ckpt
     size, heads, patch = vit_spec(ckpt, path, key, model, num_heads, flags, verbose)
     vit = create_vit(size, heads, **{"patch_size": patch, **vit_kwargs})

@@ -1,12 +1,9 @@
 r"""Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
 
-End to end: each stage's own main() runs on real data in a temporary folder; the figure is its training loop's
-img/s (loading, augmentation, forward, backward, optimizer) on the last epoch, after warm-up epochs. Beside it, the
-same stage's data path without the model (its loader alone, then with its augmentation call) and the share of a
-step's time that would be: the figures that say whether the data or the model is the limit, and for files how the
-reading + decoding and the crops divide it. The model-only figure times forward + backward + AdamW on random images.
-bf16 autocast on CUDA (synchronised timings), fp32 on CPU. timm's ViT-Tiny is measured beside ours when timm is
-installed (optional). Speed targets live here, never in the tests.
+End to end: each stage's own main() on real data, img/s of its last epoch (the others warm up). Beside it, its data
+path alone (loader, then + augmentation) and its share of a step's time: is data or model the limit? For files, one
+worker core's rate too. Model step: forward, backward, AdamW on random images. bf16 autocast on CUDA, fp32 on CPU;
+timm's ViT-Tiny too if installed. Speed targets live here, never in the tests.
 
     python -m study.bench                            # CPU: the four stages on the embedded data, then model steps
     python -m study.bench --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
@@ -22,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:  # the stages sit in the project's folder: `python study/bench.py` puts study/ on the path instead
+try:  # `python study/bench.py` puts study/, not the stages' folder, on the path
     import finetune
 except ModuleNotFoundError as e:
     if e.name != "finetune":
@@ -31,6 +28,7 @@ except ModuleNotFoundError as e:
                      "python -m study.bench") from None
 import pretrain_contrastive
 import pretrain_mae
+from checkpoint import write_text
 from common import autocast_ctx
 from data import FileImages, Loader, build_dataset
 from flags import check, check_config, cli
@@ -86,8 +84,7 @@ def device_name(device):
 
 
 def make_jpegs(root, n, classes=10, copies=10):
-    """n JPEGs (quality 90) at ImageNet's common sizes, smooth random content, under root/{train,val}/<class>/;
-    train/ links each file `copies` times so an epoch is long enough to time."""
+    """n JPEGs at ImageNet's common sizes; train/ links each `copies` times so an epoch is long enough to time."""
     from torchvision.io import encode_jpeg
 
     sizes = [(375, 500), (333, 500), (500, 375), (480, 640), (500, 500)]
@@ -113,26 +110,26 @@ def stage_config(stage, cfg, tmp):
                   out_dir=os.path.join(tmp, stage))
     if stage == "mae":
         return pretrain_mae.Config(**shared)
-    if stage == "finetune":  # from scratch: the same step as fine-tuning, with no checkpoint to load
+    if stage == "finetune":  # fine-tuning's step without a checkpoint
         return finetune.Config(**shared, mode="scratch")
     local = max(cfg.stage_patch, cfg.stage_img_size * 96 // 224 // cfg.stage_patch * cfg.stage_patch)
     return pretrain_contrastive.Config(**shared, method=stage, local_crop_size=local)
 
 
 def run_stage(stage, stage_cfg):
-    """The stage's own training loop; its img/s on the last epoch."""
+    """img/s of the stage's last epoch."""
     {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).main(stage_cfg)
     rows = [json.loads(line) for line in open(os.path.join(stage_cfg.out_dir, "log.jsonl"))]
     return rows[-1]["imgs_per_s"]
 
 
 def stage_views(stage, sc):
-    """The views the stage asks its loader for (files are cut in the workers): the stage's own function."""
+    """The views its loader cuts (files: in the workers)."""
     return {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).views(sc)
 
 
 def worker_rate(stage, sc, dataset, n=64):
-    """Files: one worker's img/s on one core (read, decode, crop every view of the stage), in this process."""
+    """Files: one worker core's img/s (read, decode, crop every view)."""
     dataset.views, dataset.raw = stage_views(stage, sc), False
     t0 = time.perf_counter()
     for i in range(n):
@@ -141,9 +138,8 @@ def worker_rate(stage, sc, dataset, n=64):
 
 
 def time_data_path(stage, sc, dataset, classes, device):
-    """The stage's data path without the model: (loading alone, loading + its own augmentation call), img/s on the
-    training device, each timed over a whole pass after a warm-up pass (which moves an in-memory set to the device
-    and starts the workers). Loading = index gathers for in-memory sets; reading + decoding + cropping for files."""
+    """(loading alone, + augmentation) img/s over a pass, after a warm-up pass that moves in-memory data to the
+    device and starts the workers."""
     loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, stage_views(stage, sc))
     if stage == "mae":
         augment = lambda x, y: pretrain_mae.augment_batch(x)
@@ -241,7 +237,7 @@ def main(cfg):
         mae = MAE(MAEConfig(model=size, num_heads=cfg.num_heads, img_size=img, patch_size=patch)).to(device)
         runs = [("vit", vit, classify), ("mae", mae, mae_step)]
         try:
-            import timm  # optional reference point, never a requirement
+            import timm
 
             if size == "tiny" and img == 224:
                 timm_tiny = timm.create_model("vit_tiny_patch16_224").to(device)
@@ -261,8 +257,7 @@ def main(cfg):
                 print(f"{'':>24} {'':>34} files: {row['worker_cores_to_feed']} worker cores of "
                       f"{worker['imgs_per_s']:.0f} img/s each feed this step", flush=True)
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_text(cfg.out, json.dumps(results, indent=2))
     return results
 
 

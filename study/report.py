@@ -1,7 +1,5 @@
-"""REPORT.md and its figures from the study's results: one function per claim, each a table, a verdict by a stated
-rule and a figure. It reads what the study hands over, none of its machinery: the study's settings `s` (its flags, and
-seed_list, shot_list, keep_list, devices, train_images) and every finished run's result (result.json: name, stage,
-config, tags, numbers). Runs are chosen by their tags (method, seed, eval, shots, keep), never by their names."""
+"""REPORT.md and its figures: per claim a table, a verdict by a stated rule, and a figure. Reads what the study hands
+over, none of its machinery; runs are chosen by their tags, never by their names."""
 import json
 import math
 import os
@@ -11,14 +9,14 @@ import shutil
 import figures
 from model import VIT_SIZES
 
-METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}  # the pre-trainings compared
+METHODS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "dmae": "D-MAE"}
 NAMES = dict(METHODS, scratch="supervised (scratch)", supervised="supervised (scratch)", random="random init")
 PRETTY = {"embedded": "Fashion-MNIST slice", "mnist": "MNIST slice"}
 SOURCES = ("mae", "mocov3", "dmae", "supervised")  # claim 3's pre-trainings
 
 
 def select(results, key="top1", **tags):
-    """The values of every finished run whose tags match, in the study's order: what the tables are made of."""
+    """`key` of the runs whose tags match, in the study's order."""
     return [r[key] for r in results if all(r["tags"].get(k) == v for k, v in tags.items())]
 
 
@@ -34,16 +32,16 @@ def fmt(values):
 
 
 def compare(a, b):
-    """'>' if mean(a) exceeds mean(b) by more than twice the standard error of the difference, '<' for the reverse,
-    '≈' (within noise) otherwise; with one seed the standard error is unknown and any difference counts."""
+    """'>' or '<' when the means differ by over twice the difference's standard error, else '≈'. One seed: any
+    difference counts."""
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
     se = (sa ** 2 / na + sb ** 2 / nb) ** 0.5
     return ">" if ma - mb > 2 * se else "<" if mb - ma > 2 * se else "≈"
 
 
 def verdict(signs, wanted):
-    """Every comparison as the paper has it: reproduced; none, some reversed: not reproduced; none, all within noise:
-    not shown; otherwise mixed."""
+    """Every sign as the paper's (`wanted`): reproduced; none, some reversed: not reproduced; none, all within noise:
+    not shown; else mixed."""
     ok = sum(s == w for s, w in zip(signs, wanted))
     if ok == len(signs):
         return "**reproduced**"
@@ -72,7 +70,7 @@ class Figures:
         return self.plt.subplots(figsize=(w, h))
 
     def save(self, fig, name, ax=None, xlabel="", ylabel="", title=""):
-        """Label the axes (when given), save, and return the report's link."""
+        """Label, save and close; the report's link."""
         if ax is not None:
             ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.set_title(title)
@@ -87,7 +85,6 @@ def mean_std_line(ax, xs, per_x, label):  # per_x: one list of seed values per x
     ax.errorbar(xs, [m for m, _, _ in st], yerr=[sd for _, sd, _ in st], marker="o", capsize=3, label=label)
 
 
-# --- the report ---
 def header(s, results, wall):
     core_s, adopted = sum(r["seconds"] for r in results), sorted(r["name"] for r in results if r.get("adopted"))
     adopted = (f"; not counted: {', '.join(adopted)}, run by their own commands (`study.reproduce --plan`) with these "
@@ -155,8 +152,8 @@ def claim1(s, results, figs):
 
 
 def dino(s, results, figs):
-    """DINO against the random floor, the sweep that found its settings, and its loss and teacher entropy against
-    their collapse values (ln K: a uniform output; 0: a one-hot one)."""
+    """DINO vs the random floor, the sweep that found its settings, and its loss and teacher entropy vs collapse
+    (ln K: uniform; 0: one-hot)."""
     get = lambda **t: select(results, **t)
     s0, floor, knn_ = s.seed_list[0], get(method="random", eval="knn"), get(method="dino", eval="knn")
     fig, ax = figs.new(6, 3.5)
@@ -169,9 +166,9 @@ def dino(s, results, figs):
     out = [f"DINO's k-NN against the random-initialised floor: {fmt(knn_)} vs {fmt(floor)} ({compare(knn_, floor)}, "
            f"{stats(knn_)[0] - stats(floor)[0]:+.1f} points).", f"![k-NN]({link})\n"]
     pre = [r for r in results if r["stage"] == "pretrain_contrastive" and r["tags"]["method"].startswith("dino")]
-    study_dino = [r for r in pre if r["tags"]["method"] == "dino"]  # then the sweep's settings (dino_b256, ...)
+    study_dino = [r for r in pre if r["tags"]["method"] == "dino"]  # pre also holds the sweep's (dino_b256, ...)
     moco = [r for r in results if r["stage"] == "pretrain_contrastive" and r["tags"]["method"] == "mocov3"]
-    if study_dino and moco:  # equal epochs; a smaller batch is more steps, and the report says so
+    if study_dino and moco:  # equal epochs, but a smaller batch is more steps
         c = {r["tags"]["method"]: r["config"] for r in (study_dino[0], moco[0])}
         steps = {m: s.train_images // (c[m]["batch_size_per_gpu"] * c[m]["accum_steps"]) * c[m]["epochs"] for m in c}
         out.append(f"DINO trains the same {c['dino']['epochs']} epochs as "
@@ -180,7 +177,7 @@ def dino(s, results, figs):
                    f"prototypes: {steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} (the sweep below "
                    "shows what fewer steps give).")
     sweep = [r for r in results if r["tags"].get("sweep")]
-    if sweep and study_dino:  # issue 18: what DINO needs to learn at this scale, every setting tried (seed 0)
+    if sweep and study_dino:  # issue 18: what DINO needs to learn at this scale
         out.append(f"\nDINO's sweep (seed {s0}; every other setting as the study's DINO, the same {s.pretrain_epochs} "
                    f"epochs). The random floor of seed {s0}: {fmt(get(method='random', eval='knn', seed=s0))}.\n")
         out += table(["setting", "batch", "prototypes K", "teacher momentum", "teacher temp.", "base lr", "k-NN top-1",
@@ -197,7 +194,7 @@ def dino(s, results, figs):
                + ".")
     fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
     methods, labelled = list(dict.fromkeys(r["tags"]["method"] for r in pre)), set()
-    for r in pre:  # a legend a person reads: what the setting is, not its name
+    for r in pre:  # legend: the setting, not its name
         m, c = r["tags"]["method"], r["config"]
         label = None if m in labelled else ("the study's: " if m == "dino" else "") + \
             f"batch {c['batch_size_per_gpu']}, K {c['head_out_dim']}, m {c['ema_momentum']}" + \
@@ -225,7 +222,7 @@ def claim2(s, results, figs):
            f"re-initialised; K = {depth} keeps them all).\n"]
     out += table(["K"] + [METHODS[m] for m in layer], [[str(k)] + [fmt(layer[m][k]) for m in layer] for k in ks])
     half, found, signs = depth // 2, [], []
-    for m in layer:  # the claim needs a gain from the pre-trained blocks, most of it from the lower half
+    for m in layer:  # a gain from pre-training, mostly from the lower half
         lo, mid, hi = (stats(layer[m][k])[0] for k in (0, half, depth))
         gain = compare(layer[m][depth], layer[m][0])
         share = (mid - lo) / (hi - lo) if gain == ">" else 0.0
@@ -288,7 +285,7 @@ def claim4(s, results):
 
 
 def inside(s, results, figs):
-    """The analysis runs' figures: attention distance per layer (with the uniform line), CKA, reconstructions, maps."""
+    """The analysis runs' attention distances and figures."""
     folder = {r["tags"]["method"]: r["config"]["out_dir"] for r in results if r["tags"].get("eval") == "analysis"}
     attn = {}
     for m, labels in (("mae", ("MAE", "supervised")), ("mocov3", ("MoCo-v3",)), ("dmae", ("D-MAE",))):
@@ -326,7 +323,7 @@ def inside(s, results, figs):
 
 
 def write_report(s, results, wall):
-    """s: the study's settings; results: every finished run's result with its tags, in the study's order."""
+    """s: the study's settings; results: its finished runs' result.json, in its order."""
     figs = Figures(s.out_dir)
     out = header(s, results, wall)
     for part in (claim1(s, results, figs), claim2(s, results, figs), claim3(s, results, figs), claim4(s, results)):

@@ -1,12 +1,11 @@
 r"""The reproduction study in one command: every run of the paper's four claims, several seeds, then REPORT.md with
 mean ± std tables, verdicts and figures (study/report.py).
 
-`study()` lists the runs, top to bottom: `add(name, cfg, deps, **tags)` with one stage's Config; the report picks runs
-by their tags. Each run is its own process (under torchrun when it spans several GPUs), pinned to its GPUs before
-CUDA starts and killed with the study. A run that finished left result.json and is skipped, so a killed study
-resumes; a run finished by hand (the stage command `--plan` prints) is read back from its log. On CPU, `--jobs`
-single-threaded runs go side by side (1.2 to 1.8 times the work of one two-threaded run; a fixed thread count keeps
-every run deterministic).
+`study()` lists the runs: `add(name, cfg, deps, **tags)` with one stage's Config; the report picks runs by their tags.
+Each run is its own process, pinned to its GPUs before CUDA starts and killed with the study. A finished run leaves
+result.json and is skipped, so a killed study resumes; a run finished by hand (the command `--plan` prints) is read
+back from its log. On CPU, `--jobs` single-threaded runs go side by side (a fixed thread count keeps runs
+deterministic).
 
     python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 25, 2 cores)
     python -m study.reproduce --quick          # every step at micro size in about 3 minutes, into out/quick
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-try:  # the stages sit in the project's folder: `python study/reproduce.py` puts study/ on the path instead
+try:  # `python study/reproduce.py` puts study/ on the path, not the project's folder
     import analyze
 except ModuleNotFoundError as e:
     if e.name != "analyze":
@@ -45,7 +44,7 @@ import finetune
 import knn
 import pretrain_contrastive
 import pretrain_mae
-from checkpoint import read_log
+from checkpoint import read_log, write_text
 from common import RunError
 from data import build_dataset
 from flags import check, check_config, cli, int_list
@@ -54,29 +53,25 @@ from study.report import METHODS, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, analyze)}
-# Images per second of one CPU core, the `mini` ViT, per kind of run, for the ETA and the CPU plan: calibrated on the
-# default study as last run (REPORT.md: 238 run-minutes for the 128 runs it timed, two side by side on 2 cores; its
-# three adopted DINO runs took about 16 minutes each)
+# Images per second of one CPU core, the `mini` ViT, per kind of run (the ETA and the CPU plan): calibrated on the
+# default study's last run (REPORT.md)
 CPU_SPEED = {"pretrain_mae": 2000, "distill": 1000, "mocov3": 300, "dino": 125, "finetune": 730, "linear": 1670,
              "knn": 3330, "analyze": 330}
-# Images per second of one H100 (bf16), ViT-Tiny at 224 px: bench.py's compiled MAE-Tiny step (31,100) and ViT-Tiny
-# train step (12,600) at batch 1024; the rest derived by FLOPs (~): MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum
-# forwards = 2.7 ViT steps; D-MAE = the MAE step + an MAE-Base forward on the visible patches (~4x the student's,
-# PAPER §4); a linear probe or k-NN = forwards only (~1/3 of a step).
+# Images per second of one H100 (bf16), ViT-Tiny at 224 px: bench.py's compiled steps at batch 1024, the rest (~)
+# derived by FLOPs: MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum forwards = 2.7 ViT steps; D-MAE = the MAE step + an
+# MAE-Base forward on the visible patches (~4x the student's); a linear probe or k-NN = forwards only (~1/3 a step)
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
              "analyze": (10000, "~")}
 # JPEGs per second one worker core reads, decodes and crops to 224 px: bench.py's "one worker core" (ImageNet-sized
-# files, this project's 2-core CPU). DINO's 2 + 8 crops were not measured: ~ = PIL's decode alone (528 img/s) + two
-# global views at MoCo-v3's cost per view + eight local ones at a third of that each.
+# files, 2-core CPU). DINO's ~: PIL's decode (528 img/s) + two views at MoCo-v3's cost + eight at a third of it each
 WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
                 "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
                 "analyze": (252, "measured")}
-NVJPEG_SPEED = 3800  # on a GPU nvjpeg decodes: img/s with the crops, one H100, measured before the worker-side crops
+NVJPEG_SPEED = 3800  # img/s of nvjpeg's decode + crops on one H100 (measured before the worker-side crops)
 FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
-# The largest micro-batch per 80 GB GPU (ViT-Tiny, 224 px, bf16) for --fit_gpu; larger global batches accumulate.
-# bench.py: batch 1024 takes 9.2 GB for the MAE step, 17.8 GB for the ViT train step. Estimated from the tokens per
-# step, with room to spare: MoCo-v3's 2 views of 512 (~20 GB); DINO's 2 + 8 views of 256 and 65,536-way outputs (~25 GB)
+# The largest micro-batch per 80 GB GPU (ViT-Tiny, 224 px, bf16) for --fit_gpu: bench.py's 9.2 GB (MAE step) and
+# 17.8 GB (ViT train step) at 1024; MoCo-v3 (~20 GB) and DINO (~25 GB) estimated from their tokens per step
 MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear": 1024, "mocov3": 512, "dino": 256}
 # Settings of the GPU presets (PAPER §2-§3, ImageNet-1k, ViT-Tiny 224/16); batches are global (per optimizer step)
 PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, data="imagefolder", num_workers=10,
@@ -221,8 +216,7 @@ class Run:
     def folder(self):  # knn.py writes a file, not a folder
         return os.path.dirname(self.cfg.out) if self.stage == "knn" else self.cfg.out_dir
 
-    def images(self):
-        """Images it processes: epochs x its training set (k-NN: bank + test; analysis: both models' images)."""
+    def images(self):  # k-NN: bank + test; analysis: both models' images
         c = self.cfg
         if self.stage == "analyze":
             return 2 * c.num_images
@@ -242,7 +236,7 @@ NOMINAL = {"imagefolder": (1281167, 1000), "imagefolder:imagenet100": (126689, 1
 
 @functools.lru_cache(maxsize=None)
 def data_size(name, root, subset=0, classes=""):
-    """(training images, classes) of a dataset, counted; the nominal figures when it is not here (ImageNet-1k...)."""
+    """(training images, classes), counted; the nominal figures when the data is not here."""
     try:
         ds, n_classes = build_dataset(name, root, True, subset, classes)
         return len(ds), n_classes
@@ -255,9 +249,8 @@ def data_size(name, root, subset=0, classes=""):
 
 
 def split_batch(global_batch, world, limit, what="the batch"):
-    """{batch_size_per_gpu, accum_steps} that make `global_batch` over `world` processes in micro-batches of at most
-    `limit` images: the fewest accumulation steps that divide each process's share (e.g. 4096 at most 1024: 1024 x 4
-    on 1 GPU, 1024 x 2 on 2, 512 x 1 on 8)."""
+    """{batch_size_per_gpu, accum_steps}: `global_batch` over `world` processes in micro-batches of at most `limit`,
+    the fewest accumulation steps that divide each share (4096 at most 1024: 1024 x 4 on 1 GPU, 512 x 1 on 8)."""
     check(global_batch % world == 0, f"{what} {global_batch} does not split over {world} processes")
     share = global_batch // world
     accum = math.ceil(share / limit)
@@ -279,8 +272,7 @@ def study(cfg):
     pe, fe = cfg.pretrain_epochs, cfg.finetune_epochs
     ce, se = cfg.contrastive_epochs or pe, cfg.scratch_epochs or fe
     warm = lambda epochs, given=0: given or max(1, epochs // 10)
-    # a global batch as one GPU runs it: whole, or with fit_gpu in accumulated micro-batches that fit (launch()
-    # re-splits it over a run's GPUs, the global batch unchanged)
+    # a global batch as one GPU runs it: whole, or with fit_gpu in micro-batches that fit (launch() splits it over GPUs)
     batch_of = lambda kind, n: split_batch(min(n, n_train), 1, MICRO_BATCH[kind] if cfg.fit_gpu else min(n, n_train))
     pre = dict(epochs=pe, warmup_epochs=warm(pe, cfg.pretrain_warmup), **shape, **data)
     mae = dict(pre, **batch_of("pretrain_mae", cfg.mae_batch), base_lr=cfg.mae_lr, crop_min_scale=cfg.mae_crop)
@@ -298,8 +290,7 @@ def study(cfg):
             c.out = os.path.join(folder(name), "knn.json")
         runs.append(Run(name, c, tuple(deps), tags, ddp))
 
-    # D-MAE's teacher: --teacher_ckpt, else one larger MAE (first seed), shared by every D-MAE seed; in100 takes a
-    # published MAE-Base only (its --plan without one names a placeholder)
+    # D-MAE's teacher: --teacher_ckpt, else one larger MAE (first seed) for every seed; in100: a published MAE-Base
     own_teacher = not cfg.teacher_ckpt and cfg.preset != "in100"
     if own_teacher:
         add("teacher", pretrain_mae.Config(model=cfg.teacher_model, seed=cfg.seed_list[0], **mae), ddp=True)
@@ -309,7 +300,7 @@ def study(cfg):
                 head_hidden_dim=cfg.dino_hidden, head_out_dim=cfg.dino_prototypes, ema_momentum=cfg.dino_momentum,
                 **batch_of("dino", cfg.dino_batch))
     for s in cfg.seed_list:
-        # pre-training, the same epochs for every method (in100: MoCo-v3 and DINO their own recipes' 300)
+        # pre-training
         add(f"mae_s{s}", pretrain_mae.Config(model=cfg.model, seed=s, **mae), ddp=True, method="mae", seed=s)
         add(f"dmae_s{s}", distill.Config(model=cfg.model, teacher_ckpt=teacher, teacher_model=cfg.teacher_model,
                                          seed=s, **mae), teacher_deps, ddp=True, method="dmae", seed=s)
@@ -317,7 +308,7 @@ def study(cfg):
             method="mocov3", model=cfg.model, local_crop_size=local, seed=s, base_lr=cfg.moco_lr,
             head_hidden_dim=cfg.moco_hidden, **contrastive), ddp=True, method="mocov3", seed=s)
         add(f"dino_s{s}", pretrain_contrastive.Config(**dino, seed=s), ddp=True, method="dino", seed=s)
-        # claim 1: fine-tune, linear probe, k-NN of each; the supervised baseline on the same schedule
+        # claim 1: fine-tune, linear probe, k-NN of each; the supervised baseline
         scratch = dict(ft, epochs=se, warmup_epochs=warm(se, cfg.finetune_warmup))  # in100: DeiT's 300 epochs
         add(f"scratch_s{s}", finetune.Config(mode="scratch", seed=s, **scratch), ddp=True, method="scratch", seed=s,
             eval="ft")
@@ -361,8 +352,7 @@ def study(cfg):
         add(f"scratch_long_s{s}", finetune.Config(mode="scratch", seed=s, **dict(ft, epochs=2 * se,
                                                                                  warmup_epochs=warm(2 * se))),
             ddp=True, method="scratch", seed=s, eval="ft_long")
-    # DINO's sweep at CPU scale (issue 18), seed 0: each setting changes the study's DINO (batch 64, 4096 prototypes,
-    # teacher momentum 0.99) as stated, to show what it takes for DINO to learn at this scale
+    # DINO's sweep at CPU scale, seed 0: what it takes for DINO to learn at this scale (each changes the study's DINO)
     moco_batch = batch_of("mocov3", cfg.moco_batch)  # MoCo-v3's batch (and its accumulation, with --fit_gpu)
     sweep = {"b256": dict(**moco_batch, head_out_dim=256, ema_momentum=0.996),  # before issue 18
              "b256t04": dict(**moco_batch, head_out_dim=1024, warmup_teacher_temp=0.04,
@@ -385,14 +375,13 @@ def study(cfg):
 
 # --- running one run (in its own process) ---
 def die_with_parent():
-    """Linux: this process gets SIGKILL when its parent dies, even by SIGKILL (no orphan keeps a GPU or a lock)."""
+    """Linux: SIGKILL this process when its parent dies (no orphan keeps a GPU or a lock)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def execute(spec_path):
-    """`python -m study.reproduce run-one spec.json` (under torchrun: every rank): run the stage, then rank 0 writes
-    result.json (atomically: its presence means done)."""
+    """`python -m study.reproduce run-one spec.json` (every rank): run the stage; rank 0 writes result.json (done)."""
     die_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
@@ -400,14 +389,15 @@ def execute(spec_path):
     stage, start = STAGES[spec["stage"]], time.time()
     returned = stage.main(stage.Config(**spec["config"]))
     if int(os.environ.get("RANK", 0)) == 0:  # the study's own settings (a rank's batch is its share of them)
-        write_json(os.path.join(os.path.dirname(spec_path), "result.json"), dict(
-            name=spec["name"], stage=spec["stage"], config=spec["study_config"], devices=spec["devices"],
-            world_size=int(os.environ.get("WORLD_SIZE", 1)), threads=spec["threads"], seconds=time.time() - start,
-            started=spec.get("launched", start), ended=time.time(), **collect(spec["stage"], spec["config"], returned)))
+        result = dict(name=spec["name"], stage=spec["stage"], config=spec["study_config"], devices=spec["devices"],
+                      world_size=int(os.environ.get("WORLD_SIZE", 1)), threads=spec["threads"],
+                      seconds=time.time() - start, started=spec.get("launched", start), ended=time.time(),
+                      **collect(spec["stage"], spec["config"], returned))
+        write_text(os.path.join(os.path.dirname(spec_path), "result.json"), json.dumps(result, indent=1))
 
 
 def collect(stage, config, returned=None):
-    """What the report reads from a finished run: its log's curve, the k-NN result or (analyze) nothing."""
+    """What the report reads from a finished run."""
     if stage == "knn":
         if returned is None:
             with open(config["out"]) as f:
@@ -422,20 +412,13 @@ def collect(stage, config, returned=None):
                 **{k: [r[k] for r in rows] for k in rows[-1] if k.startswith("teacher_")})
 
 
-def write_json(path, obj):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def settings(run):
     return json.loads(json.dumps(asdict(run.cfg), default=str))
 
 
 def differences(run, old, also_ignored=()):
-    """The settings of `run` that differ from a recorded `old` one, but num_workers and those named. A setting the
-    stage gained after `old` was recorded (e.g. classes) counts as unchanged at its default: that run ran with it."""
+    """The settings of `run` that differ from a recorded `old` one, but num_workers and those named. A setting newer
+    than `old` counts as unchanged at its default: that run ran with it."""
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(run.cfg)}, default=str))
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings(run).items() if old.get(k) != v
             and k not in ("num_workers", *also_ignored) and not (k not in old and v == defaults.get(k))]
@@ -450,8 +433,7 @@ def recorded(run):
 
 
 def finished(run):
-    """The run's result, if it finished with these settings (a different run in its folder is refused); a run
-    finished outside the study (its stage command) is adopted from its log."""
+    """The run's result if it finished with these settings (other settings are refused), or adopted from its log."""
     result = recorded(run)
     if result is None:
         return adopt(run)
@@ -462,7 +444,7 @@ def finished(run):
 
 
 def adopt(run):
-    """A run done by its own command (`--plan`'s list on another scheduler): complete log or k-NN file -> result."""
+    """A run done by its own command (`--plan`'s list on another scheduler) -> its result, if complete."""
     c = settings(run)
     if run.stage == "knn":
         done = os.path.exists(c["out"])
@@ -472,21 +454,19 @@ def adopt(run):
         rows = read_log(run.folder)
         with open(os.path.join(run.folder, "config.json")) as f:
             given = json.load(f)
-        # a rank's batch and accumulation depend on how many GPUs ran it; the global batch is the study's; a
-        # num_heads of 0 (the checkpoint's) is the count its config.json records
+        # a rank's batch depends on how many GPUs ran it; num_heads 0 (the checkpoint's) is recorded resolved
         ignored = ("batch_size_per_gpu", "accum_steps") + (("num_heads",) if c.get("num_heads") == 0 else ())
         done = bool(rows) and rows[-1]["epoch"] == c["epochs"] and not differences(run, given, ignored)
     if not done:
         return None
     result = dict(name=run.name, stage=run.stage, config=c, seconds=0.0, devices=[], world_size=0, adopted=True,
                   **collect(run.stage, c))
-    write_json(os.path.join(run.folder, "result.json"), result)
+    write_text(os.path.join(run.folder, "result.json"), json.dumps(result, indent=1))
     return result
 
 
 def per_rank(run, world):
-    """The run's settings for one of `world` processes: the study's batch is global, so each takes its share, in
-    fewer micro-batches where they fit."""
+    """The run's settings for one of `world` processes: its share of the study's global batch."""
     c = settings(run)
     if world > 1:
         c.update(split_batch(c["batch_size_per_gpu"] * c["accum_steps"], world, c["batch_size_per_gpu"],
@@ -495,14 +475,14 @@ def per_rank(run, world):
 
 
 def launch(run, cfg, devices):
-    """Start a run's process, pinned to `devices` (CUDA_VISIBLE_DEVICES, set before CUDA starts), under torchrun when
-    it spans several (on CPU: --gpus_per_run gloo processes for a DDP run, how the tests check that path); its output
-    goes to its folder's output.log."""
+    """Start a run's process pinned to `devices`, under torchrun when it spans several (on CPU: --gpus_per_run gloo
+    processes, how the tests check that path); output to its folder's output.log."""
     world = len(devices) if devices else (cfg.gpus_per_run if run.ddp else 1)
     os.makedirs(run.folder, exist_ok=True)
     spec = os.path.join(run.folder, "run.json")
-    write_json(spec, dict(name=run.name, stage=run.stage, config=per_rank(run, world), devices=devices,
-                          world_size=world, threads=cfg.threads, study_config=settings(run), launched=time.time()))
+    write_text(spec, json.dumps(dict(name=run.name, stage=run.stage, config=per_rank(run, world), devices=devices,
+                                     world_size=world, threads=cfg.threads, study_config=settings(run),
+                                     launched=time.time()), indent=1))
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
                               if world > 1 else []) + ["-m", "study.reproduce", "run-one", spec]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), CUDA_VISIBLE_DEVICES=",".join(devices),
@@ -512,8 +492,8 @@ def launch(run, cfg, devices):
 
 
 def run_all(runs, cfg):
-    """Run what has not finished, dependencies first, the longest ready run first, each on its own GPU(s) (or `jobs`
-    at a time on CPU), with progress and an ETA. A failed run stops the study with one line naming it and its log."""
+    """Run what has not finished, dependencies first, the longest ready run first, with progress and an ETA. A failed
+    run stops the study with one line naming its log."""
     results = {r.name: res for r in runs if (res := finished(r)) is not None}
     todo = [r for r in runs if r.name not in results]
     slots = cfg.devices or [None] * cfg.jobs  # a GPU each, or CPU job slots
@@ -552,7 +532,7 @@ def run_all(runs, cfg):
                 print(f"[{len(results)}/{len(runs)}] {name} done in {results[name]['seconds']:.1f} s{score} | "
                       f"{(time.time() - start) / 60:.1f} min so far, about {eta / 60:.1f} min left", flush=True)
     finally:
-        for _, proc, log, _ in going.values():  # a failure or Ctrl-C: the runs in flight stop (they resume later)
+        for _, proc, log, _ in going.values():  # a failure or Ctrl-C: the runs in flight stop (and resume later)
             proc.kill()
             proc.wait()
             log.close()
@@ -561,13 +541,13 @@ def run_all(runs, cfg):
 
 # --- the plan: GPU-hours (or CPU minutes) before anything runs ---
 def on_gpus(cfg):
-    """Whether the study's unit is a GPU (a preset, or GPUs here) or a CPU core (the CPU study on a CPU machine)."""
+    """The study's unit is a GPU (a preset, or GPUs here), else a CPU core."""
     return bool(cfg.devices or cfg.preset)
 
 
 def cost(run, cfg):
-    """Estimated seconds on one CPU core or one GPU: the speed of its kind, scaled by its model's width^2 x depth x
-    tokens against the size the speed was measured at (GPU: tiny at 224/16; CPU: mini at 28/7)."""
+    """Estimated seconds on one CPU core or GPU: its kind's speed scaled by width^2 x depth x tokens against the size
+    it was measured at (GPU: tiny at 224/16; CPU: mini at 28/7)."""
     size = VIT_SIZES[getattr(run.cfg, "model", "") or cfg.model]
     work = size["embed_dim"] ** 2 * size["depth"] * (cfg.img_size // cfg.patch_size) ** 2
     if on_gpus(cfg):
@@ -587,8 +567,8 @@ def command(run, cfg):
 
 
 def wall_clock(runs, cfg, gpus, seconds):
-    """Hours the study takes on `gpus` GPUs (CPU: job slots) at `seconds` per run, scheduled as run_all does: a
-    simulation (a DDP run takes --gpus_per_run GPUs for 1/K of its time)."""
+    """Hours on `gpus` GPUs (CPU: job slots) at `seconds` per run, simulated as run_all schedules (a DDP run takes
+    --gpus_per_run GPUs for 1/K of its time)."""
     done, todo, going, free, now = {}, list(runs), [], gpus, 0.0
     while todo or going:
         for r in sorted((r for r in todo if all(d in done for d in r.deps)), key=lambda r: -seconds[r.name]):
@@ -604,15 +584,14 @@ def wall_clock(runs, cfg, gpus, seconds):
 
 
 def measured(run):
-    """The seconds a run took here, if its result.json holds these settings; None for adopted runs (they record 0)."""
+    """The seconds a run took here with these settings; None for adopted runs (they record 0)."""
     result = recorded(run)
     return (result["seconds"] or None) if result and not differences(run, result["config"]) else None
 
 
 def print_plan(runs, cfg):
-    """Every run with its cost and its own command, the total and the wall-clock. The CPU study: CPU minutes,
-    measured where a run finished here with these settings (adopted runs record 0), else estimated. A GPU study:
-    GPU-hours, the worker cores per GPU its JPEG data path needs to keep up, and the pace at --num_workers."""
+    """Every run with its cost and its own command, the total and the wall-clock: CPU minutes (measured where a run
+    finished here, else estimated), or GPU-hours with the worker cores per GPU its JPEG data path needs."""
     gpu = on_gpus(cfg)
     timed = {} if gpu else {r.name: measured(r) for r in runs}
     seconds = {r.name: timed.get(r.name) or cost(r, cfg) for r in runs}
@@ -628,10 +607,11 @@ def print_plan(runs, cfg):
               f"{hours * 60:.0f} min wall-clock (scheduled as the study runs them)")
         return sum(seconds.values()) / 3600, hours
     print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px) from bench.py's model "
-          "steps (measured: MAE 31,100 and fine-tuning 12,600 img/s, compiled, batch 1024; ~ = derived by FLOPs), if "
-          "the data path keeps up; then the worker cores per GPU it needs to (JPEG read + decode + crops: 265 img/s a "
-          f"core for one view, 178 for MoCo-v3's two, DINO's ~95 estimated) and, where --num_workers={cfg.num_workers} "
-          "cores are fewer, its GPU-hours at that pace")
+          f"steps (measured: MAE {GPU_SPEED['pretrain_mae'][0]:,} and fine-tuning {GPU_SPEED['finetune'][0]:,} img/s, "
+          "compiled, batch 1024; ~ = derived by FLOPs), if the data path keeps up; then the worker cores per GPU it "
+          f"needs to (JPEG read + decode + crops: {WORKER_SPEED['finetune'][0]} img/s a core for one view, "
+          f"{WORKER_SPEED['mocov3'][0]} for MoCo-v3's two, DINO's ~{WORKER_SPEED['dino'][0]} estimated) and, where "
+          f"--num_workers={cfg.num_workers} cores are fewer, its GPU-hours at that pace")
     bound, slow = dict(seconds), []  # GPU-seconds at num_workers cores; runs asking more than nvjpeg gives
     for r in runs:
         data = "in memory"
@@ -666,7 +646,7 @@ def main(cfg):
     if cfg.plan:
         return print_plan(runs, cfg)
     results, wall = run_all(runs, cfg)
-    # the report reads results and settings only: each run's result with the tags it is chosen by, in study order
+    # the report reads settings and each run's result with its tags, in study order
     write_report(SimpleNamespace(**asdict(cfg), seed_list=cfg.seed_list, shot_list=cfg.shot_list,
                                  keep_list=cfg.keep_list, devices=cfg.devices,
                                  train_images=data_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)[0]),

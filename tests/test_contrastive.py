@@ -37,10 +37,17 @@ class TestPieces(unittest.TestCase):
             total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
         self.assertAlmostEqual(pc.info_nce(q, k, T).item(), total / 3 * 2 * T, places=5)
 
-    def test_dino_center_update(self):
-        center = torch.tensor([[1.0, 2.0]])
-        out = torch.tensor([[3.0, 0.0], [5.0, 2.0]])  # batch mean (4, 1)
-        torch.testing.assert_close(pc.update_center(center, out, 0.9), torch.tensor([[1.3, 1.9]]))
+    def test_dino_center_follows_the_teachers_mean(self):
+        torch.manual_seed(0)
+        cfg = pc.Config(**TINY, method="dino", head_hidden_dim=16, head_out_dim=8, local_crops=1, local_crop_size=8)
+        student = pc.DINO(create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0), cfg)
+        teacher = student.make_teacher()
+        student.schedule(10, 5)
+        student.center.fill_(1.0)
+        crops = [torch.randn(4, 3, cfg.img_size, cfg.img_size)] * 2 + [torch.randn(4, 3, 8, 8)]
+        want = 0.9 * 1.0 + 0.1 * teacher.embed(crops[:2]).detach().mean(0, keepdim=True)  # centre_momentum 0.9
+        student(crops, teacher, 0)
+        torch.testing.assert_close(student.center, want)
 
     def test_dino_loss_matches_hand_computation(self):
         torch.manual_seed(0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -27,6 +28,7 @@ import knn
 import pretrain_contrastive
 import pretrain_mae
 from study import reproduce
+from checkpoint import write_text
 from common import BadValue, MissingFile, RunError, make_scaler, optimizer_step
 from tests.helpers import TINY, quiet, tiny_mae
 
@@ -275,7 +277,7 @@ class TestCpuPlanAndOldRecords(unittest.TestCase):
         """A result.json as the study wrote it before `drop` keys existed."""
         os.makedirs(run.folder, exist_ok=True)
         old = {k: v for k, v in reproduce.settings(run).items() if k not in drop} | config
-        reproduce.write_json(os.path.join(run.folder, "result.json"), dict(name=run.name, config=old, seconds=90.0))
+        write_text(os.path.join(run.folder, "result.json"), json.dumps(dict(name=run.name, config=old, seconds=90.0)))
 
     def test_the_cpu_plan_prints_cpu_minutes_measured_or_estimated(self):
         self.record(self.runs["mae_s0"], drop=("classes",))
@@ -314,49 +316,52 @@ class Stepped(Exception):
     pass
 
 
+class TwoWeights(nn.Module):
+    """Stands in for a method's student: two weights with gradient norms 10 and 1, DINO's `last_layer` among them."""
+
+    def __init__(self, clip, freeze_epochs=0):
+        super().__init__()
+        self.first, self.last_layer = nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+        self.cfg = SimpleNamespace(clip_grad=clip, freeze_last_layer_epochs=freeze_epochs)
+        self.big, self.small = torch.tensor([[6.0, 0.0], [0.0, 8.0]]), torch.tensor([[0.6, 0.8]])
+        self.first.weight.grad, self.last_layer.weight.grad = self.big.clone(), self.small.clone()
+
+
 class TestDinoClip(unittest.TestCase):
-    def grads_after_clip(self, per_parameter):
-        model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
-        big, small = torch.tensor([[6.0, 0.0], [0.0, 8.0]]), torch.tensor([[0.6, 0.8]])  # norms 10 and 1
-        model[0].weight.grad, model[1].weight.grad = big.clone(), small.clone()
-        seen = {}
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        optimizer_step(optimizer, make_scaler(torch.device("cpu")), model, 3.0,
-                       lambda: seen.update(big=model[0].weight.grad.clone(), small=model[1].weight.grad.clone()),
-                       per_parameter=per_parameter)
-        return seen, big, small
-
     def test_dino_clips_each_parameter_by_its_own_norm(self):
-        seen, big, small = self.grads_after_clip(per_parameter=True)
+        m = TwoWeights(3.0)
+        pretrain_contrastive.DINO.before_step(m, epoch=0)
         # DINO's clip_gradients: norm 10 > 3 -> scaled by 3 / (10 + 1e-6); norm 1 < 3 -> untouched
-        torch.testing.assert_close(seen["big"], big * 3 / (10 + 1e-6))
-        self.assertAlmostEqual(seen["big"].norm().item(), 3.0, places=5)
-        torch.testing.assert_close(seen["small"], small)
+        torch.testing.assert_close(m.first.weight.grad, m.big * 3 / (10 + 1e-6))
+        self.assertAlmostEqual(m.first.weight.grad.norm().item(), 3.0, places=5)
+        torch.testing.assert_close(m.last_layer.weight.grad, m.small)
 
-    def test_the_total_norm_clip_differs(self):  # MoCo-v3 / fine-tuning: one scale from sqrt(10^2 + 1^2)
-        seen, big, small = self.grads_after_clip(per_parameter=False)
+    def test_mocov3_clips_the_total_norm(self):  # one scale from sqrt(10^2 + 1^2), as fine-tuning's
+        m = TwoWeights(3.0)
+        pretrain_contrastive.MoCoV3.before_step(m, epoch=0)
         scale = 3 / (math.sqrt(101) + 1e-6)
-        torch.testing.assert_close(seen["big"], big * scale)
-        torch.testing.assert_close(seen["small"], small * scale)
-        self.assertLess(seen["small"].norm().item(), 0.5)  # the small gradient shrank with the big one
+        torch.testing.assert_close(m.first.weight.grad, m.big * scale)
+        torch.testing.assert_close(m.last_layer.weight.grad, m.small * scale)
+        self.assertLess(m.last_layer.weight.grad.norm().item(), 0.5)  # the small gradient shrank with the big one
 
-    def test_only_dinos_train_loop_clips_per_parameter(self):
-        self.assertTrue(pretrain_contrastive.DINO.CLIP_PER_PARAMETER)
-        self.assertFalse(pretrain_contrastive.MoCoV3.CLIP_PER_PARAMETER)
-        for method, clip in (("dino", 3.0), ("mocov3", 0.0)):
+    def test_no_clip_and_dinos_frozen_prototypes(self):
+        m = TwoWeights(0.0, freeze_epochs=1)
+        pretrain_contrastive.MoCoV3.before_step(m, epoch=0)
+        torch.testing.assert_close(m.first.weight.grad, m.big)  # clip_grad 0: untouched
+        pretrain_contrastive.DINO.before_step(m, epoch=0)
+        torch.testing.assert_close(m.first.weight.grad, m.big)
+        self.assertIsNone(m.last_layer.weight.grad)  # the first epoch: the prototypes do not move
+
+    def test_the_train_loop_calls_the_methods_own_hook(self):
+        for method, owner in (("dino", pretrain_contrastive.DINO), ("mocov3", pretrain_contrastive.Method)):
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = pretrain_contrastive.Config(method=method, **dict(TINY, subset=32), local_crop_size=8,
                                                   out_dir=os.path.join(tmp, "out"))
-                calls = []
-
-                def spy(*args, **kwargs):  # the first optimizer step: what it was asked to do, then stop
-                    calls.append((args[3], kwargs.get("per_parameter")))
-                    raise Stepped
-
-                with quiet(), mock.patch.object(pretrain_contrastive, "optimizer_step", spy), \
+                with quiet(), mock.patch.object(owner, "before_step", autospec=True, side_effect=Stepped) as hook, \
                         self.assertRaises(Stepped):
                     pretrain_contrastive.main(cfg)
-                self.assertEqual(calls, [(clip, method == "dino")])
+                self.assertEqual(type(hook.call_args.args[0]).__name__, {"dino": "DINO", "mocov3": "MoCoV3"}[method])
+                self.assertEqual(hook.call_args.args[1], 0)  # the first epoch
 
 
 if __name__ == "__main__":
