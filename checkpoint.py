@@ -287,7 +287,7 @@ def read_log(out_dir):
 
 
 def write_text(path, text):
-    """Atomic, as save_ckpt: a temporary file, then a rename; a kill never leaves half a file."""
+    """Atomic: a temporary file, then a rename; a kill never leaves half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)

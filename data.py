@@ -370,7 +370,7 @@ class Loader:
             batches = iter(self.batches)
             pending = pool.submit(prepare, next(batches)) if len(self.batches) else None
             while pending is not None:
-                following = next(batches, None)  # read in the caller's thread
+                following = next(batches, None)  # the workers' next batch, read in the caller's thread
                 ready, pending = pending, pool.submit(prepare, following) if following is not None else None
                 (crops, labels), done = ready.result()
                 if cuda:  # the caller's stream waits for the side stream, and its allocator keeps the memory

@@ -29,7 +29,7 @@ import pretrain_contrastive
 import pretrain_mae
 from study import reproduce
 from checkpoint import write_text
-from common import BadValue, MissingFile, RunError, make_scaler, optimizer_step
+from common import BadValue, MissingFile, RunError
 from tests.helpers import TINY, quiet, tiny_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
