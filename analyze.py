@@ -21,14 +21,13 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
-import torchvision.transforms.functional as TF
 
 import augment
 import figures
 import pretrain_mae
 from checkpoint import config_of, load_ckpt, write_text
 from common import print0
-from data import Loader, build_dataset, figure_images, load_rgb
+from data import Loader, build_dataset, eval_view, figure_images
 from flags import check, check_config, cli
 from weights import pretrained_vit, read_state_dict
 
@@ -157,8 +156,7 @@ def image_figures(cfg, vit, ccfg, ckpt, device):
     """--image: per file, its attention maps and (with a decoder) its reconstruction."""
     mae, written = mae_of(vit, ccfg, ckpt, cfg.key, device), []
     for path, name in zip(cfg.image, figure_stems(cfg.image)):
-        img = TF.pil_to_tensor(load_rgb(path)).to(device)
-        crop = augment.center_crop(img[None], vit.patch_embed.img_size)  # the eval view: resize, centre crop
+        crop = eval_view(path, vit.patch_embed.img_size)[None].to(device).float() / 255
         stem = os.path.join(cfg.out_dir, name)
         figures.attention_panels(crop, last_layer_maps(vit, crop),
                                  f"{os.path.basename(path)} through {cfg.ckpt}", f"{stem}_attention.png",

@@ -30,14 +30,19 @@ RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir
 
 # --- checkpoint files ---
 def save_ckpt(obj, path):
-    """Atomic (per-process temp file, fsync, rename): a crash or a full disk never leaves half a checkpoint, and the
-    previous one stays."""
+    """torch.save, written atomically (write_atomic)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
+    write_atomic(path, buf.getbuffer())
+
+
+def write_atomic(path, data):
+    """Bytes to a per-process temp file, fsync, rename: a crash or a full disk never leaves half a file (checkpoint,
+    log, config or result), and the previous one stays."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,8 +52,8 @@ def save_ckpt(obj, path):
         if not isinstance(e, OSError):
             raise
         if e.errno == errno.ENOSPC:
-            raise BadData(f"no space left on device while writing {path} ({len(buf.getbuffer()) / 2**20:.0f} MB); "
-                          "the previous checkpoint is kept: free some space and re-run to resume") from None
+            raise BadData(f"no space left on device while writing {path} ({len(data) / 2**20:.0f} MB); the "
+                          "previous file is kept: free some space and re-run to resume") from None
         raise BadData(f"cannot write {path}: {e.strerror or e}") from None
 
 
@@ -287,11 +292,7 @@ def read_log(out_dir):
 
 
 def write_text(path, text):
-    """Atomic: a temporary file, then a rename; a kill never leaves half a file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def write_log(out_dir, rows):

@@ -81,9 +81,11 @@ def rgb(img):
         raise BadData(f"corrupt or unreadable image file: {img.filename} ({e})") from None
 
 
-def load_rgb(path):
+def eval_view(path, size):
+    """An image file's eval view, cut as the loader's workers cut it (never the full-size image moved): uint8
+    (3, size, size)."""
     with open_image(path) as img:
-        return rgb(img)
+        return crop_pil(img, 0, [(size, "center")])[0]
 
 
 def crop_box(seed, k, height, width, view):
@@ -264,8 +266,7 @@ def figure_images(dataset, n, size, device):
     names = [str(dataset.names[y]) if dataset.names else f"class {y}" for y in (int(dataset.labels[i]) for i in idx)]
     if isinstance(dataset, MemoryImages):
         return augment.center_crop(dataset.chw()[idx].to(device), size), names
-    return torch.cat([augment.center_crop(TF.pil_to_tensor(load_rgb(dataset.samples[i][0]))[None].to(device), size)
-                      for i in idx]), names
+    return torch.stack([eval_view(dataset.samples[i][0], size) for i in idx]).to(device).float() / 255, names
 
 
 # --- the loader ---

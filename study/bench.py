@@ -28,14 +28,14 @@ except ModuleNotFoundError as e:
                      "python -m study.bench") from None
 import pretrain_contrastive
 import pretrain_mae
-from checkpoint import write_text
+from checkpoint import read_log, write_text
 from common import autocast_ctx
 from data import FileImages, Loader, build_dataset
 from flags import check, check_config, cli
 from model import create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
-STAGES = ("mae", "finetune", "mocov3", "dino")
+STAGES = dict(mae=pretrain_mae, finetune=finetune, mocov3=pretrain_contrastive, dino=pretrain_contrastive)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Config:
     def __post_init__(self):
         check_config(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
                      stage_epochs=">0", stage_subset=">=0", batch_size=">=0", steps=">0", threads=">=0")
-        check(all(s in STAGES for s in self.stage_list()), f"stages must be of {STAGES}, got {self.stages!r}")
+        check(all(s in STAGES for s in self.stage_list()), f"stages must be of {tuple(STAGES)}, got {self.stages!r}")
 
     def stage_list(self):
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -118,14 +118,13 @@ def stage_config(stage, cfg, tmp):
 
 def run_stage(stage, stage_cfg):
     """img/s of the stage's last epoch."""
-    {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).main(stage_cfg)
-    rows = [json.loads(line) for line in open(os.path.join(stage_cfg.out_dir, "log.jsonl"))]
-    return rows[-1]["imgs_per_s"]
+    STAGES[stage].main(stage_cfg)
+    return read_log(stage_cfg.out_dir)[-1]["imgs_per_s"]
 
 
 def stage_views(stage, sc):
     """The views its loader cuts (files: in the workers)."""
-    return {"mae": pretrain_mae, "finetune": finetune}.get(stage, pretrain_contrastive).views(sc)
+    return STAGES[stage].views(sc)
 
 
 def worker_rate(stage, sc, dataset, n=64):

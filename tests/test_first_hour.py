@@ -97,7 +97,7 @@ class TestNothingIsLost(unittest.TestCase):
         self.assertGreaterEqual(w, (2 + 2) * 100)  # input, 2 heads, their mean: each panel at least 100 px wide
         self.assertGreaterEqual(Image.open(written[1]).size[0], 5 * 112)  # 5 panels of at least 112 px
         vit = analyze.load_model(self.ckpt, "model", analyze.Config(), torch.device("cpu"))[0]
-        crop = analyze.augment.center_crop(analyze.TF.pil_to_tensor(Image.open(image))[None], 16)
+        crop = analyze.eval_view(image, 16)[None].float() / 255  # what analyze.py reads: the eval view
         maps = analyze.last_layer_maps(vit, crop)  # (1, heads + 1, 4, 4)
         self.assertEqual(maps.shape, (1, 3, 4, 4))
         self.assertGreater((maps[0, 0] - maps[0, 1]).abs().max().item(), 1e-4)  # the heads look at different places

@@ -289,14 +289,14 @@ class TestData(unittest.TestCase):
     def test_sixteen_bit_png_is_scaled_not_clipped(self):
         path = os.path.join(self.tmp.name, "g16.png")
         Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
-        self.assertEqual(data.load_rgb(path).getpixel((3, 3)), (127, 127, 127))  # mid-grey, not white
+        self.assertEqual(data.eval_view(path, 8)[:, 3, 3].tolist(), [127, 127, 127])  # mid-grey, not white
 
     def test_decompression_bomb_names_the_file(self):
         path = os.path.join(self.tmp.name, "big.png")
         Image.new("RGB", (300, 300)).save(path)
         with mock.patch.object(Image, "MAX_IMAGE_PIXELS", 1000):
             with self.assertRaisesRegex(BadData, "unreadable image file: .*big.png"):
-                data.load_rgb(path)
+                data.eval_view(path, 8)
 
     def test_subset_is_class_balanced_and_seeded(self):
         make_image_folder(self.root, ["a", "b", "c"], ["a", "b", "c"], per_class=6)
