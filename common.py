@@ -128,15 +128,12 @@ def param_groups(model, weight_decay, lr_scale=None):
     return list(groups.values())
 
 
-def set_lr(optimizer, lr):
+def set_lr(optimizer, lr, weight_decay=None):
+    """This step's lr (x a group's lr_scale) and, if scheduled, weight decay of the decaying groups (not biases, norms,
+    tokens), even from 0."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-def set_weight_decay(optimizer, weight_decay):
-    """Decaying groups (not biases, norms, tokens) take the scheduled value, even from 0."""
-    for g in optimizer.param_groups:
-        if g.get("decays", True):
+        if weight_decay is not None and g.get("decays", True):
             g["weight_decay"] = weight_decay
 
 

@@ -41,13 +41,11 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     # model
     model: str = ""  # ViT size: micro | mini | cpu | tiny | small | base; "" = init_ckpt's own (scratch: cpu)
     num_heads: int = 0  # attention heads; 0 = init_ckpt's (ours), else the size's default (timm vit_tiny needs 3)
-    patch_size: int = 4  # patch side in pixels; the paper: 16
     drop_path: float = 0.0  # stochastic depth at the last block; impr. recipe 0.0, MAE-default 0.1
     # optimisation
     epochs: int = 10  # the paper: 300 on ImageNet
     warmup_epochs: int = 1  # the paper: 5
     batch_size_per_gpu: int = 128  # global batch = this x world size x accum_steps; the paper: 1024
-    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation), to reach the paper's batch
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.9: the transfer recipe)
     base_lr: float = 1e-3  # lr = base_lr x global batch / 256
     min_lr: float = 1e-6  # cosine floor

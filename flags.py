@@ -35,7 +35,8 @@ def cli(main, cls):
 
 @dataclasses.dataclass
 class TrainFlags:
-    """Flags every training stage's Config inherits: where the images come from, how the run restarts."""
+    """Flags every training stage's Config inherits: where the images come from, how a step is cut, how the run
+    restarts."""
     data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
     data_root: str = ""  # folder of the data (ImageNet: holds train/ and val/); unused for the embedded slices
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all): quick checks, data-poor studies
@@ -44,6 +45,8 @@ class TrainFlags:
     resume: bool = True  # continue from out_dir/ckpt.pt if it exists
     seed: int = 0  # each rank uses seed + rank
     compile: bool = False  # torch.compile the model (CUDA)
+    patch_size: int = 4  # patch side in pixels; the paper: 16
+    accum_steps: int = 1  # micro-batches per optimizer step; batch-wise terms (InfoNCE negatives, BN) see one each
 
 
 def parse_config(cls, argv=None):

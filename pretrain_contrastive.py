@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import augment
 from checkpoint import RunFolder
 from common import (EpochSteps, all_gather_cat, all_reduce_mean, autocast_ctx, check_finite, cosine_schedule,
-                    epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr,
-                    set_weight_decay, setup_dist, steps_in_epoch, wrap)
+                    epoch_line, make_scaler, optimizer_step, param_groups, print0, seed_everything, set_lr, setup_dist,
+                    steps_in_epoch, wrap)
 from data import Loader, build_dataset
 from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
@@ -46,7 +46,6 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     img_size: int = 32  # global view side in pixels; the paper: 224
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
-    patch_size: int = 4  # patch side in pixels; the paper: 16
     head_hidden_dim: int = None  # MoCo-v3's MLPs (the paper: 4096) / DINO's head MLP (DINO: 2048)
     head_out_dim: int = None  # MoCo-v3's embedding / DINO's prototypes (DINO's ViT recipe: 65536)
     ema_momentum: float = None  # teacher EMA momentum at the start, rising to 1 by cosine (DINO's recipe: 0.996)
@@ -66,11 +65,10 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     epochs: int = 10  # the paper: 400 (10 epochs on 2 CPU cores: about 10 min for MoCo-v3, 40 for DINO)
     warmup_epochs: int = 1  # the paper: 40 (DINO: 10)
     batch_size_per_gpu: int = None  # global batch = this x world size x accum_steps; MoCo-v3-Tiny, DINO: 1024
-    accum_steps: int = 1  # micro-batches per optimizer step; InfoNCE negatives and BN stats stay per micro-batch
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
 
     @classmethod
-    def shown_default(cls, name):  # --help: "MoCo-v3 0.99 / DINO 0.996"
+    def shown_default(cls, name):  # --help: "MoCo-v3 0.001 / DINO 0.0005"
         if name in METHOD_DEFAULTS["mocov3"]:
             moco, dino = METHOD_DEFAULTS["mocov3"][name], METHOD_DEFAULTS["dino"][name]
             return f"MoCo-v3 {'constant' if moco is None else moco} / DINO {dino}"
@@ -161,12 +159,11 @@ class MoCoV3(Method):  # MoCo-v3's own code clips nothing (--clip_grad 0)
 
 
 # --- DINO ---
-def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp=STUDENT_TEMP, n_global=2):
-    """Cross-entropy between the sharpened, centred teacher on each global crop and the student on every other crop."""
-    s = (student_out / student_temp).chunk(len(student_out) // (len(teacher_out) // n_global))
-    t = F.softmax((teacher_out - center) / teacher_temp, dim=-1).chunk(n_global)
+def dino_loss(student_out, targets, n_global=2):
+    """Cross-entropy between the teacher's targets on each global crop and the student on every other crop."""
+    s = (student_out / STUDENT_TEMP).chunk(len(student_out) // (len(targets) // n_global))
     terms = [torch.sum(-tq * F.log_softmax(sv, dim=-1), dim=-1).mean()
-             for iq, tq in enumerate(t) for iv, sv in enumerate(s) if iv != iq]
+             for iq, tq in enumerate(targets.chunk(n_global)) for iv, sv in enumerate(s) if iv != iq]
     return sum(terms) / len(terms)
 
 
@@ -215,10 +212,9 @@ class DINO(Method):
         student_out = self.embed(crops)
         with torch.no_grad():
             teacher_out = teacher.embed(crops[:2]).float()
-        temp = self.teacher_temps[step]
-        loss = dino_loss(student_out.float(), teacher_out, self.center, temp)
+        t = F.softmax((teacher_out - self.center) / self.teacher_temps[step], dim=-1)  # (2B, K) centred, sharpened
+        loss = dino_loss(student_out.float(), t)
         with torch.no_grad():  # collapse shows here, as in DINO's paper: entropy ln K = uniform, 0 = one prototype
-            t = F.softmax((teacher_out - self.center) / temp, dim=-1)  # (2B, K) the teacher's targets
             s = F.log_softmax(student_out[:len(t)].float() / STUDENT_TEMP, dim=-1)  # the student, same crops
             logs = dict(teacher_entropy=torch.special.entr(t).sum(-1).mean(),
                         teacher_student_kl=(torch.special.xlogy(t, t) - t * s).sum(-1).mean())
@@ -283,8 +279,7 @@ def main(cfg):
             teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (crops, _) in steps:
-                set_lr(optimizer, lr_schedule[step])
-                set_weight_decay(optimizer, wd_schedule[step])
+                set_lr(optimizer, lr_schedule[step], wd_schedule[step])
                 with autocast_ctx(device):
                     loss, extra = model(make_views(crops, cfg), teacher, step)
                 steps.add(loss=check_finite(loss, epoch, step), **{k: v.item() for k, v in extra.items()})

@@ -35,7 +35,6 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     # model
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite)
-    patch_size: int = 4  # patch side in pixels; the paper: 16
     mask_ratio: float = 0.75  # fraction of patches removed, in (0, 1)
     decoder_dim: int = 96  # MAE-Lite: 96 (original MAE: 512)
     decoder_depth: int = 1  # MAE-Lite: 1 (original MAE: 8)
@@ -45,7 +44,6 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     epochs: int = 20  # the paper: 400
     warmup_epochs: int = 2  # linear lr warm-up; the paper: 40
     batch_size_per_gpu: int = 256  # global batch = this x world size x accum_steps; the paper: 4096 in all
-    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation), to reach the paper's batch
     base_lr: float = 1.5e-3  # lr = base_lr x global batch / 256; the paper: 1.5e-4 (short CPU runs like more)
     weight_decay: float = 0.05  # AdamW, not on biases/norms/tokens
     # run

@@ -122,14 +122,9 @@ def run_stage(stage, stage_cfg):
     return read_log(stage_cfg.out_dir)[-1]["imgs_per_s"]
 
 
-def stage_views(stage, sc):
-    """The views its loader cuts (files: in the workers)."""
-    return STAGES[stage].views(sc)
-
-
 def worker_rate(stage, sc, dataset, n=64):
     """Files: one worker core's img/s (read, decode, crop every view)."""
-    dataset.views, dataset.raw = stage_views(stage, sc), False
+    dataset.views, dataset.raw = STAGES[stage].views(sc), False
     t0 = time.perf_counter()
     for i in range(n):
         dataset[(i % len(dataset), i)]
@@ -139,7 +134,7 @@ def worker_rate(stage, sc, dataset, n=64):
 def time_data_path(stage, sc, dataset, classes, device):
     """(loading alone, + augmentation) img/s over a pass, after a warm-up pass that moves in-memory data to the
     device and starts the workers."""
-    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, stage_views(stage, sc))
+    loader = Loader(dataset, sc.batch_size_per_gpu, True, sc.num_workers, device, STAGES[stage].views(sc))
     if stage == "mae":
         augment = lambda x, y: pretrain_mae.augment_batch(x)
     elif stage == "finetune":

@@ -37,17 +37,24 @@ class TestPieces(unittest.TestCase):
             total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
         self.assertAlmostEqual(pc.info_nce(q, k, T).item(), total / 3 * 2 * T, places=5)
 
-    def test_dino_center_follows_the_teachers_mean(self):
+    def test_dino_forward_centres_sharpens_then_moves_the_centre(self):
         torch.manual_seed(0)
         cfg = pc.Config(**TINY, method="dino", head_hidden_dim=16, head_out_dim=8, local_crops=1, local_crop_size=8)
         student = pc.DINO(create_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0), cfg)
         teacher = student.make_teacher()
         student.schedule(10, 5)
-        student.center.fill_(1.0)
+        old_center = torch.randn(1, 8)  # not constant: softmax ignores a constant shift
+        student.center.copy_(old_center)
         crops = [torch.randn(4, 3, cfg.img_size, cfg.img_size)] * 2 + [torch.randn(4, 3, 8, 8)]
-        want = 0.9 * 1.0 + 0.1 * teacher.embed(crops[:2]).detach().mean(0, keepdim=True)  # centre_momentum 0.9
-        student(crops, teacher, 0)
+        teacher_out, student_out = teacher.embed(crops[:2]).detach(), student.embed(crops).detach()
+        want = 0.9 * old_center + 0.1 * teacher_out.mean(0, keepdim=True)  # centre_momentum 0.9
+        loss, _ = student(crops, teacher, 0)
         torch.testing.assert_close(student.center, want)
+        # the loss on the old centre at step 0's teacher temperature (warmup_teacher_temp 0.04)
+        t = F.softmax((teacher_out - old_center) / 0.04, dim=-1).chunk(2)
+        s = F.log_softmax(student_out / 0.1, dim=-1).chunk(3)
+        pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]  # teacher crop, student crop (never the same crop)
+        torch.testing.assert_close(loss, sum(-(t[a] * s[b]).sum(-1).mean() for a, b in pairs) / 4)
 
     def test_dino_loss_matches_hand_computation(self):
         torch.manual_seed(0)
@@ -59,7 +66,8 @@ class TestPieces(unittest.TestCase):
         s = F.log_softmax(student / 0.1, dim=-1).chunk(3)
         pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]  # teacher crop, student crop (never the same crop)
         want = sum(-(t[a] * s[b]).sum(-1).mean() for a, b in pairs) / 4
-        torch.testing.assert_close(pc.dino_loss(student, teacher, center, 0.04), want)
+        targets = F.softmax((teacher - center) / 0.04, dim=-1)
+        torch.testing.assert_close(pc.dino_loss(student, targets), want)
 
 
 class TestStages(unittest.TestCase):
