@@ -1,14 +1,17 @@
 """What a run leaves on disk: checkpoints, RNG state, log.jsonl and the out_dir's life cycle.
 
 At any kill point: a checkpoint is written atomically, and log.jsonl (and best.pt) are re-derived from it on resume;
-one run per folder (a lock); only the same run resumes; a stage never writes over another stage's run or its input
-checkpoint; a run that fails before its first step leaves its folder as it found it.
+one run per folder (a lock); only the same run, with every flag it knew, resumes; a stage never writes over another
+stage's run or its input checkpoint; a run that fails before its first step, or has nothing to train, leaves its folder
+as it found it; each epoch's row names the code that trained it.
 """
 import argparse
+import ast
 import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -107,6 +110,35 @@ def restore_rng(states, rank):
         torch.cuda.set_rng_state(s["cuda"])
 
 
+# --- the code that trains a run ---
+def code_of(scripts):
+    """{"hash": 8 hex digits, "files": {name: sha256}} of the scripts and every project module they import,
+    transitively (model.py, common.py, ...): a student's edit anywhere in what runs changes the hash."""
+    files, todo = {}, [os.path.abspath(s) for s in scripts]
+    while todo:
+        path = todo.pop()
+        if os.path.basename(path) in files:
+            continue
+        with open(path, "rb") as f:
+            source = f.read()
+        files[os.path.basename(path)] = hashlib.sha256(source).hexdigest()
+        for node in ast.walk(ast.parse(source)):  # `import x` / `from x import y` of a module beside the script
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            paths = [os.path.join(os.path.dirname(path), name.split(".")[0] + ".py") for name in names]
+            todo += [p for p in paths if os.path.isfile(p)]
+    digest = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    return {"hash": digest[:8], "files": files}
+
+
+class Absent:  # a flag the saved config lacks (added by a later release): compared as a value of its own
+    def __repr__(self):
+        return "(not in its config)"
+
+
+ABSENT = Absent()
+
+
 # --- the out_dir ---
 def stage_of(saved):
     """The stage that wrote a checkpoint or config.json of ours. Those written by `python <stage>.py` up to bfbdbd2
@@ -149,7 +181,7 @@ class RunFolder:
 
         with RunFolder(cfg, rank, inputs=[cfg.init_ckpt]) as run:  # master: lock, refuse to write over
             ...  # data, model, optimizer: nothing written yet
-            ckpt = run.start(model=raw_model, optimizer=optimizer)  # config.json, script; a resumed run's state
+            ckpt = run.start(rank, lr_schedule, model=raw_model, ...)  # config.json, script; a resumed run's state
             for epoch in range(run.start_epoch, cfg.epochs): ...; run.save_epoch(row, model=...)
 
     Ctrl-C says how to resume. active=False (finetune --eval_only) writes nothing."""
@@ -161,6 +193,11 @@ class RunFolder:
         self.dir, self.lock, self.created, self.started = cfg.out_dir, None, False, False
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.start_epoch, self.history = 0, []  # a resumed run's: set by start()
+        self.saved, self.longer, self.files = None, None, set()  # set by claim(); the figures output() names
+        modules = [sys.modules[klass.__module__] for klass in type(cfg).__mro__[:-1]]
+        # the stage's scripts (distill.py: pretrain_mae.py's too), not common.TrainFlags'
+        self.scripts = list(dict.fromkeys(m.__file__ for m in modules if hasattr(m, "main")))
+        self.code = code_of(self.scripts)
 
     def __enter__(self):
         if self.master and self.active:
@@ -173,12 +210,12 @@ class RunFolder:
 
     def claim(self):
         """Lock, refusing to write over `inputs` (checkpoints this run reads) or another stage's run, or to resume
-        this stage's run with other settings than RESUMABLE."""
+        this stage's run with other settings than RESUMABLE. A flag the saved run did not know is another setting."""
         for path in self.inputs:
             if os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.dir):
                 raise RunError(f"--out_dir {self.dir} holds {path}, which this run reads; {self.stage}.py would write "
                                "over it: pass another --out_dir")
-        saved = self.saved_run()
+        saved = self.saved = self.saved_run()
         if saved is not None and stage_of(saved) != self.stage:
             what = f"ckpt.pt, epoch {saved.get('epoch')}" if "epoch" in saved else "config.json"
             raise RunError(f"{self.dir} holds a {stage_of(saved)}.py run ({what}); {self.stage}.py will not write "
@@ -187,8 +224,8 @@ class RunFolder:
         self.lock = lock_out_dir(self.dir)
         if saved is None or "epoch" not in saved or not self.cfg.resume:
             return
-        new = dataclasses.asdict(self.cfg)
-        diffs = {k: (saved["config"][k], v) for k, v in new.items() if k in saved["config"] and saved["config"][k] != v}
+        old = saved["config"]
+        diffs = {k: (old.get(k, ABSENT), v) for k, v in dataclasses.asdict(self.cfg).items() if old.get(k, ABSENT) != v}
         allowed = {k: d for k, d in diffs.items() if k in RESUMABLE and not (k == "epochs" and d[1] < d[0])}
         refused = {k: d for k, d in diffs.items() if k not in allowed}
         if refused:
@@ -196,6 +233,7 @@ class RunFolder:
                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
                            + "; pass another --out_dir, or --resume=false to start that run over (its files are "
                            "replaced)")
+        self.longer = allowed.pop("epochs", None)  # said by start(), with what the schedule does
         for k, (a, b) in allowed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
 
@@ -209,10 +247,10 @@ class RunFolder:
                 return {"config": json.load(f)}
         return None
 
-    def start(self, rank=0, **stateful):
+    def start(self, rank=0, lr_schedule=None, **stateful):
         """Right before the first step: on resume, load each object's state and this rank's RNG and return the
         checkpoint (else None). Only then does the master write, so a checkpoint that does not fit leaves the folder
-        untouched."""
+        untouched, and a run with nothing left to train writes nothing."""
         ckpt = None
         if self.active and self.cfg.resume and os.path.exists(self.ckpt_path):
             ckpt = load_ckpt(self.ckpt_path, "out_dir's checkpoint")
@@ -224,41 +262,102 @@ class RunFolder:
                                   " pass another --out_dir, or --resume=false to start that run over (its files are"
                                   " replaced)") from None
             restore_rng(ckpt["rng"], rank)
-            self.start_epoch, self.history = ckpt["epoch"], ckpt["log"]
+            self.start_epoch, self.history, self.files = ckpt["epoch"], ckpt["log"], set(ckpt.get("files", []))
         self.started = True
         if not (self.master and self.active):
             return ckpt
-        write_text(os.path.join(self.dir, "config.json"), json.dumps(dataclasses.asdict(self.cfg), indent=2))
-        for klass in type(self.cfg).__mro__[:-1]:  # the stage's script (distill.py: pretrain_mae.py's too)
-            if hasattr(sys.modules[klass.__module__], "main"):  # a stage, not common.TrainFlags
-                script = sys.modules[klass.__module__].__file__
-                shutil.copy(script, os.path.join(self.dir, os.path.basename(script)))
-        if ckpt is not None:
-            write_log(self.dir, ckpt["log"])  # a kill after the checkpoint but before the log loses no row
+        if ckpt is not None:  # a kill after the checkpoint but before the log or best.pt: they follow the checkpoint
+            write_log(self.dir, ckpt["log"])
             best = os.path.join(self.dir, "best.pt")
             if ckpt.get("best") and (not os.path.exists(best) or load_ckpt(best)["epoch"] != ckpt["best"]["epoch"]):
-                save_ckpt(ckpt["best"], best)  # killed between best.pt and ckpt.pt: best.pt follows the checkpoint
-            done, last = ckpt["epoch"], ckpt["log"][-1]
-            numbers = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "step", "imgs_per_s"))
-            print0(f"resumed from {self.ckpt_path}: epoch {done} of {self.cfg.epochs} done, on from epoch {done + 1}"
-                   if done < self.cfg.epochs else f"{self.ckpt_path} holds a complete run ({done} epochs; the last: "
-                   f"{numbers}): nothing to train; another --out_dir starts a new one")
+                save_ckpt(ckpt["best"], best)
+            if ckpt["epoch"] >= self.cfg.epochs:
+                print0(self.complete(ckpt))
+                return ckpt
+        if self.saved is not None and not self.cfg.resume:
+            self.remove_earlier_run()
+        if ckpt is not None:
+            self.code_changed(ckpt)
+        write_text(os.path.join(self.dir, "config.json"), json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        for script in self.scripts:
+            shutil.copy(script, os.path.join(self.dir, os.path.basename(script)))
+        if ckpt is not None:
+            done = ckpt["epoch"]
+            print0(f"resumed from {self.ckpt_path}: epoch {done} of {self.cfg.epochs} done, on from epoch {done + 1}")
+            if self.longer and lr_schedule:  # the cosine stretched over the new length: the lr rises again
+                (was, now), lr = self.longer, lr_schedule[min(ckpt["step"], len(lr_schedule) - 1)]
+                print0(f"resume: epochs changed from {was} to {now}; the schedules are recomputed for {now} epochs, so "
+                       f"from epoch {done + 1} the lr goes from {ckpt['log'][-1]['lr']:.1e} (epoch {done}'s last step) "
+                       f"to {lr:.1e}, then down the new cosine to {lr_schedule[-1]:.1e}")
         return ckpt
+
+    def complete(self, ckpt):
+        """What a finished run says when its command is typed again."""
+        last = ckpt["log"][-1]
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                            if k not in ("epoch", "step", "imgs_per_s") and isinstance(v, (int, float)))
+        code = ckpt.get("code", {}).get("hash", self.code["hash"])
+        other = f"; it was trained by code {code}, not this code ({self.code['hash']})" if code != self.code["hash"] \
+            else ""
+        return (f"{self.ckpt_path} holds a complete run ({ckpt['epoch']} epochs; the last: {numbers}): nothing to "
+                f"train{other}; another --out_dir starts a new one")
+
+    def code_changed(self, ckpt):
+        """Resumed by other code: say which files changed, keep the earlier script copies, named by the epoch their
+        code started at; the log rows' `code` tells which code trained each epoch."""
+        before = ckpt.get("code")  # None: saved before runs recorded their code
+        if not before or before["hash"] == self.code["hash"]:
+            return
+        first = ckpt["epoch"]
+        for row in reversed(ckpt["log"]):  # back to the first epoch the earlier code trained
+            if row.get("code") != before["hash"]:
+                break
+            first = row["epoch"]
+        kept = []
+        for script in map(os.path.basename, self.scripts):
+            copy = f"{os.path.splitext(script)[0]}.e{first:03d}.py"
+            if os.path.exists(os.path.join(self.dir, script)) and not os.path.exists(os.path.join(self.dir, copy)):
+                os.replace(os.path.join(self.dir, script), os.path.join(self.dir, copy))
+                kept.append(copy)
+                self.files.add(copy)
+        old, new = before["files"], self.code["files"]
+        changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+        done = ckpt["epoch"]
+        span = f"epoch {done}" if first == done else f"epochs {first}-{done}"
+        print0(f"resume: the code changed since epoch {done} ({', '.join(changed)}): code {self.code['hash']} trains "
+               f"from epoch {done + 1}, code {before['hash']} trained {span} (log.jsonl's \"code\"); its copy is kept "
+               f"as {', '.join(kept) or 'nothing: none was found'}")
+
+    def remove_earlier_run(self):
+        """--resume=false: the files the earlier run wrote go (checkpoints, log, config, script copies, the figures it
+        recorded), never a file it did not write."""
+        names = {"ckpt.pt", "best.pt", "log.jsonl", "config.json", *map(os.path.basename, self.scripts),
+                 *self.saved.get("files", [])}
+        gone = sorted(name for name in names if os.path.isfile(os.path.join(self.dir, name)))
+        for name in gone:
+            os.remove(os.path.join(self.dir, name))
+        print0(f"resume=false: removed the earlier run's {', '.join(gone)} from {self.dir}; other files are kept")
+
+    def output(self, name):
+        """The path of a file the run writes in its folder (a figure), recorded so that --resume=false removes it."""
+        self.files.add(name)
+        return os.path.join(self.dir, name)
 
     def save_epoch(self, row, best=None, **state):
         """Collective (every rank calls it). The master writes best.pt, then ckpt.pt (with every row so far), then
-        log.jsonl: after a kill in between, resume re-derives the later files."""
+        log.jsonl: after a kill in between, resume re-derives the later files. Each row names the code."""
         rng = [rng_state()]
         if dist.is_initialized():  # every rank's stream, so a resumed DDP run continues each one
             rng = [None] * dist.get_world_size()
             dist.all_gather_object(rng, rng_state())
-        self.history.append(row)
+        self.history.append(dict(row, code=self.code["hash"]))
         if not self.master:
             return
         if best is not None and best["epoch"] == row["epoch"]:
             save_ckpt(best, os.path.join(self.dir, "best.pt"))
         save_ckpt(dict(state, stage=self.stage, epoch=row["epoch"], step=row["step"], log=self.history, rng=rng,
-                       config=dataclasses.asdict(self.cfg), **({"best": best} if best else {})), self.ckpt_path)
+                       config=dataclasses.asdict(self.cfg), code=self.code, files=sorted(self.files),
+                       **({"best": best} if best else {})), self.ckpt_path)
         write_log(self.dir, self.history)
 
     def __exit__(self, kind, error, traceback):
@@ -296,5 +395,8 @@ def write_text(path, text):
 
 
 def write_log(out_dir, rows):
-    """Rewritten whole from the checkpoint's rows: every epoch exactly once, whatever the kill."""
-    write_text(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    """Rewritten whole from the checkpoint's rows: every epoch exactly once, whatever the kill; not written when it
+    already says that (a finished run typed again)."""
+    path, text = os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows)
+    if not os.path.exists(path) or open(path).read() != text:
+        write_text(path, text)

@@ -205,7 +205,7 @@ def main(cfg):
                f"{num_classes} classes, {len(train_set)} train images")
 
         # --- resume ---
-        ckpt = run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+        ckpt = run.start(rank, lr_schedule, model=raw_model, optimizer=optimizer, scaler=scaler)
         best, best_top1 = (ckpt.get("best"), ckpt["best_top1"]) if ckpt else (None, 0.0)
         model = wrap(raw_model, world, cfg.compile)
 

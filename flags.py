@@ -115,10 +115,13 @@ RANGES = dict(img_size=">0", patch_size=">0", num_heads=">=0", num_workers=">=0"
 def check_config(cfg, default=None, **ranges):
     """Checks every stage shares: floats finite; each number in its range ("(0,1]", "[0,1)", ">0", ">=0"; `ranges`
     over RANGES, else `default`); a known ViT size ("" = the checkpoint's) whose width the heads divide. A warm-up
-    longer than the run (--epochs=1 with the default 2) becomes half the run, with a note."""
+    longer than the run (--epochs=1 with the default 2) becomes half the run, with a note; one as long, a note."""
     numbers = [f.name for f in dataclasses.fields(cfg) if f.type in (int, float)]
     for name in numbers:
         value = getattr(cfg, name)
+        check(value is not None or name not in RANGES, f"--{name} is unset and has no default here: pass --{name}")
+        if value is None:  # a field this run does not use (a contrastive method without a teacher: ema_momentum)
+            continue
         check(not isinstance(value, float) or math.isfinite(value), f"--{name} must be a finite number, got {value}")
         spec = ranges.get(name, RANGES.get(name, default))
         if spec is None:
@@ -141,6 +144,19 @@ def check_config(cfg, default=None, **ranges):
             check(getattr(cfg, side) % cfg.patch_size == 0,
                   f"{side} {getattr(cfg, side)} is not divisible by patch_size {cfg.patch_size}")
     if getattr(cfg, "warmup_epochs", 0) > getattr(cfg, "epochs", math.inf):
-        print(f"note: --warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
-              f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)", file=sys.stderr)
+        note(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
+             f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)")
         cfg.warmup_epochs = cfg.epochs // 2
+    elif getattr(cfg, "warmup_epochs", 0) == getattr(cfg, "epochs", math.inf):
+        note(f"--warmup_epochs {cfg.warmup_epochs} is the whole run (--epochs {cfg.epochs}): the lr rises until the "
+             "last step and never decays (pass a smaller --warmup_epochs for the cosine)")
+
+
+NOTED = set()  # the notes this process has printed
+
+
+def note(text):
+    """One line on stderr, once per process: a study builds dozens of Configs that would each say it."""
+    if text not in NOTED:
+        NOTED.add(text)
+        print(f"note: {text}", file=sys.stderr)

@@ -1,8 +1,8 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
 MoCo-v3: InfoNCE between one view's query and the other view's momentum key. DINO: the student matches, from every
-crop, the EMA teacher's centred, sharpened output on the 2 global crops. Each method is a `Method`, so the train loop
-has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
+crop, the EMA teacher's centred, sharpened output on the 2 global crops. Each method is a `Method` (a teacher is
+optional), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
@@ -29,20 +29,12 @@ from data import Loader, build_dataset
 from flags import TrainFlags, check, check_config, cli
 from model import create_vit, vit_heads
 
-# Each method's recipe for the Config fields left at None: MoCo-v3's, its lr raised for short CPU runs; DINO's where it
-# learns at CPU scale (the study's sweep: at DINO's own batch, prototypes and momentum its output goes uniform here)
-METHOD_DEFAULTS = {
-    "mocov3": dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None, clip_grad=0.0,
-                   head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256),
-    "dino": dict(ema_momentum=0.99, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
-                 head_hidden_dim=1024, head_out_dim=4096, batch_size_per_gpu=64),
-}
 STUDENT_TEMP = 0.1  # DINO's student temperature
 
 
 @dataclass
 class Config(TrainFlags):  # + the data and run flags every training stage shares
-    method: str = "mocov3"  # mocov3 | dino; the flags shown as "MoCo-v3 x / DINO y" take the method's value
+    method: str = "mocov3"  # mocov3 | dino (METHODS); the flags shown as "MoCo-v3 x / DINO y" take its value
     img_size: int = 32  # global view side in pixels; the paper: 224
     model: str = "cpu"  # ViT size: micro | mini | cpu | tiny | small | base
     num_heads: int = 0  # attention heads; 0 = the size's default (cpu 6, tiny/small/base 12 as MAE-Lite's MoCo-v3)
@@ -68,16 +60,15 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     out_dir: str = "out/contrastive"  # ckpt.pt, log.jsonl, config.json
 
     @classmethod
-    def shown_default(cls, name):  # --help: "MoCo-v3 0.001 / DINO 0.0005"
-        if name in METHOD_DEFAULTS["mocov3"]:
-            moco, dino = METHOD_DEFAULTS["mocov3"][name], METHOD_DEFAULTS["dino"][name]
-            return f"MoCo-v3 {'constant' if moco is None else moco} / DINO {dino}"
+    def shown_default(cls, name):  # --help: each method's own value, "MoCo-v3 0.001 / DINO 0.0005"
+        return " / ".join(f"{m.title} {'constant' if m.defaults[name] is None else m.defaults[name]}"
+                          for m in METHODS.values() if name in m.defaults) or None
 
     def __post_init__(self):
-        check(self.method in METHOD_DEFAULTS, f"method must be one of {sorted(METHOD_DEFAULTS)}, got {self.method!r}")
-        for name, value in METHOD_DEFAULTS[self.method].items():  # unset: the method's own value
-            if getattr(self, name) is None:
-                setattr(self, name, self.weight_decay if name == "weight_decay_end" and value is None else value)
+        check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        for name, value in METHODS[self.method].defaults.items():  # unset: the method's own value
+            setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
+        self.weight_decay_end = self.weight_decay if self.weight_decay_end is None else self.weight_decay_end
         check_config(self, ">=0", head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
                      local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
                      center_momentum="[0,1]")  # every other number >= 0
@@ -94,14 +85,25 @@ def make_views(crops, cfg):  # BYOL's views on the device: the loader's crop k, 
 
 
 class Method(nn.Module):
-    """What the train loop asks of the student: view_specs(cfg) -> each view's (side, crop scale, blur p, solarize p);
-    make_teacher(); param_groups(); forward(views, teacher, step) -> (loss, {name: 0-d tensor}); the hooks below."""
+    """What the train loop asks of the student: forward(views, teacher, step) -> (loss, {name: 0-d tensor}) and the
+    parts below where it differs; `title` names it in --help, `defaults` fill the Config fields it uses left at None."""
+    title, defaults = "", {}
+
+    def make_teacher(self):  # an EMA copy of (part of) the student; None: no teacher, no EMA, no momentum logged
+        return None
+
+    def param_groups(self):  # no weight decay on biases and norms (DINO's get_params_groups)
+        return param_groups(self, self.cfg.weight_decay)
+
+    @staticmethod
+    def view_specs(cfg, scale=(0.08, 1.0)):  # BYOL's asymmetric pair: (side, crop scale, blur p, solarize p)
+        return [(cfg.img_size, scale, 1.0, 0.0), (cfg.img_size, scale, 0.1, 0.2)]
 
     def schedule(self, total_steps, steps_per_epoch):
         """The method's own per-step schedules, built once."""
 
     def before_step(self, epoch):  # the unscaled gradients, before the optimizer steps: --clip_grad on the total norm
-        if self.cfg.clip_grad > 0:
+        if self.cfg.clip_grad:  # None: a method without a default
             nn.utils.clip_grad_norm_(self.parameters(), self.cfg.clip_grad)
 
 
@@ -133,7 +135,10 @@ def info_nce(q, k, temperature):
     return F.cross_entropy(logits, labels) * 2 * temperature  # MoCo-v3 scales by 2T
 
 
-class MoCoV3(Method):  # MoCo-v3's own code clips nothing (--clip_grad 0)
+class MoCoV3(Method):  # MoCo-v3's own code clips nothing (--clip_grad 0); its lr raised for short CPU runs
+    title, defaults = "MoCo-v3", dict(ema_momentum=0.99, base_lr=1e-3, weight_decay=0.1, weight_decay_end=None,
+                                      clip_grad=0.0, head_hidden_dim=1024, head_out_dim=256, batch_size_per_gpu=256)
+
     def __init__(self, encoder, cfg):
         super().__init__()
         self.cfg, self.encoder = cfg, encoder
@@ -145,10 +150,6 @@ class MoCoV3(Method):  # MoCo-v3's own code clips nothing (--clip_grad 0)
 
     def param_groups(self):  # MoCo-v3 decays every weight
         return [{"params": list(self.parameters()), "weight_decay": self.cfg.weight_decay}]
-
-    @staticmethod
-    def view_specs(cfg, scale=(0.08, 1.0)):  # BYOL's asymmetric pair: (side, crop scale, blur p, solarize p)
-        return [(cfg.img_size, scale, 1.0, 0.0), (cfg.img_size, scale, 0.1, 0.2)]
 
     def forward(self, crops, teacher, step):
         """Symmetrised InfoNCE; the teacher runs without grads."""
@@ -168,7 +169,10 @@ def dino_loss(student_out, targets, n_global=2):
 
 
 class DINO(Method):
-    """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer."""
+    """encoder + head: 3-layer MLP -> 256-d bottleneck -> L2 norm -> weight-normalised prototypes; centre: a buffer.
+    Its defaults: DINO's recipe where it learns at CPU scale (at DINO's own batch and size its output goes uniform)."""
+    title, defaults = "DINO", dict(ema_momentum=0.99, base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4,
+                                   clip_grad=3.0, head_hidden_dim=1024, head_out_dim=4096, batch_size_per_gpu=64)
 
     def __init__(self, encoder, cfg, bottleneck_dim=256):
         super().__init__()
@@ -186,9 +190,6 @@ class DINO(Method):
     def make_teacher(self):  # the whole student, heads included
         return copy.deepcopy(self)
 
-    def param_groups(self):  # no weight decay on biases and norms (DINO's get_params_groups)
-        return param_groups(self, self.cfg.weight_decay)
-
     def schedule(self, total_steps, steps_per_epoch):  # the teacher temperature: linear warm-up, then constant
         c = self.cfg
         self.teacher_temps = cosine_schedule(total_steps, c.teacher_temp_warmup_epochs * steps_per_epoch,
@@ -197,7 +198,7 @@ class DINO(Method):
     @staticmethod
     def view_specs(c):  # MoCo-v3's pair at their own scale, then the small local crops (blur 0.5)
         local = [(c.local_crop_size, (0.05, c.global_crop_min_scale), 0.5, 0.0)] * c.local_crops
-        return MoCoV3.view_specs(c, (c.global_crop_min_scale, 1.0)) + local
+        return Method.view_specs(c, (c.global_crop_min_scale, 1.0)) + local
 
     def embed(self, crops):
         """crops: list of (B, C, h, w) batches, same-size crops adjacent. Returns (len(crops) * B, out_dim)."""
@@ -247,12 +248,12 @@ def main(cfg):
         # --- model ---
         encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
                              num_classes=0)
-        raw_model = METHODS[cfg.method](encoder, cfg)
-        teacher = raw_model.make_teacher()
+        raw_model = METHODS[cfg.method](encoder, cfg).to(device)
         if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
-            raw_model, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (raw_model, teacher))
-        raw_model.to(device)
-        teacher.to(device).requires_grad_(False)  # updated only by EMA
+            raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)  # and so does its teacher, a copy
+        teacher = raw_model.make_teacher()  # updated only by EMA; None for a method without one
+        # both stay in train mode (nothing here calls eval()): MoCo-v3's key encoder normalises by batch statistics
+        ema = {} if teacher is None else {"teacher": teacher.requires_grad_(False)}  # saved and restored
 
         # --- optimizer & schedule ---
         global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
@@ -264,19 +265,17 @@ def main(cfg):
         lr_schedule = cosine_schedule(total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         wd_schedule = cosine_schedule(total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
         # EMA momentum: up to 1 by a half cosine, as MoCo-v3 / DINO write it (cosine_schedule differs in the last bit)
-        momentum_schedule = [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
-                             for s in range(total_steps)]
+        momentum = {"momentum": [1 - (1 - cfg.ema_momentum) * (math.cos(math.pi * s / total_steps) + 1) / 2
+                                 for s in range(total_steps)]} if ema else {}
         raw_model.schedule(total_steps, steps_per_epoch)  # the method's own schedules (DINO's teacher temperature)
         print0(f"{cfg.method}: global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
 
         # --- resume ---
-        run.start(rank, model=raw_model, teacher=teacher, optimizer=optimizer, scaler=scaler)
+        run.start(rank, lr_schedule, model=raw_model, **ema, optimizer=optimizer, scaler=scaler)
         model = wrap(raw_model, world, cfg.compile)
 
         # --- train loop ---
         for epoch in range(run.start_epoch, cfg.epochs):
-            model.train()
-            teacher.train()  # MoCo-v3's momentum encoder normalises with batch statistics too
             steps = EpochSteps(loader, epoch, steps_per_epoch, cfg, model)
             for step, sync, (crops, _) in steps:
                 set_lr(optimizer, lr_schedule[step], wd_schedule[step])
@@ -286,11 +285,12 @@ def main(cfg):
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if sync:
                     optimizer_step(optimizer, scaler, before_step=lambda: raw_model.before_step(epoch))
-                    ema_update(teacher, raw_model, momentum_schedule[step])
-            row = steps.row(global_batch, lr=lr_schedule, momentum=momentum_schedule)
+                    if ema:
+                        ema_update(teacher, raw_model, momentum["momentum"][step])
+            row = steps.row(global_batch, lr=lr_schedule, **momentum)
 
             # --- save ---
-            run.save_epoch(row, model=raw_model.state_dict(), teacher=teacher.state_dict(),
+            run.save_epoch(row, model=raw_model.state_dict(), **{k: v.state_dict() for k, v in ema.items()},
                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
             print0(epoch_line(row, cfg.epochs))  # once saved: a Ctrl-C after this line loses no epoch
     return raw_model, teacher

@@ -11,7 +11,6 @@ reconstruction grid.
         --data_root=/imagenet --epochs=400 --warmup_epochs=40 --batch_size_per_gpu=512 --base_lr=1.5e-4 \
         --crop_min_scale=0.08 --num_workers=10      # the paper's recipe: global batch 4096, lr 2.4e-3
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +176,7 @@ def main(cfg, mae=None, teacher=None):
         print0(f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
         # --- resume ---
-        run.start(rank, model=raw_model, optimizer=optimizer, scaler=scaler)
+        run.start(rank, lr_schedule, model=raw_model, optimizer=optimizer, scaler=scaler)
         model = wrap(raw_model, world, cfg.compile)
 
         # --- train loop ---
@@ -202,7 +201,7 @@ def main(cfg, mae=None, teacher=None):
                 raw_model.eval()
                 figures.save_reconstructions(raw_model, view_imgs, f"{type(raw_model).__name__} reconstructions of "
                                              f"8 training images (centre crops), {cfg.out_dir} epoch {epoch + 1}",
-                                             os.path.join(cfg.out_dir, f"recon_e{epoch + 1:03d}.png"))
+                                             run.output(f"recon_e{epoch + 1:03d}.png"))
 
             # --- save --- (the log rows travel in the checkpoint: log.jsonl is rewritten from them, never behind)
             run.save_epoch(row, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),

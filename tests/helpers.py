@@ -2,10 +2,15 @@
 import contextlib
 import io
 import os
+import shutil
 from unittest import mock
 
 import checkpoint
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The limit on any subprocess a test waits for: a hang, never the machine's speed (a newcomer's loaded laptop runs at
+# a tenth of a free CPU's speed; a 60-second limit failed there)
+TIMEOUT = 3600
 TINY = dict(model="micro", img_size=16, patch_size=4, subset=64, batch_size_per_gpu=16, epochs=1, warmup_epochs=0,
             num_workers=0)
 
@@ -46,3 +51,13 @@ def crash_then_resume(stage, cfg):
                 raise AssertionError("the run was not interrupted")
         assert saved == [1], f"expected to be killed after epoch 1, got {saved}"
         return stage.main(cfg)
+
+
+def project_copy(dest):
+    """The project's modules and stages copied to dest (its data folder linked): a student's copy to edit."""
+    os.makedirs(dest)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), dest)
+    os.symlink(os.path.join(ROOT, "data"), os.path.join(dest, "data"))
+    return dest

@@ -3,6 +3,7 @@ is __main__ (in-process tests see `pretrain_mae`). Following any message's advic
 byte-identical; a run that fails leaves its folder byte-identical; Ctrl-C is one line that says how to resume;
 the README's "Your own images" commands work as written."""
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import load_ckpt, save_ckpt
+from checkpoint import load_ckpt, read_log, save_ckpt
 from data import build_dataset
+from tests.helpers import TIMEOUT, project_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--model=micro", "--img_size=16", "--patch_size=4", "--subset=64", "--batch_size_per_gpu=16", "--epochs=1",
@@ -27,7 +29,7 @@ MICRO = ["--model=micro", "--img_size=16", "--patch_size=4", "--subset=64", "--b
 def stage(script, *flags, cwd):
     """`python <script> <flags>` in cwd, as typed; output to pipes (not a terminal)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=TIMEOUT)
 
 
 def folder_bytes(folder):
@@ -153,7 +155,7 @@ class TestCommandLine(unittest.TestCase):
                 if sum(s.startswith("ep ") for s in seen) == 2:
                     break
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=TIMEOUT)
             self.assertEqual(proc.returncode, 130, err)
             self.assertNotIn("Traceback", err)
             lines = [line for line in err.splitlines() if line.strip()]
@@ -179,6 +181,143 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(written, ["a_000_jpg_attention.png", "a_000_jpg_recon.png", "b_000_jpg_attention.png",
                                    "b_000_jpg_recon.png"])
 
+
+# A student's method through the Method interface: no teacher (a stop-gradient instead), only the defaults it has
+SIMSIAM = """
+class SimSiam(Method):
+    title, defaults = "SimSiam", dict(base_lr=0.05, weight_decay=1e-4, head_hidden_dim=64, head_out_dim=32,
+                                      batch_size_per_gpu=16)
+
+    def __init__(self, encoder, cfg):
+        super().__init__()
+        self.cfg, self.encoder = cfg, encoder
+        self.projector = mlp(2, encoder.embed_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=True)
+        self.predictor = mlp(2, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=False)
+
+    def forward(self, crops, teacher, step):
+        z1, z2 = (self.projector(self.encoder(x)) for x in crops)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2, {}
+
+
+METHODS["simsiam"] = SimSiam
+
+
+def main(cfg):"""
+
+
+class TestModifyAndRerun(unittest.TestCase):
+    """A student edits a stage in their copy of the project and types the same command again: the run folder records
+    which code trained which epoch and never mixes code or settings silently."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = self.tmp.name
+        self.project = project_copy(os.path.join(self.dir, "project"))
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def typed(self, script, *flags):
+        return subprocess.run([sys.executable, os.path.join(self.project, script), *flags], cwd=self.dir,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+
+    def edit(self, script, old, new):
+        path = os.path.join(self.project, script)
+        source = open(path).read()
+        self.assertIn(old, source)
+        with open(path, "w") as f:
+            f.write(source.replace(old, new, 1))
+        return source, source.replace(old, new, 1)
+
+    def test_edited_code_never_touches_a_finished_run_and_is_recorded_in_a_longer_one(self):
+        first = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run")
+        self.assertEqual(first.returncode, 0, first.stderr)
+        run = os.path.join(self.dir, "run")
+        old_code = load_ckpt(os.path.join(run, "ckpt.pt"))["code"]["hash"]
+        original, edited = self.edit("pretrain_mae.py", "num_keep = int(num_patches * (1 - mask_ratio))",
+                                     "num_keep = int(num_patches * (1 - mask_ratio))  # a student's edit")
+        before = folder_bytes(run)
+        again = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run")  # the finished run: nothing to train
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertRegex(again.stdout, f"run/ckpt.pt holds a complete run .*nothing to train; it was trained by code "
+                                       f"{old_code}, not this code")
+        self.assertEqual(folder_bytes(run), before)  # every file byte-identical: config.json and script copy too
+        longer = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run", "--epochs=2")
+        self.assertEqual(longer.returncode, 0, longer.stderr)
+        new_code = load_ckpt(os.path.join(run, "ckpt.pt"))["code"]["hash"]
+        self.assertNotEqual(new_code, old_code)
+        said = [line for line in longer.stdout.splitlines() if "code changed" in line]
+        self.assertEqual(said, [f"resume: the code changed since epoch 1 (pretrain_mae.py): code {new_code} trains "
+                                f"from epoch 2, code {old_code} trained epoch 1 (log.jsonl's \"code\"); its copy "
+                                "is kept as pretrain_mae.e001.py"])
+        self.assertEqual(open(os.path.join(run, "pretrain_mae.e001.py")).read(), original)
+        self.assertEqual(open(os.path.join(run, "pretrain_mae.py")).read(), edited)
+        rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        self.assertEqual([(r["epoch"], r["code"]) for r in rows], [(1, old_code), (2, new_code)])
+        # a longer run says that its schedule is recomputed and what its lr does: it rises again
+        found = re.search(r"resume: epochs changed from 1 to 2; the schedules are recomputed for 2 epochs, so from "
+                          r"epoch 2 the lr goes from (\S+) \(epoch 1's last step\) to (\S+), then down the new cosine "
+                          r"to (\S+)", longer.stdout)
+        self.assertTrue(found, longer.stdout)
+        self.assertEqual(float(found.group(1)), float(f"{rows[0]['lr']:.1e}"))
+        self.assertGreater(float(found.group(2)), float(found.group(1)))
+        # --resume=false starts over: no earlier code copy, no earlier figure; a file of the user's stays
+        open(os.path.join(run, "notes.txt"), "w").write("mine")
+        over = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run", "--resume=false")
+        self.assertEqual(over.returncode, 0, over.stderr)
+        self.assertIn("resume=false: removed the earlier run's ckpt.pt, config.json, log.jsonl, pretrain_mae.e001.py, "
+                      "pretrain_mae.py, recon_e001.png, recon_e002.png from run; other files are kept", over.stdout)
+        self.assertEqual(sorted(os.listdir(run)), ["ckpt.pt", "config.json", "log.jsonl", "notes.txt",
+                                                   "pretrain_mae.py", "recon_e001.png"])
+        self.assertEqual([r["code"] for r in read_log(run)], [new_code])
+
+    def test_resume_false_leaves_no_earlier_figure(self):
+        done = self.typed("pretrain_mae.py", *MICRO, "--epochs=4", "--out_dir=run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        run = os.path.join(self.dir, "run")
+        self.assertIn("recon_e004.png", os.listdir(run))
+        open(os.path.join(run, "my_figure.png"), "wb").write(b"not the run's")
+        over = self.typed("pretrain_mae.py", *MICRO, "--epochs=1", "--out_dir=run", "--resume=false")
+        self.assertEqual(over.returncode, 0, over.stderr)
+        self.assertEqual(sorted(f for f in os.listdir(run) if f.endswith(".png")), ["my_figure.png", "recon_e001.png"])
+
+    def test_a_flag_new_since_the_run_was_saved_is_refused(self):
+        done = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        run = os.path.join(self.dir, "run")
+        self.edit("pretrain_mae.py", "    mask_ratio: float = 0.75", "    masking: str = 'random'  # random | block\n"
+                  "    mask_ratio: float = 0.75")
+        before = folder_bytes(run)
+        for flags in ((), ("--epochs=2",), ("--masking=block", "--epochs=2")):
+            result = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run", *flags)
+            value = "'block'" if "--masking=block" in flags else "'random'"
+            one_line_error(self, result, f"holds a pretrain_mae.py run with other settings: masking \\(not in its "
+                                         f"config\\) -> {value}; pass another --out_dir, or --resume=false to start "
+                                         "that run over")
+            self.assertEqual(folder_bytes(run), before)
+
+    def test_a_warmup_as_long_as_the_run_is_said(self):
+        result = self.typed("pretrain_mae.py", "--epochs=2", "--warmup_epochs=2", "--data=imagefolder")  # stops early
+        self.assertIn("note: --warmup_epochs 2 is the whole run (--epochs 2): the lr rises until the last step and "
+                      "never decays", result.stderr)
+
+    def test_a_new_method_without_a_teacher_trains_through_the_command(self):
+        self.edit("pretrain_contrastive.py", "\n\ndef main(cfg):", SIMSIAM)
+        result = self.typed("pretrain_contrastive.py", *MICRO, "--method=simsiam", "--out_dir=simsiam")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        epoch = [line for line in result.stdout.splitlines() if line.startswith("ep ")]
+        self.assertEqual(len(epoch), 1, result.stdout)
+        self.assertNotRegex(epoch[0], r" m [\d.]+ ")  # no momentum: there is no teacher
+        ckpt = load_ckpt(os.path.join(self.dir, "simsiam", "ckpt.pt"))
+        self.assertNotIn("teacher", ckpt)
+        self.assertNotIn("momentum", ckpt["log"][0])
+        self.assertIsNone(ckpt["config"]["ema_momentum"])  # a default it does not have stays unset
+        self.assertEqual((ckpt["config"]["base_lr"], ckpt["config"]["head_out_dim"]), (0.05, 32))
+        text = " ".join(self.typed("pretrain_contrastive.py", "--help").stdout.split())
+        for shown in ("MoCo-v3 0.001 / DINO 0.0005 / SimSiam 0.05", "MoCo-v3 256 / DINO 64 / SimSiam 16",
+                      "(default: MoCo-v3 0.99 / DINO 0.99)"):  # ema_momentum: SimSiam has none
+            self.assertIn(shown, text)
 
 class TestYourOwnImages(unittest.TestCase):
     """The README's "Your own images" commands, as written, on a folder of 90 images (30 per class), with only

@@ -3,6 +3,7 @@ import math
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -115,6 +116,42 @@ class TestStages(unittest.TestCase):
         self.assertEqual(ckpt["model"]["center"].shape, (1, 32))
         self.assertGreater(ckpt["model"]["center"].abs().sum().item(), 0)
 
+
+
+class SimSiam(pc.Method):
+    """A student's method (Chen & He 2021, in brief): no teacher, a stop-gradient instead; only the defaults it has."""
+    title, defaults = "SimSiam", dict(base_lr=0.05, weight_decay=1e-4, head_hidden_dim=64, head_out_dim=32,
+                                      batch_size_per_gpu=16)
+
+    def __init__(self, encoder, cfg):
+        super().__init__()
+        self.cfg, self.encoder = cfg, encoder
+        self.projector = pc.mlp(2, encoder.embed_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=True)
+        self.predictor = pc.mlp(2, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_out_dim, last_bn=False)
+
+    def forward(self, crops, teacher, step):
+        z1, z2 = (self.projector(self.encoder(x)) for x in crops)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2, {}
+
+
+class TestANewMethod(unittest.TestCase):
+    def test_a_method_without_a_teacher_states_only_its_defaults_and_trains(self):
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(pc.METHODS, simsiam=SimSiam):
+            cfg = pc.Config(**{**TINY, "batch_size_per_gpu": None}, method="simsiam", out_dir=tmp)
+            self.assertEqual((cfg.base_lr, cfg.batch_size_per_gpu, cfg.clip_grad), (0.05, 16, None))
+            self.assertIsNone(cfg.ema_momentum)  # no teacher, no momentum
+            self.assertEqual(cfg.weight_decay_end, cfg.weight_decay)  # a weight decay it does not schedule: constant
+            with mock.patch.object(SimSiam, "defaults", {}), self.assertRaisesRegex(ValueError, "--base_lr"):
+                pc.Config(**TINY, method="simsiam")  # a setting every run needs, stated by neither: one line
+            with quiet():
+                student, teacher = pc.main(cfg)
+            self.assertIsNone(teacher)
+            ckpt = load_ckpt(os.path.join(tmp, "ckpt.pt"))
+            self.assertNotIn("teacher", ckpt)
+            self.assertNotIn("momentum", ckpt["log"][0])
+            self.assertEqual(ckpt["step"], 4)  # 64 images, batch 16: it trained through the public loop
+            self.assertTrue(-1 <= ckpt["log"][0]["loss"] <= 1)  # a negative cosine similarity
 
 if __name__ == "__main__":
     unittest.main()

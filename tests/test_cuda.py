@@ -20,7 +20,7 @@ from checkpoint import load_ckpt
 from common import autocast_ctx
 from data import Loader, build_dataset
 from model import create_vit
-from tests.helpers import TINY, quiet
+from tests.helpers import TIMEOUT, TINY, quiet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA = torch.device("cuda")
@@ -150,7 +150,7 @@ class TestStagesOnCuda(unittest.TestCase):
                               os.path.join(os.path.dirname(HERE), "pretrain_mae.py"), "--model=micro", "--img_size=16",
                               "--subset=256", "--batch_size_per_gpu=32", "--epochs=2", "--warmup_epochs=1",
                               "--accum_steps=2", f"--out_dir={self.path('ddp')}"], env=env, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=TIMEOUT)
         self.assertEqual(run.returncode, 0, run.stderr[-3000:])
         ckpt = load_ckpt(self.path("ddp/ckpt.pt"))
         self.assertEqual(len(ckpt["rng"]), 2)

@@ -9,6 +9,7 @@ import torch
 
 from checkpoint import load_ckpt
 from tests.ddp_worker import batch, mae_model
+from tests.helpers import TIMEOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,7 +21,7 @@ class TestDDP(unittest.TestCase):
             env["OMP_NUM_THREADS"] = "1"
             run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                   os.path.join(HERE, "ddp_worker.py"), out], env=env, capture_output=True, text=True,
-                                 timeout=300)
+                                 timeout=TIMEOUT)
             self.assertEqual(run.returncode, 0, run.stdout[-3000:] + run.stderr[-3000:])
             got = torch.load(os.path.join(out, "ddp.pt"), weights_only=True)
             ckpt = load_ckpt(os.path.join(out, "mae", "ckpt.pt"))

@@ -25,14 +25,14 @@ import pretrain_mae
 from checkpoint import load_ckpt
 from common import RunError
 from data import class_by_class
-from tests.helpers import TINY, quiet, tiny_mae
+from tests.helpers import TIMEOUT, TINY, quiet, tiny_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stage(*argv, cwd=ROOT):
     """Run a stage as a person would, output redirected to a pipe (not a terminal)."""
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 class TestNothingIsLost(unittest.TestCase):

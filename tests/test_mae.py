@@ -15,6 +15,7 @@ from flags import parse_config
 import pretrain_mae
 from checkpoint import load_ckpt
 from data import build_dataset, figure_images
+from model import patchify, unpatchify
 from pretrain_mae import MAE, Config, main
 from tests.helpers import TINY, crash_then_resume, quiet
 
@@ -70,10 +71,14 @@ class TestMAE(unittest.TestCase):
         for f in ("ckpt.pt", "log.jsonl", "config.json", "pretrain_mae.py", "recon_e001.png"):
             self.assertTrue(os.path.exists(os.path.join(self.dir, f)), f)
         ckpt = load_ckpt(os.path.join(self.dir, "ckpt.pt"))  # weights_only=True
-        self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng", "log", "stage"})
+        self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng", "log", "stage",
+                                     "code", "files"})
         self.assertEqual(ckpt["config"]["mask_ratio"], 0.75)
+        self.assertEqual(ckpt["files"], ["recon_e001.png"])  # what --resume=false removes besides its own files
+        # the code that trained it: the stage and every project module it imports, transitively
+        self.assertTrue({"pretrain_mae.py", "model.py", "common.py", "checkpoint.py"} <= set(ckpt["code"]["files"]))
         row = json.loads(open(os.path.join(self.dir, "log.jsonl")).readline())
-        self.assertEqual(row["epoch"], 1)
+        self.assertEqual((row["epoch"], row["code"]), (1, ckpt["code"]["hash"]))
         w, h = Image.open(os.path.join(self.dir, "recon_e001.png")).size  # 8 images a row; 5 rows with norm-pix
         self.assertGreaterEqual(w, 8 * 112)  # every 16-px image drawn at least 112 px wide
         self.assertGreaterEqual(h, 5 * 112)
@@ -112,6 +117,53 @@ class TestMAE(unittest.TestCase):
             with self.assertRaisesRegex(FloatingPointError, "loss is nan at epoch 0, step 0"):
                 main(Config(**TINY, out_dir=self.dir))
 
+
+
+class TestWhatTheEncoderSees(unittest.TestCase):
+    """Through MAE.encode_decode, whatever masking function it calls (random_masking or a student's own): the encoder
+    is shown exactly the kept patches, every image loses the same share mask_ratio of its patches, and the loss is
+    scored only on the removed ones, which the encoder never sees."""
+
+    def encode(self, mae, imgs, seed=0):
+        """(patches the encoder saw (B, K) by index, mask (B, L) with 1 = removed, prediction, encoder output)."""
+        g = torch.Generator().manual_seed(seed)
+        pred, mask, _, _, hiddens = mae.encode_decode(imgs, return_hidden=True, generator=g)
+        enc = mae.encoder
+        with torch.no_grad():  # every patch as the first block would see it: embedded, positioned, normalised
+            every = enc.blocks[0].norm1(enc.patch_embed(imgs) + enc.pos_embed[:, 1:])  # (B, L, D)
+        distance = torch.cdist(hiddens[0][:, 1:].detach(), every)  # (B, K, L): the encoder's tokens, cls (0) dropped
+        self.assertLess(distance.amin(-1).max().item(), 1e-4)  # each token is one image patch, as it is
+        return distance.argmin(-1), mask, pred, hiddens[-1].detach()
+
+    def test_the_encoder_sees_exactly_the_kept_patches(self):
+        torch.manual_seed(0)
+        mae, imgs = MAE(Config(**TINY)).eval(), torch.randn(4, 3, 16, 16)
+        seen, mask, *_ = self.encode(mae, imgs)
+        for b in range(len(imgs)):
+            self.assertEqual(sorted(seen[b].tolist()), torch.nonzero(mask[b] == 0).flatten().tolist())
+
+    def test_the_mask_ratio_holds_for_every_image(self):
+        torch.manual_seed(0)
+        for ratio in (0.75, 0.5, 0.9):
+            mae = MAE(Config(**TINY, mask_ratio=ratio)).eval()
+            seen, mask, *_ = self.encode(mae, torch.randn(3, 3, 16, 16))
+            keep = int(16 * (1 - ratio))  # MAE's count: int(), so 0.9 of 16 keeps 1
+            self.assertEqual(mask.sum(1).tolist(), [16 - keep] * 3, ratio)
+            self.assertEqual(seen.shape, (3, keep), ratio)
+
+    def test_the_loss_counts_only_the_removed_patches_which_the_encoder_never_sees(self):
+        torch.manual_seed(0)
+        cfg = Config(**TINY)
+        mae, imgs = MAE(cfg).eval(), torch.randn(2, 3, 16, 16)
+        _, mask, pred, latent = self.encode(mae, imgs)
+        removed = mask.bool()
+        loss = lambda p: pretrain_mae.mae_loss(imgs, p, mask, cfg.patch_size, cfg.norm_pix_loss).item()  # noqa: E731
+        self.assertEqual(loss(pred.detach().masked_fill(~removed[..., None], 100.0)), loss(pred.detach()))
+        self.assertNotEqual(loss(pred.detach().masked_fill(removed[..., None], 100.0)), loss(pred.detach()))
+        # new pixels in every removed patch, the same masks: the encoder's output does not move
+        changed = unpatchify(torch.where(removed[..., None], torch.randn(2, 16, 48), patchify(imgs, 4)), 4, 4)
+        torch.testing.assert_close(self.encode(mae, changed)[3], latent, rtol=0, atol=0)
+        torch.testing.assert_close(self.encode(mae, changed)[2], pred, rtol=0, atol=0)  # nor its predictions
 
 if __name__ == "__main__":
     unittest.main()

@@ -25,7 +25,7 @@ import pretrain_contrastive as pc
 import pretrain_mae
 from checkpoint import load_ckpt
 from common import BadData, RunError
-from tests.helpers import TINY, quiet
+from tests.helpers import TIMEOUT, TINY, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,7 +151,7 @@ class TestOutDir(unittest.TestCase):
     def test_second_run_in_the_same_folder_is_refused_and_a_dead_lock_is_not(self):
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                    "import checkpoint; lock = checkpoint.lock_out_dir(sys.argv[2]); "
-                                   "print('locked', flush=True); time.sleep(60)", ROOT, self.out],
+                                   "print('locked', flush=True); time.sleep(3600)", ROOT, self.out],
                                   stdout=subprocess.PIPE, text=True)
         try:
             self.assertEqual(holder.stdout.readline().strip(), "locked")
@@ -259,7 +259,8 @@ class TestBadCheckpoints(unittest.TestCase):
 
     def test_command_line_says_one_line_and_never_weights_only_false(self):
         run = subprocess.run([sys.executable, "finetune.py", f"--init_ckpt={self.empty}",
-                              f"--out_dir={self.tmp.name}/cli"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              f"--out_dir={self.tmp.name}/cli"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=TIMEOUT)
         self.assertEqual(run.returncode, 2)
         lines = run.stderr.strip().splitlines()
         self.assertEqual(len(lines), 1, run.stderr)

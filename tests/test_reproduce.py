@@ -17,7 +17,7 @@ from flags import parse_config
 from study import report
 from study import reproduce
 from common import RunError
-from tests.helpers import quiet
+from tests.helpers import TIMEOUT, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ class TestReproduce(unittest.TestCase):
         cls.clone, cls.cwd = tempfile.mkdtemp(), os.getcwd()
         clone_of_this_tree(cls.clone)
         cls.typed = subprocess.run([sys.executable, "-m", "study.reproduce", "--quick"], cwd=cls.clone,
-                                   capture_output=True, text=True, timeout=900)
+                                   capture_output=True, text=True, timeout=4 * TIMEOUT)
         os.chdir(cls.clone)  # the study's folders are relative, as typed: out/quick/runs/<run>
         cls.tmp = os.path.join(cls.clone, "out", "quick")
         cls.cfg = reproduce.Config(quick=True)
@@ -167,13 +167,13 @@ class TestWhereRunsGo(unittest.TestCase):
     def test_a_killed_study_leaves_no_run_behind(self):
         study = subprocess.Popen([sys.executable, "-m", "study.reproduce", "--quick", f"--out_dir={self.tmp}"],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
+        deadline = time.time() + TIMEOUT  # generous: a loaded laptop starts a run slowly
         while not running(self.tmp) and time.time() < deadline:
             time.sleep(0.2)
         self.assertTrue(running(self.tmp), "no run started")
         study.send_signal(signal.SIGKILL)
         study.wait()
-        deadline = time.time() + 10
+        deadline = time.time() + TIMEOUT
         while running(self.tmp) and time.time() < deadline:
             time.sleep(0.2)
         self.assertEqual(running(self.tmp), [])
@@ -274,7 +274,7 @@ class TestTypedAsAScript(unittest.TestCase):
     def test_a_study_file_typed_as_a_script_says_how_to_run_it(self):  # the stages are one folder up from study/
         for path, module in (("study/reproduce.py", "study.reproduce"), ("study/bench.py", "study.bench")):
             run = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=120)
+                                 timeout=TIMEOUT)
             self.assertEqual(run.returncode, 1, run.stderr)
             self.assertEqual(run.stderr.strip().splitlines(), [f"{path} is part of the study package: run it from "
                                                                f"the project's folder as python -m {module}"])
