@@ -398,5 +398,8 @@ def write_log(out_dir, rows):
     """Rewritten whole from the checkpoint's rows: every epoch exactly once, whatever the kill; not written when it
     already says that (a finished run typed again)."""
     path, text = os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows)
-    if not os.path.exists(path) or open(path).read() != text:
-        write_text(path, text)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    write_text(path, text)
