@@ -195,8 +195,12 @@ class TestOutDir(unittest.TestCase):
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             pretrain_mae.main(self.mae(epochs=2, num_workers=1))
-        self.assertIn("resume: epochs changed from 1 to 2", out.getvalue())
+        self.assertIn("resume: epochs changed from 1 to 2; the schedules are recomputed for 2 epochs", out.getvalue())
         self.assertEqual([r["epoch"] for r in log_rows(self.out)], [1, 2])
+        # the same code: no note, one script copy, both rows name it
+        self.assertNotIn("code changed", out.getvalue())
+        self.assertEqual([f for f in os.listdir(self.out) if f.endswith(".py")], ["pretrain_mae.py"])
+        self.assertEqual(len({r["code"] for r in log_rows(self.out)}), 1)
         with quiet():
             pretrain_mae.main(self.mae(mask_ratio=0.5, resume=False))  # starting over is allowed
         self.assertEqual(load_ckpt(os.path.join(self.out, "ckpt.pt"))["config"]["mask_ratio"], 0.5)
