@@ -7,11 +7,13 @@ reconstructions.
   (pixels) and entropy (nats) over queries and images.
 - Figures: the last layer's cls-to-patch attention per head; reconstructions if the checkpoint has an MAE decoder.
 Layers: block k = 1..depth; CKA's representations are "after block k", 0 = embedding. Writes analysis.json and
-PNG figures into out_dir; with --image (repeatable), only one figure per image file.
+PNG figures into out_dir; with --image (repeatable), only one figure per image file; with --runs, only the runs'
+curves overlaid.
 
     python analyze.py                                     # analyse out/mae/ckpt.pt on the embedded test images
     python analyze.py --ckpt=out/mae/ckpt.pt --ckpt2=out/scratch/best.pt    # CKA between MAE and supervised layers
     python analyze.py --image=data/grace_hopper.jpg       # attention and reconstruction of your own image
+    python analyze.py --runs=out/mae,out/distill          # two runs' training curves overlaid: out/analyze/curves.png
     python analyze.py --ckpt=mae_tiny.pth --model=tiny --img_size=224 --patch_size=16 --data=imagefolder \
         --data_root=/imagenet --num_images=1024           # the paper's setting (ImageNet val, 1024 images)
 """
@@ -25,7 +27,7 @@ import torch
 import augment
 import figures
 import pretrain_mae
-from checkpoint import config_of, load_ckpt, write_text
+from checkpoint import config_of, load_ckpt, read_log, stage_of, write_text
 from common import print0
 from data import Loader, build_dataset, eval_view, figure_images
 from flags import check, check_config, cli
@@ -53,6 +55,7 @@ class Config:
     shared_scale: bool = True  # one colour scale for every attention map of a figure; false: each to its own max
     image: list = None  # an image file of your own (repeat the flag for more): its figure alone, no dataset
     mask_seed: int = 0  # the masks of the reconstruction figures
+    runs: str = ""  # run folders, comma-separated, of one kind of stage: their curves overlaid, nothing else
     out_dir: str = "out/analyze"  # analysis.json and PNG figures
 
     def __post_init__(self):
@@ -170,11 +173,37 @@ def image_figures(cfg, vit, ccfg, ckpt, device):
     return written
 
 
+# --- several runs' curves ---
+KINDS = {"pretrain_mae": "MAE pre-training", "distill": "MAE pre-training", "finetune": "fine-tuning",
+         "pretrain_contrastive": "contrastive pre-training"}  # D-MAE's loss is MAE's plus its distillation parts
+
+
+def overlay_runs(cfg):
+    """--runs: the log rows of each folder drawn together, labelled by folder and metric."""
+    runs, kinds = [], {}
+    for folder in [f for f in cfg.runs.split(",") if f]:
+        check(os.path.exists(os.path.join(folder, "log.jsonl")), f"--runs: {folder} has no log.jsonl (not a run "
+              "folder, or no epoch has ended yet); pass folders a stage has trained in")
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        kinds[folder] = KINDS.get(stage_of(load_ckpt(os.path.join(folder, "ckpt.pt")) if os.path.exists(
+            os.path.join(folder, "ckpt.pt")) else {"config": config}), "unknown")
+        runs.append((folder, read_log(folder), config))
+    check(len(set(kinds.values())) == 1, "--runs: these runs are of different stages (" + ", ".join(
+        f"{k}: {v}" for k, v in kinds.items()) + "); overlay runs of one kind, e.g. two pretrain_mae.py runs")
+    path = os.path.join(cfg.out_dir, "curves.png")
+    figures.curves(runs, path, f"{next(iter(kinds.values()))} runs: " + ", ".join(kinds))
+    print0(f"wrote {path}")
+    return path
+
+
 @torch.no_grad()
 def main(cfg):
     # --- setup ---
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.runs:
+        return overlay_runs(cfg)
     paths = [(cfg.ckpt, cfg.key)] + ([(cfg.ckpt2, cfg.key2)] if cfg.ckpt2 else [])
     models = [load_model(p, k, cfg, device) for p, k in paths]
     names = [p for p, _ in paths]
@@ -231,7 +260,11 @@ def main(cfg):
     for name, dists, ents in zip(names, result["attn_distance"], result["attn_entropy"]):
         print0(f"{name}: attention distance per layer (px) " + " ".join(f"{sum(d) / len(d):.1f}" for d in dists)
                + " | entropy (nats) " + " ".join(f"{sum(e) / len(e):.2f}" for e in ents))
-    print0("CKA diagonal: " + " ".join(f"{row[i]:.2f}" for i, row in enumerate(result["cka"]) if i < len(row)))
+    if cfg.ckpt2:
+        print0("CKA diagonal: " + " ".join(f"{row[i]:.2f}" for i, row in enumerate(result["cka"]) if i < len(row)))
+    else:  # a model against itself: the diagonal is 1 by construction, no finding
+        print0("CKA: one model compared with itself (its diagonal is 1 by construction); --ckpt2=another model's "
+               "checkpoint compares two")
     print0(f"wrote {cfg.out_dir}/" + ", ".join(written))
     return result
 

@@ -25,6 +25,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import figures
 from common import BadData, Interrupted, MissingFile, RunError, print0
 
 # Fields that may differ when a run resumes (logged); any other difference is another run, refused.
@@ -345,7 +346,8 @@ class RunFolder:
 
     def save_epoch(self, row, best=None, **state):
         """Collective (every rank calls it). The master writes best.pt, then ckpt.pt (with every row so far), then
-        log.jsonl: after a kill in between, resume re-derives the later files. Each row names the code."""
+        log.jsonl: after a kill in between, resume re-derives the later files. Each row names the code. Then it draws
+        the rows as curves.png (figures.run_curves), so every run shows its own loss."""
         rng = [rng_state()]
         if dist.is_initialized():  # every rank's stream, so a resumed DDP run continues each one
             rng = [None] * dist.get_world_size()
@@ -353,12 +355,14 @@ class RunFolder:
         self.history.append(dict(row, code=self.code["hash"]))
         if not self.master:
             return
+        curves = self.output("curves.png")  # recorded before the checkpoint: --resume=false removes it
         if best is not None and best["epoch"] == row["epoch"]:
             save_ckpt(best, os.path.join(self.dir, "best.pt"))
         save_ckpt(dict(state, stage=self.stage, epoch=row["epoch"], step=row["step"], log=self.history, rng=rng,
                        config=dataclasses.asdict(self.cfg), code=self.code, files=sorted(self.files),
                        **({"best": best} if best else {})), self.ckpt_path)
         write_log(self.dir, self.history)
+        figures.run_curves(self.stage, self.dir, self.history, dataclasses.asdict(self.cfg), curves)
 
     def __exit__(self, kind, error, traceback):
         if self.lock is not None:

@@ -1,5 +1,6 @@
 """Figures shared by the stages, analyze.py and the study: image grids, MAE reconstructions, attention maps, and
 analyze.py's CKA and attention plots."""
+import json
 import math
 import os
 import textwrap
@@ -110,14 +111,23 @@ def reconstruction_rows(mae, imgs, seed=0):
     target, m = patchify(imgs, p), mask[..., None]  # m: (B, L, 1), 1 = removed
     mean, std = target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
     pixels = pred * std + mean if mae.cfg.norm_pix_loss else pred  # de-normalised with the TRUE patch's mean, std
-    rows = [("original", imgs), ("masked input\n(grey: removed)", unpatchify(target * (1 - m), p, grid)),
-            ("reconstruction", unpatchify(target * (1 - m) + pixels * m, p, grid))]
-    rows = [(label, to_pixels(x)) for label, x in rows]
+    # a grey set stays grey in every row: norm-pix normalises each patch over its three channels after ImageNet's
+    # per-channel normalisation, so a grey image's prediction and patch units differ by channel (drawn as they are,
+    # grey comes out blue); for a grey set those rows show the channels' mean
+    originals = to_pixels(imgs)
+    grey = bool((originals.amax(1) - originals.amin(1)).max() < 1e-2)
+    in_grey = (lambda v: v.unflatten(-1, (-1, 3)).mean(-1, keepdim=True).expand(-1, -1, -1, 3).flatten(2)
+               ) if grey else (lambda v: v)  # (B, L, p*p*C) -> each pixel's channel mean in all three
+    mean_of = ",\nmean of channels" if grey else ""
+    pasted = to_pixels(unpatchify(target * (1 - m) + pixels * m, p, grid))  # the visible patches pasted back
+    rows = [("original", originals),
+            ("masked input\n(grey: removed)", unpatchify(patchify(originals, p) * (1 - m) + 0.5 * m, p, grid)),
+            (f"reconstruction{mean_of}", unpatchify(in_grey(patchify(pasted, p)), p, grid))]
     if mae.cfg.norm_pix_loss:
         teal = torch.tensor([0.0, 0.5, 0.5], device=imgs.device).repeat(p * p)  # (p*p*C): pixels (row, col, channel)
-        units = lambda x: unpatchify((0.5 + x / 4).clamp(0, 1) * m + teal * (1 - m), p, grid)  # noqa: E731
-        rows += [("prediction\n(patch units;\nteal: visible)", units(pred)),
-                 ("target\n(patch units;\nteal: visible)", units((target - mean) / std))]
+        units = lambda x: unpatchify(in_grey((0.5 + x / 4).clamp(0, 1)) * m + teal * (1 - m), p, grid)  # noqa: E731
+        rows += [(f"prediction\n(patch units{mean_of};\nteal: visible)", units(pred)),
+                 (f"target\n(patch units{mean_of};\nteal: visible)", units((target - mean) / std))]
     return rows
 
 
@@ -166,3 +176,84 @@ def analysis_plots(result, out_dir, grid, patch_size):
         ax.legend(fontsize=7)
         fig.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=120, bbox_inches="tight")
         pyplot.close(fig)
+
+
+# --- training curves: every run's curves.png, analyze.py --runs' overlay, the main job's dashed reference ---
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reference")
+REFERENCES = {"pretrain_mae": "mae", "finetune": "finetune"}  # stage -> results/reference/<name>.jsonl
+# flags that never shape a curve: where files go and how they are read; every other flag must equal the reference's
+NOT_SHAPING = ("out_dir", "resume", "num_workers", "compile", "data_root")
+PANELS = (("loss", "loss (epoch mean)"), ("lr", "learning rate (epoch's last step)"), ("accuracy", "accuracy (%)"),
+          ("entropy", "teacher entropy (nats)"))
+
+
+def reference_of(stage, config):
+    """The main job's log rows when this run has its settings (same stage, every flag but NOT_SHAPING equal to the
+    config stored beside the log), else None."""
+    name = REFERENCES.get(stage)
+    path = os.path.join(REFERENCE_DIR, f"{name}.jsonl")
+    if name is None or not os.path.exists(path):
+        return None
+    with open(os.path.join(REFERENCE_DIR, f"{name}.config.json")) as f:
+        ref_config = json.load(f)
+    if any(config.get(k) != v for k, v in ref_config.items() if k not in NOT_SHAPING):
+        return None
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve_series(rows, config):
+    """{panel: [(metric, epochs, values)]}: what a log's rows hold, each metric in its panel."""
+    series = {}
+    for key in rows[0]:
+        if key in ("epoch", "step", "imgs_per_s", "best_top1", "code", "momentum") or not isinstance(rows[0][key],
+                                                                                                      (int, float)):
+            continue
+        panel = ("lr" if key == "lr" else "accuracy" if key in ("top1", "top5") else
+                 "entropy" if key == "teacher_entropy" else "loss")
+        pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        series.setdefault(panel, []).append((key, [e for e, _ in pts], [v for _, v in pts]))
+    return series
+
+
+def curves(runs, path, title, reference=None):
+    """runs: [(label, log rows, config)] -> one panel per quantity (loss and the method's parts, lr, top-1/top-5,
+    DINO's teacher entropy against ln K), x in epochs; reference: the main job's rows, dashed. Small and Agg: an
+    epoch's redraw costs a fraction of a second."""
+    pyplot = plt()
+    per_run = [(label, curve_series(rows, config), config) for label, rows, config in runs if rows]
+    ref = curve_series(reference, {}) if reference else {}
+    panels = [(p, unit) for p, unit in PANELS if any(p in s for _, s, _ in per_run)]
+    fig, axes = pyplot.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.9), squeeze=False)
+    for ax, (panel, unit) in zip(axes[0], panels):
+        for i, (label, series, config) in enumerate(per_run):
+            for j, (metric, epochs, values) in enumerate(series.get(panel, [])):
+                name = metric if len(per_run) == 1 else f"{label}: {metric}"
+                ax.plot(epochs, values, color=f"C{(i * 3 + j) % 10}", marker="." if len(epochs) < 30 else None,
+                        label=name)
+            if panel == "entropy" and config.get("head_out_dim"):  # DINO: ln K = uniform over the K prototypes
+                ax.axhline(math.log(config["head_out_dim"]), color=f"C{i * 3}", ls=":", lw=1,
+                           label=f"ln K = ln {config['head_out_dim']} (uniform; 0 = collapse)")
+        for metric, epochs, values in ref.get(panel, []):
+            ax.plot(epochs, values, color="k", ls="--", lw=1, alpha=0.6, label=f"main job's reference: {metric}")
+        if panel == "entropy":
+            ax.set_ylim(0, None)  # from 0 = collapse up to ln K = uniform
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(unit)
+        if panel == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    pyplot.close(fig)
+
+
+def run_curves(stage, out_dir, rows, config, path):
+    """A run's own curves.png, with the main job's reference when it has the main job's settings."""
+    reference = reference_of(stage, config)
+    note = "; dashed: the main job's reference log" if reference else ""
+    curves([(out_dir, rows, config)], path, f"{stage}.py run {out_dir}: epoch {rows[-1]['epoch']} of "
+           f"{config.get('epochs', '?')}{note}", reference)

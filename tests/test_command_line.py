@@ -280,7 +280,8 @@ class TestModifyAndRerun(unittest.TestCase):
         open(os.path.join(run, "my_figure.png"), "wb").write(b"not the run's")
         over = self.typed("pretrain_mae.py", *MICRO, "--epochs=1", "--out_dir=run", "--resume=false")
         self.assertEqual(over.returncode, 0, over.stderr)
-        self.assertEqual(sorted(f for f in os.listdir(run) if f.endswith(".png")), ["my_figure.png", "recon_e001.png"])
+        self.assertEqual(sorted(f for f in os.listdir(run) if f.endswith(".png")),  # curves.png: the new run's own
+                         ["curves.png", "my_figure.png", "recon_e001.png"])
 
     def test_a_flag_new_since_the_run_was_saved_is_refused(self):
         done = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run")

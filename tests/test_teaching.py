@@ -1,0 +1,133 @@
+"""A teacher's kit, through the commands a user types: every run draws its curves, analyze.py --runs overlays runs of
+one kind, the main job's reference logs fit its defaults."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from dataclasses import asdict
+from unittest import mock
+
+import torch
+
+import augment
+import figures
+import finetune
+import pretrain_mae
+from checkpoint import load_ckpt, read_log
+from data import build_dataset, figure_images
+from model import unpatchify
+from study import reference
+from tests.helpers import TIMEOUT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = ["--model=micro", "--img_size=16", "--patch_size=4", "--subset=32", "--batch_size_per_gpu=16",
+         "--warmup_epochs=0", "--num_workers=0"]
+
+
+def run(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+class TestCurves(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.runs = [os.path.join(cls.tmp.name, name) for name in ("a", "b")]
+        for out, ratio in zip(cls.runs, ("0.75", "0.5")):
+            result = run("pretrain_mae.py", *MICRO, "--epochs=2", f"--mask_ratio={ratio}", f"--out_dir={out}")
+            assert result.returncode == 0, result.stderr
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_a_run_draws_its_curves_and_records_them_for_resume_false(self):
+        self.assertGreater(os.path.getsize(os.path.join(self.runs[0], "curves.png")), 1000)
+        self.assertIn("curves.png", load_ckpt(os.path.join(self.runs[0], "ckpt.pt"))["files"])
+
+    def test_the_overlay_draws_two_runs_and_refuses_what_it_cannot_compare(self):
+        out = os.path.join(self.tmp.name, "overlay")
+        result = run("analyze.py", f"--runs={','.join(self.runs)}", f"--out_dir={out}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"wrote {out}/curves.png", result.stdout)
+        self.assertGreater(os.path.getsize(os.path.join(out, "curves.png")), 1000)
+        empty = os.path.join(self.tmp.name, "empty")
+        os.makedirs(empty)
+        result = run("analyze.py", f"--runs={self.runs[0]},{empty}", f"--out_dir={out}")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertIn(f"{empty} has no log.jsonl", result.stderr)
+        other = os.path.join(self.tmp.name, "ft")  # a fine-tuning run's folder, as finetune.py writes it
+        os.makedirs(other)
+        with open(os.path.join(other, "config.json"), "w") as f:
+            json.dump(asdict(finetune.Config()), f)
+        with open(os.path.join(other, "log.jsonl"), "w") as f:
+            f.write(json.dumps(dict(epoch=1, step=1, loss=2.0, lr=1e-3, top1=10.0, top5=50.0)) + "\n")
+        result = run("analyze.py", f"--runs={self.runs[0]},{other}", f"--out_dir={out}")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("different stages", result.stderr)
+
+    def test_the_reference_is_drawn_only_for_the_main_jobs_settings(self):
+        rows = [dict(epoch=1, step=1, loss=1.0, lr=1e-3)]
+        config = asdict(pretrain_mae.Config())
+        if figures.reference_of("pretrain_mae", config) is None:
+            self.skipTest("no reference log committed")
+        self.assertIsNone(figures.reference_of("pretrain_mae", dict(config, mask_ratio=0.5)))
+        self.assertIsNotNone(figures.reference_of("pretrain_mae", dict(config, out_dir="elsewhere", num_workers=0)))
+        figures.run_curves("pretrain_mae", "out/mae", rows, config, os.path.join(self.tmp.name, "ref.png"))
+
+
+    def test_the_reference_is_regenerated_from_finished_folders_with_the_main_jobs_paths(self):
+        ref_dir = os.path.join(self.tmp.name, "reference")
+        with mock.patch.object(reference, "REFERENCE_DIR", ref_dir), contextlib.redirect_stdout(io.StringIO()):
+            reference.main(self.runs[0], self.runs[1])
+        self.assertEqual(open(os.path.join(ref_dir, "mae.jsonl")).read(),
+                         "".join(json.dumps(r) + "\n" for r in read_log(self.runs[0])))
+        config = json.load(open(os.path.join(ref_dir, "finetune.config.json")))
+        self.assertEqual((config["out_dir"], config["init_ckpt"], config["mask_ratio"]), ("out/finetune",
+                                                                                          "out/mae/ckpt.pt", 0.5))
+
+
+class TestFiguresReadRight(unittest.TestCase):
+    def test_a_grey_set_is_grey_in_every_row_of_the_reconstruction_figure(self):
+        cfg = pretrain_mae.Config(model="micro", img_size=16, patch_size=4)
+        mae = pretrain_mae.MAE(cfg).eval()
+        dataset, _ = build_dataset("embedded", "", False, 64, "")
+        imgs = augment.normalize(figure_images(dataset, 4, 16, torch.device("cpu"))[0])
+        rows = figures.reconstruction_rows(mae, imgs)
+        _, mask, *_ = mae.encode_decode(imgs, generator=torch.Generator().manual_seed(0))
+        removed = unpatchify(mask[..., None].expand(-1, -1, 16 * 3), 4, 4)[:, 0] > 0  # (B, H, W) the scored pixels
+        self.assertEqual(len(rows), 5)
+        for label, x in rows:
+            spread = (x.amax(1) - x.amin(1))[removed]  # colour = channels apart
+            with self.subTest(row=label):
+                self.assertLess(spread.max().item(), 1e-5)
+        colour = augment.normalize(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        self.assertGreater((figures.reconstruction_rows(mae, colour)[2][1].std(1)).max().item(), 0.05)  # colour stays
+
+    def test_a_model_against_itself_is_said_to_be_no_finding(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run("pretrain_mae.py", *MICRO, "--epochs=1", f"--out_dir={tmp}/mae")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            result = run("analyze.py", f"--ckpt={tmp}/mae/ckpt.pt", "--num_images=32", "--batch_size=32",
+                         f"--out_dir={tmp}/analyze")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertNotIn("CKA diagonal", result.stdout)
+            self.assertIn("compared with itself", result.stdout)
+
+
+class TestReferenceLogs(unittest.TestCase):
+    def test_the_committed_reference_has_the_main_jobs_settings(self):
+        for stage, cfg in (("pretrain_mae", pretrain_mae.Config()), ("finetune", finetune.Config())):
+            name = figures.REFERENCES[stage]
+            path = os.path.join(figures.REFERENCE_DIR, f"{name}.config.json")
+            if not os.path.exists(path):
+                self.skipTest("no reference log committed")
+            with self.subTest(stage=stage):
+                self.assertIsNotNone(figures.reference_of(stage, asdict(cfg)), f"the main job's {stage}.py defaults "
+                                     f"differ from {path}: regenerate the reference (study/reference.py)")
+
