@@ -1,9 +1,11 @@
 """A teacher's kit, through the commands a user types: every run draws its curves, analyze.py --runs overlays runs of
-one kind, the main job's reference logs fit its defaults."""
+one kind, the main job's reference logs fit its defaults, and every command of docs/EXERCISES.md runs at micro size."""
 import contextlib
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from checkpoint import load_ckpt, read_log
 from data import build_dataset, figure_images
 from model import unpatchify
 from study import reference
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, project_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--model=micro", "--img_size=16", "--patch_size=4", "--subset=32", "--batch_size_per_gpu=16",
@@ -131,3 +133,88 @@ class TestReferenceLogs(unittest.TestCase):
                 self.assertIsNotNone(figures.reference_of(stage, asdict(cfg)), f"the main job's {stage}.py defaults "
                                      f"differ from {path}: regenerate the reference (study/reference.py)")
 
+
+# micro flags appended to each exercise command (the last value of a flag wins), per script
+TRAIN_MICRO = MICRO[:2] + ["--img_size=16", "--patch_size=4", "--subset=32", "--batch_size_per_gpu=16", "--epochs=1",
+                           "--warmup_epochs=0", "--num_workers=0"]
+EXERCISE_MICRO = {"pretrain_mae.py": TRAIN_MICRO, "pretrain_contrastive.py": TRAIN_MICRO + ["--local_crop_size=8"],
+                  "finetune.py": TRAIN_MICRO, "distill.py": TRAIN_MICRO,
+                  "knn.py": ["--img_size=16", "--patch_size=4", "--subset=32", "--batch_size=16", "--num_workers=0"],
+                  "analyze.py": ["--num_images=32", "--batch_size=16", "--num_map_images=2"]}
+
+
+EXERCISES = os.path.join(ROOT, "docs", "EXERCISES.md")
+
+
+def exercises(path=EXERCISES):
+    """docs/EXERCISES.md as [(title, edits [(file, how, anchor, code)], commands [argv])], in the file's order."""
+    found = []
+    for section in re.split(r"^## ", open(path).read(), flags=re.M)[1:]:
+        edits = [(f, how, anchor.strip(), code) for f, how, anchor, code in re.findall(
+            r"<!-- edit: (\S+) \| (insert before|replace) \| (.+?) -->\n```python\n(.*?)```", section, re.S)]
+        commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+                    for line in block.splitlines() if line.startswith("python ")]
+        found.append((section.splitlines()[0], edits, commands))
+    return found
+
+
+class TestExercises(unittest.TestCase):
+    def test_every_exercise_runs_at_micro_size_with_its_code_change(self):
+        listed = [e for e in exercises() if e[2]]
+        self.assertGreaterEqual(len(listed), 8)
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (title, edits, commands) in enumerate(listed):
+                project = ROOT
+                if edits:  # the student's change, made in their own copy
+                    project = project_copy(os.path.join(tmp, f"project{i}"))
+                    for name, how, anchor, code in edits:
+                        path = os.path.join(project, name)
+                        source = open(path).read()
+                        self.assertIn(anchor, source, f"exercise {title!r}: its anchor is gone from {name}")
+                        new = code + anchor if how == "insert before" else code.rstrip("\n")
+                        with open(path, "w") as f:
+                            f.write(source.replace(anchor, new, 1))
+                for argv in commands:
+                    with self.subTest(exercise=title, command=" ".join(argv)):
+                        self.assertEqual(argv[0], "python")
+                        script = argv[1]
+                        result = subprocess.run([sys.executable, os.path.join(project, script), *argv[2:],
+                                                 *EXERCISE_MICRO[script]], cwd=tmp, capture_output=True, text=True,
+                                                timeout=TIMEOUT)
+                        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+
+
+def slug(heading):
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+class TestDocs(unittest.TestCase):
+    def test_the_readme_is_a_front_page(self):
+        text = open(os.path.join(ROOT, "README.md")).read()
+        self.assertLessEqual(len(text), 15000)
+        self.assertRegex(text, r"!\[[^\]]+\]\([^)]+\.png\)")  # one figure
+        for name in os.listdir(os.path.join(ROOT, "docs")):
+            if name.endswith(".md"):
+                self.assertIn(f"](docs/{name})", text)  # the table of contents lists every doc
+
+    def test_every_relative_link_of_the_readme_and_docs_resolves(self):
+        files = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n)
+                                                    for n in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                                                    if n.endswith(".md")]
+        checked = 0
+        for path in files:
+            text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)  # code blocks hold no links
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+://|mailto:", target):
+                    continue
+                file, _, anchor = target.partition("#")
+                dest = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+                with self.subTest(doc=os.path.relpath(path, ROOT), link=target):
+                    self.assertTrue(os.path.exists(dest), f"{target}: no such file")
+                    if anchor:
+                        headings = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", open(dest).read(), flags=re.S),
+                                              re.M)
+                        self.assertIn(anchor, [slug(h) for h in headings], f"{target}: no such heading")
+                checked += 1
+        self.assertGreater(checked, 20)
