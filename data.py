@@ -3,21 +3,23 @@ no per-sample Python on the hot path.
 
 A view is (side, scale range): torchvision's RandomResizedCrop; or (side, "center"): timm's eval centre crop.
 In-memory sets (embedded slices, Fashion-MNIST, CIFAR) are cut on the device (augment.py); file sets (ImageFolder =
-ImageNet, the small transfer sets) per image, by DataLoader workers with PIL or, on a GPU, after nvjpeg.
+ImageNet, the small transfer sets) per image, by DataLoader workers with PIL. A packed store (data/pack.py: every
+image decoded and resized once, uint8, memory-mapped) is cut by the same workers with no decode on a CPU, and on a GPU
+per image on the device, each from its own box.
 Nothing is ever downloaded: a missing folder or an undecodable file is an error naming it.
 """
+import contextlib
 import gzip
+import json
 import math
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.io import ImageReadMode, decode_jpeg
 
 import augment
 from common import BadData, BadValue, MissingFile
@@ -26,6 +28,7 @@ EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data") 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.txt")}  # --classes by name: CMC's
+STORE_FORMAT, STORE_VERSION = "mae-lite-mini packed images", 1  # data/pack.py writes it; another version is refused
 UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
@@ -114,21 +117,11 @@ def crop_pil(img, seed, views):
                  for (top, left, h, w), v in zip(boxes, views))
 
 
-def crop_tensor(img, seed, k, view):
-    """crop_pil on the GPU: decoded uint8 (3, H, W) -> view k, the same box."""
-    top, left, h, w = crop_box(seed, k, img.shape[1], img.shape[2], view)
-    t, lft = int(round(top)), int(round(left))
-    x = img[None, :, t:t + int(round(h)), lft:lft + int(round(w))].float()
-    x = F.interpolate(x, (view[0], view[0]), mode="bicubic", antialias=True, align_corners=False)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
-
-
 class FileImages(Dataset):
-    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): uint8 (3, S, S) per view, or with
-    raw=True (GPU decoding) a JPEG's bytes."""
+    """(path, label) samples. Item (index, seed) -> (crops, label, index, seed): uint8 (3, S, S) per view."""
 
     def __init__(self, samples, names=None):
-        self.samples, self.labels, self.names, self.raw, self.views = samples, [y for _, y in samples], names, False, ()
+        self.samples, self.labels, self.names, self.views = samples, [y for _, y in samples], names, ()
 
     def __len__(self):
         return len(self.samples)
@@ -136,16 +129,139 @@ class FileImages(Dataset):
     def select(self, indices):
         return FileImages([self.samples[i] for i in indices], self.names)
 
+    def crops(self, i, seed, views):
+        with open_image(self.samples[i][0]) as img:
+            return crop_pil(img, seed, views)
+
     def __getitem__(self, item):
         i, seed = item
-        path, label = self.samples[i]
-        if self.raw:
-            with open(path, "rb") as f:
-                data = f.read()
-            if data[:2] == b"\xff\xd8":  # JPEG: the GPU decodes it
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, seed
-        with open_image(path) as img:
-            return crop_pil(img, seed, self.views), label, i, seed
+        return self.crops(i, seed, self.views), self.samples[i][1], i, seed
+
+
+class PackedImages(Dataset):
+    """One split of a packed store: uint8 (H, W, 3) images end to end in one file, memory-mapped (read when touched,
+    never copied whole), each at its own size. Items as FileImages', cut from the pixels with no decode."""
+
+    def __init__(self, pixels_path, starts, shapes, labels, names):
+        self.pixels_path, self.starts, self.shapes, self.labels = pixels_path, starts, shapes, labels
+        self.names, self.views, self.map = names, (), None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getstate__(self):  # a worker started by spawn maps the file itself, never gets it pickled
+        return dict(self.__dict__, map=None)
+
+    def pixels(self):
+        """The split's whole file, 1-D uint8, memory-mapped (copy-on-write: the store is never written)."""
+        if self.map is None:
+            self.map = torch.from_file(self.pixels_path, shared=False, size=os.path.getsize(self.pixels_path),
+                                       dtype=torch.uint8)
+        return self.map
+
+    def nbytes(self):
+        return int((self.shapes[:, 0] * self.shapes[:, 1]).sum()) * 3
+
+    def image(self, i):
+        h, w = self.shapes[i].tolist()
+        start = int(self.starts[i])
+        return self.pixels()[start:start + h * w * 3].view(h, w, 3)
+
+    def select(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return PackedImages(self.pixels_path, self.starts[indices], self.shapes[indices], self.labels[indices],
+                            self.names)
+
+    def crops(self, i, seed, views):  # crop_pil's boxes, in this image's own pixels, resized as crop_pil resizes
+        return crop_pil(Image.fromarray(self.image(i).numpy()), seed, views)
+
+    def __getitem__(self, item):
+        i, seed = item
+        return self.crops(i, seed, self.views), int(self.labels[i]), i, seed
+
+    def gather(self, items):
+        """A batch's images as one 1-D uint8 tensor (pinned by the DataLoader on a GPU), their starts in it, shapes,
+        labels and seeds: what the device cuts when the store does not fit its memory."""
+        idx = torch.tensor([i for i, _ in items], dtype=torch.long)
+        flat = torch.cat([self.image(i).reshape(-1) for i in idx.tolist()])
+        sizes = self.shapes[idx].prod(1) * 3
+        return flat, sizes.cumsum(0) - sizes, self.shapes[idx], self.labels[idx], [s for _, s in items]
+
+
+def open_store(root, train, classes=""):
+    """(PackedImages, class names) of a store's train or val split; a store of another version, a half-written or
+    truncated one, or a class it lacks is one line naming the way out."""
+    folder = bool(root) and os.path.isdir(os.path.join(root, "train"))  # an image folder given for its store
+    pack = f"python data/pack.py --data_root={root if folder else 'IMAGE_FOLDER'} --out_dir=STORE"
+    if not root:
+        raise MissingFile(f"--data=packed needs --data_root: a store written by {pack}")
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta_path):
+        root = root.rstrip("/")
+        if root.endswith(".partial") or os.path.isdir(root + ".partial"):  # pack.py renames it when complete
+            raise BadData(f"{root} is a half-written store (its pack was interrupted): run the same data/pack.py "
+                          "command again, it resumes")
+        raise MissingFile(f"{root} is not a packed store (no meta.json): pack it first, {pack}, then "
+                          "--data_root=STORE")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        version = meta.get("version") if meta.get("format") == STORE_FORMAT else None
+    except (OSError, ValueError, AttributeError):
+        version = None
+    if version != STORE_VERSION:
+        raise BadData(f"{root} is a store of format version {version}, this code reads version {STORE_VERSION}: pack "
+                      f"its images again into a new store ({pack})")
+    split = "train" if train else "val"
+    try:
+        index = torch.load(os.path.join(root, f"{split}.index.pt"), weights_only=True)
+        size = os.path.getsize(os.path.join(root, f"{split}.pixels"))
+    except (OSError, RuntimeError, EOFError) as e:
+        raise BadData(f"{root}: the {split} split is missing or unreadable ({type(e).__name__}): pack it again "
+                      f"({pack})") from None
+    ds = PackedImages(os.path.join(root, f"{split}.pixels"), index["starts"], index["shapes"], index["labels"],
+                      meta["classes"])
+    if size != index["bytes"] or len(ds) != meta["images"][split] or size != ds.nbytes():
+        raise BadData(f"{root}: {split}.pixels holds {size:,} bytes where its index says {index['bytes']:,}: a "
+                      f"truncated or half-written store; pack it again ({pack})")
+    if not classes:
+        return ds, meta["classes"]
+    list_path, names = class_list(classes)
+    missing = [c for c in names if c not in meta["classes"]]
+    if missing:
+        more = f" (and {len(missing) - 1} more of its classes)" if len(missing) > 1 else ""
+        raise MissingFile(f"class {missing[0]} of {list_path} is not in the store {root}{more}, which holds "
+                          f"{len(meta['classes'])} classes: pack them (--classes of data/pack.py), or check --classes")
+    relabel = torch.full((len(meta["classes"]),), -1, dtype=torch.long)
+    relabel[[meta["classes"].index(c) for c in names]] = torch.arange(len(names))
+    keep = (relabel[ds.labels] >= 0).nonzero()[:, 0]
+    ds = ds.select(keep)
+    ds.labels, ds.names = relabel[ds.labels], names
+    return ds, names
+
+
+def stored_size(width, height, short_side):
+    """(width, height) of an image in a store: the shorter side to short_side, the aspect ratio kept, never enlarged."""
+    short = min(width, height)
+    if short <= short_side:
+        return width, height
+    return max(1, round(width * short_side / short)), max(1, round(height * short_side / short))
+
+
+def pack_image(path, short_side):
+    """An image file as a store holds it (data/pack.py): uint8 (H, W, 3) bytes, H, W; resized once, antialiased
+    bicubic (JPEG's DCT scaling first where it halves the image at least, as the file workers do)."""
+    with open_image(path) as img:
+        width, height = img.size
+        size = stored_size(width, height, short_side)
+        factor = min(width, height) / min(size)
+        if img.format == "JPEG" and factor >= 2:
+            reduce = 2 ** min(3, int(math.log2(factor)))
+            img.draft("RGB", (width // reduce, height // reduce))
+        img = rgb(img)
+        if img.size != size:
+            img = img.resize(size, Image.BICUBIC)  # PIL widens the kernel by the shrink factor: antialiased
+        return img.tobytes(), size[1], size[0]
 
 
 def class_list(classes):
@@ -204,8 +320,8 @@ def transfer_set(name, root, train):
     splits = {"flowers102": ("train", "val") if train else ("test",), "pets": ("trainval" if train else "test",),
               "aircraft": ("trainval" if train else "test",), "cars": ("train" if train else "test",)}
     if name not in ("cifar10", "cifar100", *splits):
-        raise BadValue(f"unknown dataset {name!r}; choose from embedded, mnist, fashion-mnist, imagefolder, cifar10, "
-                       "cifar100, flowers102, pets, aircraft, cars")
+        raise BadValue(f"unknown dataset {name!r}; choose from embedded, mnist, fashion-mnist, imagefolder, packed, "
+                       "cifar10, cifar100, flowers102, pets, aircraft, cars")
     if not root or not os.path.isdir(root):
         raise MissingFile(f"data_root {root!r} for {name} does not exist")
     try:
@@ -236,8 +352,9 @@ def class_by_class(labels, n, order=None):
 def build_dataset(name, root, train, subset=0, classes=""):
     """(dataset, num_classes); README 'Data' lists the names. `subset`: N images, class-balanced and seeded;
     `classes`: see image_folder."""
-    if classes and name != "imagefolder":  # silently ignoring it would train on every class
-        raise BadValue(f"--classes selects class folders of --data=imagefolder, not of --data={name}: drop --classes")
+    if classes and name not in ("imagefolder", "packed"):  # silently ignoring it would train on every class
+        raise BadValue(f"--classes selects class folders of --data=imagefolder or packed, not of --data={name}: drop "
+                       "--classes")
     if name in ("embedded", "mnist", "fashion-mnist"):  # the committed slices, or Debian's 70k
         folder, prefix = {"embedded": (EMBEDDED_DIR, "fmnist-"), "mnist": (EMBEDDED_DIR, "mnist-"),
                           "fashion-mnist": (root or FASHION_MNIST_DIR, "")}[name]
@@ -252,6 +369,9 @@ def build_dataset(name, root, train, subset=0, classes=""):
         if not train:  # headers only: a bad val file fails before training
             for path, _ in samples:
                 open_image(path).close()
+    elif name == "packed":
+        ds, names = open_store(root, train, classes)
+        classes = len(names)
     else:
         ds, classes = transfer_set(name, root, train)
     if subset and subset < len(ds):  # each class's images in a seeded shuffle, taken from its end
@@ -266,29 +386,35 @@ def figure_images(dataset, n, size, device):
     names = [str(dataset.names[y]) if dataset.names else f"class {y}" for y in (int(dataset.labels[i]) for i in idx)]
     if isinstance(dataset, MemoryImages):
         return augment.center_crop(dataset.chw()[idx].to(device), size), names
-    return torch.stack([eval_view(dataset.samples[i][0], size) for i in idx]).to(device).float() / 255, names
+    return torch.stack([dataset.crops(i, 0, [(size, "center")])[0] for i in idx]).to(device).float() / 255, names
 
 
 # --- the loader ---
 def _collate(batch):
-    """Lists, not stacked (JPEG bytes differ in length); labels as one tensor."""
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch], [b[3] for b in batch]
+    """Workers' crops stacked per view (in the worker, so a GPU's pinned copy is one per view); labels as a tensor."""
+    views = tuple(torch.stack([b[0][k] for b in batch]) for k in range(len(batch[0][0])))
+    return views, torch.tensor([b[1] for b in batch])
 
 
 class SeededSampler(torch.utils.data.Sampler):
     """(index, crop seed) pairs. Seeds come from torch's RNG here, in the training process (checkpoints save it),
     never from a worker, so a resumed run cuts the same boxes."""
 
-    def __init__(self, sampler, n, draw):
-        self.sampler, self.n, self.draw = sampler, n, draw  # draw: False for eval views
+    def __init__(self, sampler, n, draw, lazy=False):
+        self.sampler, self.n, self.draw, self.lazy = sampler, n, draw, lazy  # draw: False for eval views
 
     def __len__(self):
         return len(self.sampler) if self.sampler is not None else self.n
 
     def __iter__(self):
+        # lazy (a store): drawn when the pass starts, so the DataLoader's extra iter() on its first pass draws nothing
+        # and a resumed run draws as the one it continues (files keep the order of draws their runs always had)
+        return self.pairs() if self.lazy else iter(list(self.pairs()))
+
+    def pairs(self):
         order = list(self.sampler) if self.sampler is not None else list(range(self.n))
         seeds = torch.randint(2 ** 40, (len(order),)).tolist() if self.draw else [0] * len(order)
-        return iter(zip(order, seeds))
+        yield from zip(order, seeds)
 
 
 class DeviceCrops:
@@ -310,12 +436,16 @@ class DeviceCrops:
 
 class Loader:
     """One pass of (crops, labels) on `device`: crops[k] is the batch cut to views[k], float (B, 3, S, S) in [0, 1].
-    Shuffling draws from torch's global RNG, which checkpoints save, so a resumed run sees the same order."""
+    Shuffling draws from torch's global RNG, which checkpoints save, so a resumed run sees the same order.
+    A packed store is cut on the device on a GPU (device_cut=None; tests force it on a CPU): from its pixels in device
+    memory when they fit (resident=None: half the GPU's memory), else gathered by the workers into pinned memory."""
 
-    def __init__(self, dataset, batch_size, train, num_workers, device, views, drop_last=None, prefetch=None):
+    def __init__(self, dataset, batch_size, train, num_workers, device, views, drop_last=None, device_cut=None,
+                 resident=None):
         drop_last = train if drop_last is None else drop_last
         self.device, self.views, self.memory = device, views, isinstance(dataset, MemoryImages)
-        self.prefetch = device.type == "cuda" if prefetch is None else prefetch  # files on a GPU: the next batch early
+        cuda = device.type == "cuda"
+        self.device_cut = isinstance(dataset, PackedImages) and (cuda if device_cut is None else device_cut)
         if torch.distributed.is_initialized():
             self.sampler = DistributedSampler(range(len(dataset)), shuffle=train, drop_last=drop_last)
         else:
@@ -323,16 +453,30 @@ class Loader:
                 raise BadValue(f"dataset has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
                                "--batch_size_per_gpu")
             self.sampler = torch.utils.data.RandomSampler(range(len(dataset))) if train else None
+        packed = isinstance(dataset, PackedImages)
+        seeded = SeededSampler(self.sampler, len(dataset), any(scale != "center" for _, scale in views), lazy=packed)
+        private = torch.Generator() if packed else None  # the workers' base seed, unused: not from the run's RNG
         if self.memory:  # a batch is an index gather on the device
             self.images = dataset.chw().contiguous().to(device)  # (N, 3, H, W) uint8
             self.labels = dataset.labels.to(device)
             self.batches = DataLoader(range(len(dataset)), batch_size, sampler=self.sampler, drop_last=drop_last)
+        elif self.device_cut:  # a store: boxes from the seeds, cut on the device
+            self.store = dataset
+            if resident is None:
+                resident = cuda and dataset.nbytes() <= torch.cuda.get_device_properties(device).total_memory / 2
+            batches = torch.utils.data.BatchSampler(seeded, batch_size, drop_last)
+            if resident:  # the pixels of these images only, once, in device memory: a batch is an index gather
+                self.pixels, self.starts = _contiguous(dataset, device)
+                self.batches = batches
+            else:  # the workers gather each batch from the memory map; pinned, copied ahead on a side stream
+                self.pixels = None
+                self.batches = DataLoader(_Gathered(dataset), None, sampler=batches, num_workers=num_workers,
+                                          pin_memory=cuda, persistent_workers=num_workers > 0, generator=private,
+                                          prefetch_factor=4 if num_workers else None)
         else:
-            self.files = dataset
-            dataset.raw, dataset.views = device.type == "cuda", views
-            seeded = SeededSampler(self.sampler, len(dataset), any(scale != "center" for _, scale in views))
-            self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last,
-                                      num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+            dataset.views = views
+            self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last, generator=private,
+                                      num_workers=num_workers, collate_fn=_collate, pin_memory=cuda,
                                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
 
     def __len__(self):
@@ -347,54 +491,68 @@ class Loader:
             for batch in self.batches:
                 idx = torch.as_tensor(batch).to(self.device, non_blocking=True)
                 yield DeviceCrops(self.images[idx], self.views), self.labels[idx]
-        elif self.prefetch:
-            yield from self._prefetched()
+        elif self.device_cut and self.pixels is not None:
+            for items in self.batches:
+                idx = torch.tensor([i for i, _ in items])
+                yield (cut_on_device(self.pixels, self.starts[idx], self.store.shapes[idx], [s for _, s in items],
+                                     self.views), self.store.labels[idx].to(self.device, non_blocking=True))
+        elif self.device_cut:
+            yield from self._copied_ahead()
         else:
-            for batch in self.batches:
-                yield self._to_device(*batch)
+            for crops, labels in self.batches:
+                yield (tuple(c.to(self.device, non_blocking=True).float() / 255 for c in crops),
+                       labels.to(self.device, non_blocking=True))
 
-    def _prefetched(self):
-        """Files on a GPU: a thread decodes and cuts the next batch on a side stream while the caller trains on this
-        one. Same batches, same order; errors are raised here."""
+    def _copied_ahead(self):
+        """Host-gathered batches: batch k + 1 is copied on a side stream while the caller trains on batch k."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
-        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
 
-        def prepare(batch):
-            if not cuda:  # (how the tests run this path on CPU)
-                return self._to_device(*batch), None
-            with torch.cuda.device(index), torch.cuda.stream(stream):  # both are per thread
-                out = self._to_device(*batch)
-                return out, stream.record_event()
+        def copy(batch):
+            flat, starts, shapes, labels, seeds = batch
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                out = flat.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                return out, starts, shapes, seeds, stream.record_event() if cuda else None
 
-        with ThreadPoolExecutor(1) as pool:
-            batches = iter(self.batches)
-            pending = pool.submit(prepare, next(batches)) if len(self.batches) else None
-            while pending is not None:
-                following = next(batches, None)  # the workers' next batch, read in the caller's thread
-                ready, pending = pending, pool.submit(prepare, following) if following is not None else None
-                (crops, labels), done = ready.result()
-                if cuda:  # the caller's stream waits for the side stream, and its allocator keeps the memory
-                    torch.cuda.current_stream(self.device).wait_event(done)
-                    for t in (*crops, labels):
-                        t.record_stream(torch.cuda.current_stream(self.device))
-                yield crops, labels
+        batches = iter(self.batches)
+        ahead = copy(next(batches)) if len(self.batches) else None
+        while ahead is not None:
+            (flat, labels), starts, shapes, seeds, done = ahead
+            following = next(batches, None)
+            if cuda:  # the caller's stream waits for the copy; its allocator keeps the memory until it is done
+                torch.cuda.current_stream(self.device).wait_event(done)
+                for t in (flat, labels):
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            ahead = copy(following) if following is not None else None
+            yield cut_on_device(flat, starts, shapes, seeds, self.views), labels
 
-    def _to_device(self, items, labels, indices, seeds):
-        """Workers' crops, or JPEG bytes decoded and cut here -> one float batch per view on the device."""
-        crops, jpeg = list(items), [i for i, x in enumerate(items) if torch.is_tensor(x)]  # bytes: only on a GPU
-        if jpeg:
-            try:  # one batched nvjpeg call
-                decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # find the bad file to name it
-                decoded = []
-                for i in jpeg:
-                    try:
-                        decoded.append(decode_jpeg(items[i], mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError as e:
-                        raise BadData(f"corrupt or unreadable image file: {self.files.samples[indices[i]][0]} "
-                                      f"({str(e).splitlines()[0][:100]})") from None
-            for i, img in zip(jpeg, decoded):  # one by one: sizes differ
-                crops[i] = tuple(crop_tensor(img, seeds[i], k, v) for k, v in enumerate(self.views))
-        return (tuple(torch.stack([c[k].to(self.device, non_blocking=True) for c in crops]).float() / 255
-                      for k in range(len(self.views))), labels.to(self.device, non_blocking=True))
+
+class _Gathered(Dataset):
+    """A store's batches as DataLoader items (its sampler yields whole batches of (index, seed))."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getitem__(self, items):
+        return self.store.gather(items)
+
+
+def _contiguous(store, device):
+    """The store's images (all, or a --subset's) as one 1-D uint8 tensor on the device, and their starts in it."""
+    sizes = store.shapes.prod(1) * 3
+    if len(store) and torch.equal(store.starts, sizes.cumsum(0) - sizes):  # a whole split: the file as it is
+        return store.pixels()[:store.nbytes()].to(device), store.starts
+    return torch.cat([store.image(i).reshape(-1) for i in range(len(store))]).to(device), sizes.cumsum(0) - sizes
+
+
+def cut_on_device(pixels, starts, shapes, seeds, views):
+    """Each image of a batch, uint8 (h, w, 3) at starts[b] of the 1-D `pixels`, cut to every view from its own box
+    (crop_box: the workers' boxes) and resized there, bicubic antialiased: float (B, 3, S, S) per view in [0, 1]."""
+    out = [torch.empty(len(seeds), 3, size, size, device=pixels.device) for size, _ in views]
+    for b, (start, (h, w), seed) in enumerate(zip(starts.tolist(), shapes.tolist(), seeds)):
+        img = pixels[start:start + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)
+        for k, view in enumerate(views):
+            top, left, bh, bw = (int(round(v)) for v in crop_box(seed, k, h, w, view))
+            out[k][b] = F.interpolate(img[..., top:top + bh, left:left + bw].float(), (view[0], view[0]),
+                                      mode="bicubic", antialias=True, align_corners=False)[0]
+    return tuple(o.round_().clamp_(0, 255).div_(255) for o in out)

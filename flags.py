@@ -37,7 +37,7 @@ def cli(main, cls):
 class TrainFlags:
     """Flags every training stage's Config inherits: where the images come from, how a step is cut, how the run
     restarts."""
-    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | cifar10 | cifar100 | flowers102 | ...
+    data: str = "embedded"  # embedded | mnist | fashion-mnist | imagefolder | packed | cifar10 | cifar100 | ...
     data_root: str = ""  # folder of the data (ImageNet: holds train/ and val/); unused for the embedded slices
     subset: int = 0  # a seeded, class-balanced subset of N training images (0 = all): quick checks, data-poor studies
     classes: str = ""  # imagefolder: keep only the class folders listed in this file (imagenet100: CMC's); "" = all

@@ -1,23 +1,32 @@
 r"""Throughput and peak memory: whole stages end to end (data included: what a user gets), and the model step alone.
 
 End to end: each stage's own main() on real data, img/s of its last epoch (the others warm up). Beside it, its data
-path alone (loader, then + augmentation) and its share of a step's time: is data or model the limit? For files, one
-worker core's rate too. Model step: forward, backward, AdamW on random images. bf16 autocast on CUDA, fp32 on CPU;
-timm's ViT-Tiny too if installed. Speed targets live here, never in the tests.
+path alone (loader, then + augmentation) and its share of a step's time: is data or model the limit? For files and
+packed stores, one worker core's rate too. With --pack, the image folder is also packed (data/pack.py, its rate
+measured) and every stage measured from the store beside the files, with the ratios. Model step: forward, backward,
+AdamW on random images. bf16 autocast on CUDA, fp32 on CPU; timm's ViT-Tiny too if installed. Speed targets live
+here, never in the tests.
 
     python -m study.bench                            # CPU: the four stages on the embedded data, then model steps
+    python -m study.bench --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=300 --pack \
+        --stage_model=micro --stage_img_size=224 --stage_patch=16 --stage_batch=64 --model_steps=false  # store vs JPEG
     python -m study.bench --model_steps=false --stages=mae --data=imagefolder --data_root=/tmp/jpegs --make_jpegs=2000 \
-        --stage_model=tiny --stage_img_size=224 --stage_patch=16 --stage_batch=512 --num_workers=14   # GPU, JPEG
+        --pack --stage_model=tiny --stage_img_size=224 --stage_patch=16 --stage_batch=512 --num_workers=14   # GPU
 """
 import json
+import math
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 try:  # `python study/bench.py` puts study/, not the stages' folder, on the path
     import finetune
@@ -30,12 +39,13 @@ import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log, write_text
 from common import autocast_ctx
-from data import FileImages, Loader, build_dataset
-from flags import check, check_config, cli
+from data import FileImages, Loader, PackedImages, build_dataset, crop_box, crop_pil, open_image, pack_image
+from flags import check, check_config, cli, int_list
 from model import create_vit
 from pretrain_mae import MAE, Config as MAEConfig
 
 STAGES = dict(mae=pretrain_mae, finetune=finetune, mocov3=pretrain_contrastive, dino=pretrain_contrastive)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -45,6 +55,9 @@ class Config:
     data: str = "embedded"  # as the stages' --data
     data_root: str = ""  # as the stages' --data_root
     make_jpegs: int = 0  # first write this many JPEGs at ImageNet's typical sizes into data_root (10 classes)
+    pack: bool = False  # --data=imagefolder: also pack data_root (data/pack.py) and measure each stage from the store
+    fidelity_sides: str = "192,256,320"  # with --pack: crops from stores of these shorter sides against the files'
+    rounds: int = 1  # with --pack: each stage from the files then the store, this many times (a ratio per pair)
     stage_model: str = "cpu"  # ViT size for the stages
     stage_img_size: int = 32  # input side for the stages
     stage_patch: int = 4  # patch side for the stages
@@ -66,8 +79,9 @@ class Config:
 
     def __post_init__(self):
         check_config(self, make_jpegs=">=0", stage_img_size=">0", stage_patch=">0", stage_batch=">0",
-                     stage_epochs=">0", stage_subset=">=0", batch_size=">=0", steps=">0", threads=">=0")
+                     stage_epochs=">0", stage_subset=">=0", rounds=">0", batch_size=">=0", steps=">0", threads=">=0")
         check(all(s in STAGES for s in self.stage_list()), f"stages must be of {tuple(STAGES)}, got {self.stages!r}")
+        check(not self.pack or self.data == "imagefolder", "--pack packs an image folder: give --data=imagefolder")
 
     def stage_list(self):
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -85,8 +99,6 @@ def device_name(device):
 
 def make_jpegs(root, n, classes=10, copies=10):
     """n JPEGs at ImageNet's common sizes; train/ links each `copies` times so an epoch is long enough to time."""
-    from torchvision.io import encode_jpeg
-
     sizes = [(375, 500), (333, 500), (500, 375), (480, 640), (500, 500)]
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
@@ -97,17 +109,53 @@ def make_jpegs(root, n, classes=10, copies=10):
         low = torch.rand(1, 3, 8, 8, generator=g) * 255
         img = F.interpolate(low, (h, w), mode="bicubic") + torch.randn(1, 3, h, w, generator=g) * 8
         path = os.path.join(root, "val", f"c{i % classes}", f"{i}.jpg")
-        with open(path, "wb") as f:
-            f.write(encode_jpeg(img[0].clamp(0, 255).to(torch.uint8), quality=90).numpy().tobytes())
+        Image.fromarray(img[0].clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(path, quality=90)
         for k in range(copies):
             os.link(path, os.path.join(root, "train", f"c{i % classes}", f"{i}_{k}.jpg"))
 
 
-def stage_config(stage, cfg, tmp):
-    shared = dict(data=cfg.data, data_root=cfg.data_root, model=cfg.stage_model, img_size=cfg.stage_img_size,
+def pack(root, out):
+    """Pack an image folder with data/pack.py, as a user would: its img/s on every core."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "data", "pack.py"), f"--data_root={root}",
+                          f"--out_dir={out}"], capture_output=True, text=True)
+    check(run.returncode == 0, f"packing {root} failed: {run.stderr.strip()[-500:]}")
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(out, "meta.json")) as f:
+        return sum(json.load(f)["images"].values()) / seconds
+
+
+def fidelity(root, side, n=100, seeds=4, views=((224, (0.08, 1.0)), (224, "center"))):
+    """Crops cut from images as a store at `side` holds them against crops cut from the files (crop_pil, as the
+    workers), the same boxes: per view, the mean absolute difference (uint8 levels) and the PSNR (dB); bytes per
+    image. The first n val images and data/grace_hopper.jpg (a photograph)."""
+    paths = [p for p, _ in build_dataset("imagefolder", root, False)[0].samples[:n]]
+    paths.append(os.path.join(ROOT, "data", "grace_hopper.jpg"))
+    sums, nbytes = [[0.0, 0.0, 0] for _ in views], 0
+    for path in paths:
+        pixels, h, w = pack_image(path, side)
+        stored, nbytes = Image.frombytes("RGB", (w, h), pixels), nbytes + len(pixels)
+        for seed in range(seeds):
+            with open_image(path) as img:
+                width, height = img.size
+                from_file = crop_pil(img, seed, views)
+            sx, sy = w / width, h / height
+            for k, view in enumerate(views):
+                top, left, bh, bw = crop_box(seed, k, height, width, view)  # in the file's pixels
+                cut = stored.resize((view[0], view[0]), Image.BICUBIC,
+                                    box=(left * sx, top * sy, (left + bw) * sx, (top + bh) * sy))
+                diff = TF.pil_to_tensor(cut).float() - from_file[k].float()
+                sums[k][0] += diff.abs().sum().item()
+                sums[k][1] += diff.square().sum().item()
+                sums[k][2] += diff.numel()
+    return [(a / n_, 10 * math.log10(255 ** 2 / max(sq / n_, 1e-12))) for a, sq, n_ in sums], nbytes / len(paths)
+
+
+def stage_config(stage, cfg, tmp, data, root, tag=""):
+    shared = dict(data=data, data_root=root, model=cfg.stage_model, img_size=cfg.stage_img_size,
                   patch_size=cfg.stage_patch, batch_size_per_gpu=cfg.stage_batch, epochs=cfg.stage_epochs,
                   warmup_epochs=0, subset=cfg.stage_subset, num_workers=cfg.num_workers, compile=cfg.compile,
-                  out_dir=os.path.join(tmp, stage))
+                  out_dir=os.path.join(tmp, f"{stage}_{data}{tag}"))
     if stage == "mae":
         return pretrain_mae.Config(**shared)
     if stage == "finetune":  # fine-tuning's step without a checkpoint
@@ -122,13 +170,17 @@ def run_stage(stage, stage_cfg):
     return read_log(stage_cfg.out_dir)[-1]["imgs_per_s"]
 
 
-def worker_rate(stage, sc, dataset, n=64):
-    """Files: one worker core's img/s (read, decode, crop every view)."""
-    dataset.views, dataset.raw = STAGES[stage].views(sc), False
-    t0 = time.perf_counter()
-    for i in range(n):
-        dataset[(i % len(dataset), i)]
-    return n / (time.perf_counter() - t0)
+def worker_rate(stage, sc, dataset, n=64, rounds=3):
+    """Files or a store: one worker core's img/s (files: read, decode; crop every view), the best of `rounds` passes
+    over the same n images (a shared machine's other work only slows a pass down)."""
+    dataset.views = STAGES[stage].views(sc)
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(n):
+            dataset[(i % len(dataset), i)]
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
 
 
 def time_data_path(stage, sc, dataset, classes, device):
@@ -153,6 +205,35 @@ def time_data_path(stage, sc, dataset, classes, device):
         sync(device)
         rates.append(n / (time.perf_counter() - t0))
     return rates[1], rates[2]
+
+
+def measure_stage(stage, cfg, tmp, data, root, device, tag=""):
+    """The rows of one stage on one source: end to end, loading alone, data path alone, one worker core."""
+    sc = stage_config(stage, cfg, tmp, data, root, tag)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ips = run_stage(stage, sc)
+    peak = round(peak_memory_mb(device))
+    dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)  # once: a folder's listing
+    load_ips, data_ips = time_data_path(stage, sc, dataset, classes, device)
+    common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
+                  batch=cfg.stage_batch)
+    share = ips / data_ips  # of an end-to-end step's time, if the data path ran alone
+    rows = [dict(common, what=f"{stage} end to end ({data})", imgs_per_s=round(ips, 1), peak_mem_mb=peak),
+            dict(common, what=f"{stage} loading alone ({data})", imgs_per_s=round(load_ips, 1)),
+            dict(common, what=f"{stage} data path alone ({data})", imgs_per_s=round(data_ips, 1),
+                 share_of_step=round(share, 3))]
+    if isinstance(dataset, (FileImages, PackedImages)):
+        per_core = worker_rate(stage, sc, dataset)
+        rows.append(dict(common, what=f"{stage} one worker core ({data})", imgs_per_s=round(per_core, 1),
+                         cores_to_feed_this_step=round(ips / per_core, 1)))
+        print(f"{'':>24} {stage:>9}: one worker core {'reads, decodes' if data != 'packed' else 'reads'} and crops "
+              f"{per_core:.0f} img/s ({data}); {ips / per_core:.1f} worker cores feed the {ips:.0f} img/s measured "
+              "end to end", flush=True)
+    print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch {cfg.stage_batch} "
+          f"({data}): end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone {load_ips:9.1f}, "
+          f"+ augmentation {data_ips:9.1f} img/s ({100 * share:.0f}% of a step's time)", flush=True)
+    return rows
 
 
 def sync(device):
@@ -198,32 +279,35 @@ def main(cfg):
         make_jpegs(cfg.data_root, cfg.make_jpegs)
         print(f"wrote {cfg.make_jpegs} JPEGs under {cfg.data_root} in {time.time() - t0:.0f} s")
     with tempfile.TemporaryDirectory() as tmp:
+        sources = [(cfg.data, cfg.data_root)]
+        if cfg.pack:
+            store = os.path.join(tmp, "store")
+            rate = pack(cfg.data_root, store)
+            cores = len(os.sched_getaffinity(0))
+            results.append(dict(device=f"cpu x{cores}", what="pack (data/pack.py)", imgs_per_s=round(rate, 1),
+                                per_core=round(rate / cores, 1)))
+            print(f"packed {cfg.data_root} with data/pack.py: {rate:.0f} img/s on {cores} cores", flush=True)
+            sources.append(("packed", store))
+            for side in int_list(cfg.fidelity_sides, "--fidelity_sides"):
+                (rrc, centre), per_image = fidelity(cfg.data_root, side)
+                results.append(dict(what=f"store at {side} px against the files", bytes_per_image=round(per_image),
+                                    rrc_mean_abs_diff=round(rrc[0], 2), rrc_psnr_db=round(rrc[1], 1),
+                                    centre_mean_abs_diff=round(centre[0], 2), centre_psnr_db=round(centre[1], 1)))
+                print(f"store at shorter side {side:4d} px ({per_image / 1e3:.0f} KB an image) against the files, the "
+                      f"same boxes: RandomResizedCrop 224 (0.08-1) mean |diff| {rrc[0]:.2f} levels, PSNR "
+                      f"{rrc[1]:.1f} dB; eval centre 224: {centre[0]:.2f} levels, {centre[1]:.1f} dB", flush=True)
         for stage in cfg.stage_list():
-            sc = stage_config(stage, cfg, tmp)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ips = run_stage(stage, sc)
-            peak = round(peak_memory_mb(device))
-            dataset, classes = build_dataset(sc.data, sc.data_root, True, sc.subset)  # once: a folder's listing
-            load_ips, data_ips = time_data_path(stage, sc, dataset, classes, device)
-            common = dict(device=device_name(device), model=cfg.stage_model, img_size=cfg.stage_img_size,
-                          batch=cfg.stage_batch)
-            share = ips / data_ips  # of an end-to-end step's time, if the data path ran alone
-            results += [dict(common, what=f"{stage} end to end ({cfg.data})", imgs_per_s=round(ips, 1),
-                             peak_mem_mb=peak),
-                        dict(common, what=f"{stage} loading alone", imgs_per_s=round(load_ips, 1)),
-                        dict(common, what=f"{stage} data path alone", imgs_per_s=round(data_ips, 1),
-                             share_of_step=round(share, 3))]
-            if isinstance(dataset, FileImages):
-                per_core = worker_rate(stage, sc, dataset)
-                results.append(dict(common, what=f"{stage} one worker core", imgs_per_s=round(per_core, 1),
-                                    cores_to_feed_this_step=round(ips / per_core, 1)))
-                print(f"{'':>24} {stage:>9}: one worker core reads, decodes and crops {per_core:.0f} img/s; "
-                      f"{ips / per_core:.1f} worker cores feed the {ips:.0f} img/s measured end to end", flush=True)
-            print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch "
-                  f"{cfg.stage_batch}: end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone "
-                  f"{load_ips:9.1f}, + augmentation {data_ips:9.1f} img/s ({100 * share:.0f}% of a step's time)",
-                  flush=True)
+            for pair in range(cfg.rounds if cfg.pack else 1):
+                rows = {data: measure_stage(stage, cfg, tmp, data, root, device, f"_{pair}") for data, root in sources}
+                results += [dict(r, round=pair + 1) if cfg.pack else r for source in rows.values() for r in source]
+                if cfg.pack:  # the store against the files, measured side by side in this run
+                    speed = {(data, r["what"].split(" (")[0]): r["imgs_per_s"] for data, rs in rows.items() for r in rs}
+                    ratios = {what: speed[("packed", f"{stage} {what}")] / speed[(cfg.data, f"{stage} {what}")]
+                              for what in ("one worker core", "end to end")}
+                    results.append(dict(what=f"{stage} store / files", round=pair + 1,
+                                        **{f"{k} ratio": round(v, 2) for k, v in ratios.items()}))
+                    print(f"{'':>24} {stage:>9}: the store against the files: one worker core "
+                          f"{ratios['one worker core']:.2f}x, end to end {ratios['end to end']:.2f}x", flush=True)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     sizes = [(cfg.model, cfg.img_size, cfg.patch_size)] if cfg.model else [("cpu", 32, 4), ("tiny", 224, 16)]
     for size, img, patch in sizes if cfg.model_steps else []:
@@ -246,7 +330,8 @@ def main(cfg):
             print(f"{row['device']:>24} {row['what']:>34} {size:>5} {img}px batch {batch}: {ips:9.1f} img/s, "
                   f"peak memory {mem:7.0f} MB", flush=True)
             stage = {"vit": "finetune", "mae": "mae"}.get(name)  # the stage whose loader feeds this step
-            for worker in [r for r in results if r["what"] == f"{stage} one worker core" and r["img_size"] == img]:
+            for worker in [r for r in results if r["what"] == f"{stage} one worker core ({cfg.data})"
+                           and r["img_size"] == img]:
                 row["worker_cores_to_feed"] = round(ips / worker["imgs_per_s"], 1)  # files at the model's speed
                 print(f"{'':>24} {'':>34} files: {row['worker_cores_to_feed']} worker cores of "
                       f"{worker['imgs_per_s']:.0f} img/s each feed this step", flush=True)

@@ -68,8 +68,13 @@ GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"
 WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
                 "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
                 "analyze": (252, "measured")}
-NVJPEG_SPEED = 3800  # img/s of nvjpeg's decode + crops on one H100 (measured before the worker-side crops)
 FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
+# A packed store (data/pack.py): on a GPU each batch is an index gather and its crops are cut on the device (a store
+# that fits half the GPU's memory sits there; a larger one is gathered from host memory by the workers), no decode.
+# Packing: images per second per core (bench.py's "pack" row: ImageNet-sized JPEGs, 2-core CPU) and bytes per image
+# at the default shorter side 256 (a 4:3 image: 256 x 341 x 3; pack.py prints its own estimate from the headers)
+PACK_SPEED, STORE_BYTES = 70, 256 * 341 * 3
+VAL_IMAGES = {"imagefolder": 50000, "imagefolder:imagenet100": 5000}  # ImageNet's val/ (all of it, the 100 classes')
 # The largest micro-batch per 80 GB GPU (ViT-Tiny, 224 px, bf16) for --fit_gpu: bench.py's 9.2 GB (MAE step) and
 # 17.8 GB (ViT train step) at 1024; MoCo-v3 (~20 GB) and DINO (~25 GB) estimated from their tokens per step
 MICRO_BATCH = {"pretrain_mae": 1024, "distill": 1024, "finetune": 1024, "linear": 1024, "mocov3": 512, "dino": 256}
@@ -230,6 +235,7 @@ class Run:
 
 # Training-set sizes and classes for a --plan without the data (name, or name:classes for a --classes subset)
 NOMINAL = {"imagefolder": (1281167, 1000), "imagefolder:imagenet100": (126689, 100), "flowers102": (2040, 102),
+           "packed": (1281167, 1000), "packed:imagenet100": (126689, 100),  # a store of ImageNet, not here
            "cifar10": (50000, 10), "cifar100": (50000, 100), "pets": (3680, 37), "aircraft": (6667, 100),
            "cars": (8144, 196)}
 
@@ -608,18 +614,20 @@ def print_plan(runs, cfg):
         return sum(seconds.values()) / 3600, hours
     print(f"{len(runs)} runs; GPU-hours on one H100 (bf16, ViT-{cfg.model} at {cfg.img_size} px) from bench.py's model "
           f"steps (measured: MAE {GPU_SPEED['pretrain_mae'][0]:,} and fine-tuning {GPU_SPEED['finetune'][0]:,} img/s, "
-          "compiled, batch 1024; ~ = derived by FLOPs), if the data path keeps up; then the worker cores per GPU it "
-          f"needs to (JPEG read + decode + crops: {WORKER_SPEED['finetune'][0]} img/s a core for one view, "
-          f"{WORKER_SPEED['mocov3'][0]} for MoCo-v3's two, DINO's ~{WORKER_SPEED['dino'][0]} estimated) and, where "
-          f"--num_workers={cfg.num_workers} cores are fewer, its GPU-hours at that pace")
-    bound, slow = dict(seconds), []  # GPU-seconds at num_workers cores; runs asking more than nvjpeg gives
+          "compiled, batch 1024; ~ = derived by FLOPs), if the data path keeps up; then its data path: a packed store "
+          "is cut on the GPU; JPEG files need worker cores per GPU (read + decode + crops: "
+          f"{WORKER_SPEED['finetune'][0]} img/s a core for one view, {WORKER_SPEED['mocov3'][0]} for MoCo-v3's two, "
+          f"DINO's ~{WORKER_SPEED['dino'][0]} estimated) and, where --num_workers={cfg.num_workers} cores are fewer, "
+          "the run's GPU-hours at that pace")
+    bound = dict(seconds)  # GPU-seconds at num_workers cores
     for r in runs:
         data = "in memory"
-        if r.cfg.data in FILE_DATA:
+        if r.cfg.data == "packed":
+            data = "store, cut on the GPU"
+        elif r.cfg.data in FILE_DATA:
             per_core = WORKER_SPEED[r.speed_key()][0]
             workers = max(1, getattr(r.cfg, "num_workers", 0))  # no workers: the training process decodes
             bound[r.name] = max(seconds[r.name], r.images() / (workers * per_core))
-            slow += [r.name] if r.images() / seconds[r.name] > NVJPEG_SPEED else []
             data = f"{r.images() / seconds[r.name] / per_core:.0f} cores/GPU" + (
                 f", {bound[r.name] / 3600:.2f} GPU-h at {cfg.num_workers}" if bound[r.name] > seconds[r.name] else "")
         print(f"{r.name:24s} {seconds[r.name] / 3600:8.2f} GPU-h {GPU_SPEED[r.speed_key()][1]:8s} data: {data:30s} "
@@ -628,13 +636,22 @@ def print_plan(runs, cfg):
     hours = wall_clock(runs, cfg, gpus, seconds)
     print(f"total {total:.1f} GPU-hours; on {gpus} GPU(s), {cfg.gpus_per_run} per pre-training / fine-tuning run: "
           f"about {hours:.1f} h wall-clock (scheduled as the study runs them; {total / gpus:.1f} h if never idle)")
-    limited = sum(bound[r.name] > seconds[r.name] for r in runs)
-    if limited:
-        print(f"data path: {limited} of {len(runs)} runs need more worker cores per GPU than their --num_workers="
-              f"{cfg.num_workers} to keep up; with {cfg.num_workers} cores per GPU the study takes "
-              f"{sum(bound.values()) / 3600:.1f} GPU-hours, about {wall_clock(runs, cfg, gpus, bound):.1f} h "
-              f"wall-clock. On a GPU nvjpeg decodes ({NVJPEG_SPEED:,} img/s with the crops, one H100, measured before "
-              f"the worker-side crops): {len(slow)} runs ask more of it than that")
+    limited = [r for r in runs if bound[r.name] > seconds[r.name]]
+    slower = (f"; with {cfg.num_workers} cores per GPU the study takes {sum(bound.values()) / 3600:.1f} GPU-hours, "
+              f"about {wall_clock(runs, cfg, gpus, bound):.1f} h wall-clock") if limited else ""
+    print(f"data path: {len(limited)} of {len(runs)} runs need more worker cores per GPU than their --num_workers="
+          f"{cfg.num_workers} to keep up{slower}")
+    for name, root, classes in {(r.cfg.data, r.cfg.data_root, getattr(r.cfg, "classes", "")) for r in limited}:
+        if name != "imagefolder":
+            print(f"  --transfer_data={name}: pack it too (python data/pack.py --data={name} "
+                  f"--data_root={root or 'DIR'} --out_dir=STORE), then --transfer_data=packed --transfer_root=STORE")
+            continue
+        key = f"{name}:{classes}" if classes else name
+        n = data_size(name, root, 0, classes)[0] + VAL_IMAGES.get(key, 0)
+        print(f"  pack {root or 'the ImageNet folder'} first: python data/pack.py --data_root={root or '/imagenet'}"
+              + (f" --classes={classes}" if classes else "") + f" --out_dir=STORE ({n:,} images, about "
+              f"{n * STORE_BYTES / 1e9:.0f} GB, about {n / (PACK_SPEED * 16) / 60:.0f} min on 16 cores at "
+              f"{PACK_SPEED} img/s a core), then --data=packed --data_root=STORE: the batches are cut on the GPU")
     if NO_TEACHER in {getattr(r.cfg, "teacher_ckpt", "") for r in runs}:
         print(f"D-MAE's teacher: {NO_TEACHER} above stands for the published MAE-Base the study needs: pass "
               "--teacher_ckpt=mae_pretrain_vit_base.pth (MAE's) to run it")

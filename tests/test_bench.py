@@ -17,13 +17,13 @@ class TestBench(unittest.TestCase):
                                     out=out))
             rows = {r["what"]: r for r in json.load(open(out))}
         for stage in ("mae", "finetune", "dino"):
-            e2e, load, data = (rows[f"{stage} {w}"] for w in ("end to end (embedded)", "loading alone",
-                                                              "data path alone"))
+            e2e, load, data = (rows[f"{stage} {w} (embedded)"] for w in ("end to end", "loading alone",
+                                                                         "data path alone"))
             self.assertGreater(e2e["imgs_per_s"], 0)
             self.assertGreater(e2e["peak_mem_mb"], 0)
-            # the data path is part of the end-to-end step, so alone it runs faster than the whole step
-            self.assertGreater(data["imgs_per_s"], e2e["imgs_per_s"])
-            self.assertGreater(load["imgs_per_s"], e2e["imgs_per_s"])
+            # each row measured (how they compare is a speed, which a loaded machine may reorder: no test of it)
+            self.assertGreater(data["imgs_per_s"], 0)
+            self.assertGreater(load["imgs_per_s"], 0)
             self.assertAlmostEqual(data["share_of_step"], e2e["imgs_per_s"] / data["imgs_per_s"], places=2)
 
     def test_files_report_one_worker_cores_rate_and_the_cores_a_step_needs(self):
@@ -34,12 +34,37 @@ class TestBench(unittest.TestCase):
                                     stage_epochs=1, num_workers=1, model="micro", img_size=32, patch_size=4,
                                     batch_size=8, steps=1, out=out))
             rows = {r["what"]: r for r in json.load(open(out))}
-        worker = rows["mae one worker core"]
+        worker = rows["mae one worker core (imagefolder)"]
         self.assertGreater(worker["imgs_per_s"], 0)
         self.assertAlmostEqual(worker["cores_to_feed_this_step"],
                                rows["mae end to end (imagefolder)"]["imgs_per_s"] / worker["imgs_per_s"], delta=0.1)
         step = rows["mae model step"]
         self.assertAlmostEqual(step["worker_cores_to_feed"], step["imgs_per_s"] / worker["imgs_per_s"], delta=0.1)
+
+    def test_pack_measures_the_store_beside_the_files_and_their_ratios(self):
+        with tempfile.TemporaryDirectory() as tmp, quiet():
+            out = os.path.join(tmp, "bench.json")
+            bench.main(bench.Config(stages="mae", data="imagefolder", data_root=os.path.join(tmp, "jpegs"),
+                                    make_jpegs=12, pack=True, fidelity_sides="256,1000", stage_model="micro",
+                                    stage_img_size=32, stage_patch=4, stage_batch=8, stage_epochs=1, num_workers=1,
+                                    model_steps=False, out=out))
+            rows = json.load(open(out))
+        what = {r["what"]: r for r in rows}
+        self.assertGreater(what["pack (data/pack.py)"]["imgs_per_s"], 0)
+        for source in ("imagefolder", "packed"):
+            for row in ("end to end", "loading alone", "data path alone", "one worker core"):
+                self.assertGreater(what[f"mae {row} ({source})"]["imgs_per_s"], 0)
+        ratio = what["mae store / files"]
+        for row in ("one worker core", "end to end"):  # the ratio of the two rows measured in this run
+            self.assertAlmostEqual(ratio[f"{row} ratio"], what[f"mae {row} (packed)"]["imgs_per_s"]
+                                   / what[f"mae {row} (imagefolder)"]["imgs_per_s"], delta=0.02)
+        at256, whole = what["store at 256 px against the files"], what["store at 1000 px against the files"]
+        self.assertGreater(at256["rrc_mean_abs_diff"], 0)  # resized once: a little is lost
+        self.assertLess(at256["rrc_mean_abs_diff"], 3)
+        self.assertLess(at256["centre_mean_abs_diff"], 0.5)  # 256 is the eval view's own resize
+        # kept at their own size (every image is smaller than 1000 px): the files' pixels, but for JPEG's draft decode
+        self.assertLess(whole["rrc_mean_abs_diff"], at256["rrc_mean_abs_diff"])
+        self.assertGreater(whole["bytes_per_image"], at256["bytes_per_image"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """CUDA: every stage runs bf16 steps on the GPU, attention paths agree in bf16, torch.compile runs, the batched
-augmentation gives the same numbers on GPU as on CPU, nvjpeg decodes like PIL, and two GPUs train under torchrun.
+augmentation gives the same numbers on GPU as on CPU, a packed store is cut on the GPU as the CPU workers cut it, and
+two GPUs train under torchrun.
 Skipped without CUDA (the default CI machine has none); run on a GPU machine: python -m pytest -q tests/test_cuda.py"""
 import json
 import os
@@ -86,9 +87,8 @@ class TestStagesOnCuda(unittest.TestCase):
         box = [torch.tensor(v) for v in ([0, 3, 5, 1, 0, 7, 2, 4], [1, 0, 6, 2, 3, 0, 8, 5],
                                          [40, 30, 20, 35, 12, 33, 38, 16],
                                          [39, 32, 25, 30, 18, 33, 30, 20])]
-        flip = torch.tensor([True, False] * 4)
-        cpu = augment.crop_resize(u8, *box, 32, flip)
-        gpu = augment.crop_resize(u8.to(CUDA), *[b.to(CUDA) for b in box], 32, flip.to(CUDA))
+        cpu = augment.crop_resize(u8, *box, 32)
+        gpu = augment.crop_resize(u8.to(CUDA), *[b.to(CUDA) for b in box], 32)
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=1e-4)
         x = cpu.clamp(0, 255) / 255
         f = torch.linspace(0.1, 1.9, 8)
@@ -103,45 +103,32 @@ class TestStagesOnCuda(unittest.TestCase):
         torch.testing.assert_close(augment.gaussian_blur(x.to(CUDA), f.to(CUDA) + 0.1, 5).cpu(),
                                    augment.gaussian_blur(x, f + 0.1, 5), atol=1e-4, rtol=0)
 
-    def test_nvjpeg_decodes_like_pil(self):
+    def test_a_store_is_cut_on_the_gpu_as_the_workers_cut_it(self):
         from study.bench import make_jpegs
-        root = self.path("jpegs")
+        root, store = self.path("jpegs"), self.path("store")
         make_jpegs(root, 20, classes=2, copies=1)
-        ds, _ = build_dataset("imagefolder", root, False)
-        gpu, labels = next(iter(Loader(ds, 8, False, 2, CUDA, [(32, "center")])))
-        ds_cpu, _ = build_dataset("imagefolder", root, False)
-        cpu, labels_cpu = next(iter(Loader(ds_cpu, 8, False, 0, torch.device("cpu"), [(32, "center")])))
-        self.assertTrue(gpu[0].is_cuda)
-        self.assertEqual(labels.tolist(), labels_cpu.tolist())
-        self.assertEqual(gpu[0].shape, cpu[0].shape)
-        self.assertLess(255 * (gpu[0].cpu() - cpu[0]).abs().mean().item(), 2.0)  # decoders round differently
-        crops = [(32, (0.2, 1.0)), (16, "center")]  # nvjpeg + per-image crops on the device = PIL crops in workers
-        views = []
-        for dataset, device, workers in ((build_dataset("imagefolder", root, True)[0], CUDA, 2),
-                                         (build_dataset("imagefolder", root, True)[0], torch.device("cpu"), 0)):
+        run = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "data", "pack.py"),
+                              f"--data_root={root}", f"--out_dir={store}"], capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        ds, _ = build_dataset("packed", store, True)
+        views = [(64, (0.2, 1.0)), (32, "center")]
+        cut = []  # workers with PIL on the CPU; the GPU from its memory; the GPU from pinned host batches
+        for device, workers, resident in ((torch.device("cpu"), 2, None), (CUDA, 0, True), (CUDA, 2, False)):
             torch.manual_seed(0)
-            views.append(next(iter(Loader(dataset, 8, True, workers, device, crops)))[0])
-        for g, c in zip(*views):
-            self.assertEqual((g.shape, g.dtype, g.is_cuda), (c.shape, torch.float32, True))
-            self.assertLess(255 * (g.cpu() - c).abs().mean().item(), 4.0)  # the same boxes
-        prefetched = []  # the next batch decoded on a side stream by a thread: the same batches, bit for bit
-        for prefetch in (True, False):
-            torch.manual_seed(0)
-            loader = Loader(build_dataset("imagefolder", root, True)[0], 4, True, 2, CUDA, crops, prefetch=prefetch)
-            prefetched.append([v.cpu() for cut, _ in loader for v in cut])
-        self.assertEqual(len(prefetched[0]), 2 * len(crops))
-        self.assertTrue(all(torch.equal(a, b) for a, b in zip(*prefetched)))
-        with open(os.path.join(root, "train", sorted(os.listdir(os.path.join(root, "train")))[0], "bad.jpg"),
-                  "wb") as f:
-            f.write(b"\xff\xd8\xff\xe0 not a JPEG after all")
-        with self.assertRaisesRegex(Exception, "bad.jpg"):  # nvjpeg's error, raised in the thread, names the file
-            list(Loader(build_dataset("imagefolder", root, True)[0], 4, True, 0, CUDA, crops))
-        os.remove(f.name)
-        with quiet():  # a whole fine-tune from JPEG files on the GPU
-            finetune.main(finetune.Config(**{**TINY, "data": "imagefolder", "data_root": root, "subset": 0,
+            loader = Loader(ds, 8, True, workers, device, views, resident=resident)
+            self.assertEqual(loader.device_cut, device.type == "cuda")
+            cut.append([([v.cpu() for v in crops], labels.cpu()) for crops, labels in loader])
+        for (a, la), (b, lb), (c, lc) in zip(*cut):
+            self.assertEqual(la.tolist(), lb.tolist())
+            self.assertEqual(lb.tolist(), lc.tolist())
+            for x, y, z in zip(a, b, c):
+                self.assertTrue(torch.equal(y, z))  # resident or copied ahead on a side stream: bit for bit
+                self.assertLess(255 * (x - y).abs().mean().item(), 2.0)  # PIL and torch, the same boxes
+        with quiet():  # a whole fine-tune from the store on the GPU
+            finetune.main(finetune.Config(**{**TINY, "data": "packed", "data_root": store, "subset": 0,
                                              "mode": "scratch", "batch_size_per_gpu": 8, "img_size": 32,
-                                             "num_workers": 2, "out_dir": self.path("jpeg_ft")}))
-        self.assertEqual(self.last_row(self.path("jpeg_ft"))["epoch"], 1)
+                                             "num_workers": 2, "out_dir": self.path("store_ft")}))
+        self.assertEqual(self.last_row(self.path("store_ft"))["epoch"], 1)
 
     @unittest.skipUnless(torch.cuda.device_count() >= 2, "needs two GPUs")
     def test_two_gpus_under_torchrun(self):
