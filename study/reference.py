@@ -18,9 +18,12 @@ from figures import REFERENCE_DIR
 MAIN_JOB_PATHS = {"mae": dict(out_dir="out/mae"), "finetune": dict(out_dir="out/finetune", init_ckpt="out/mae/ckpt.pt")}
 
 
-def main(mae_dir, finetune_dir):
+def main(mae_dir, finetune_dir=""):
+    """Copy each finished folder's log and config; an empty folder name leaves that stage's reference as it is."""
     os.makedirs(REFERENCE_DIR, exist_ok=True)
     for name, folder in (("mae", mae_dir), ("finetune", finetune_dir)):
+        if not folder:
+            continue
         rows = read_log(folder)
         if not rows:
             sys.exit(f"study.reference: {folder} has no log.jsonl: pass the main job's finished folders")
@@ -35,6 +38,6 @@ def main(mae_dir, finetune_dir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m study.reference MAE_DIR FINETUNE_DIR (a finished main job's two folders)")
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m study.reference MAE_DIR [FINETUNE_DIR] (a finished main job's folders)")
     main(*sys.argv[1:])
