@@ -124,14 +124,18 @@ class TestFiguresReadRight(unittest.TestCase):
 
 class TestReferenceLogs(unittest.TestCase):
     def test_the_committed_reference_has_the_main_jobs_settings(self):
+        committed = 0
         for stage, cfg in (("pretrain_mae", pretrain_mae.Config()), ("finetune", finetune.Config())):
             name = figures.REFERENCES[stage]
             path = os.path.join(figures.REFERENCE_DIR, f"{name}.config.json")
             if not os.path.exists(path):
-                self.skipTest("no reference log committed")
+                continue
+            committed += 1
             with self.subTest(stage=stage):
                 self.assertIsNotNone(figures.reference_of(stage, asdict(cfg)), f"the main job's {stage}.py defaults "
                                      f"differ from {path}: regenerate the reference (study/reference.py)")
+        if not committed:
+            self.skipTest("no reference log committed")
 
 
 # micro flags appended to each exercise command (the last value of a flag wins), per script
