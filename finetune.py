@@ -59,6 +59,7 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     randaug_magnitude: int = 10  # RandAugment magnitude of 10, timm's semantics (2 ops, p 0.5 each); 0 = off
     randaug_std: float = 0.5  # per-op normal jitter of the magnitude (timm's mstd; the paper: 0.5)
     crop_min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    hflip: bool = True  # random horizontal flips; false for digits and text, whose meaning a mirror changes
     # run
     out_dir: str = "out/finetune"  # ckpt.pt (latest), best.pt, log.jsonl, config.json
 
@@ -103,11 +104,11 @@ def views(cfg):  # the one view the loader cuts: RandomResizedCrop, scale crop_m
 
 
 def train_transform(cfg):
-    """timm's fine-tuning train transform after the crop, on the device: flip, RandAugment with timm's semantics (the
-    paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour jitter (timm ignores it when RandAugment is
-    on), no random erasing (the impr. recipe)."""
+    """timm's fine-tuning train transform after the crop, on the device: flip (unless --hflip=false), RandAugment
+    with timm's semantics (the paper's rand-m10-mstd0.5-inc1), ImageNet normalisation. No colour jitter (timm ignores
+    it when RandAugment is on), no random erasing (the impr. recipe)."""
     def transform(crops):
-        x = augment.random_flip(crops[0])
+        x = augment.random_flip(crops[0]) if cfg.hflip else crops[0]
         if cfg.randaug_magnitude > 0:
             x = augment.rand_augment(x, cfg.randaug_magnitude, cfg.randaug_std)
         return augment.normalize(x)

@@ -20,6 +20,12 @@ def select(results, key="top1", **tags):
     return [r[key] for r in results if all(r["tags"].get(k) == v for k, v in tags.items())]
 
 
+def floor(results, key="top1", **tags):
+    """A raw-pixel floor (pixels.py; deterministic, so one number): logistic regression (top1) or k-NN (knn_top1)."""
+    values = select(results, key, method="pixels", **tags)
+    return f"{values[0]:.1f}" if values else "-"
+
+
 def stats(values):
     """(mean, sample std, n)."""
     n = len(values)
@@ -111,13 +117,18 @@ def header(s, results, wall):
                                     "probes ") +
         f"{s.linear_epochs}, the layer study {s.layer_epochs}, all with the paper's fine-tuning recipe (AdamW, warm-up "
         "+ cosine; MAE layer decay 0.85, MoCo-v3/DINO 0.75, none from scratch) at base lr "
-        f"{s.finetune_lr:g}, mixup {s.finetune_mixup:g}, RandAugment magnitude {s.finetune_randaug} (the paper: "
-        "1e-3, 0.2, 10; see README for why). Accuracy is the **last epoch's** top-1 on the test split (no choice by "
+        f"{s.finetune_lr:g}, mixup {s.finetune_mixup:g}, RandAugment magnitude {s.finetune_randaug}, crop scale "
+        f"({s.finetune_crop:g}, 1) (the paper: 1e-3, 0.2, 10, 0.08; see README for why). Accuracy is the **last "
+        "epoch's** top-1 on the test split (no choice by "
         f"test accuracy). Transfer: `{s.transfer_data}` with {s.transfer_shots or 'all'} labels per class (the same "
         f"class-balanced images for every seed), the paper's transfer recipe (SGD, lr {s.transfer_lr:g}, batch "
-        f"{s.transfer_batch}, crop scale ({s.transfer_crop:g}, 1), flips, no mixup or RandAugment; "
+        f"{s.transfer_batch}, crop scale ({s.transfer_crop:g}, 1), {'flips' if s.transfer_flip else 'no flips'}, no "
+        "mixup or RandAugment; "
         + ", ".join(f"{c['epochs']} epochs at {c['subset'] or 'all'}" for c in transfer) + " images), the head "
-        "re-initialised. A verdict `A > B` needs the mean difference to exceed twice its standard error.\n",
+        "re-initialised. The floors: a logistic regression and a k-NN (k 20, T 0.07) on the raw pixels of the same "
+        f"images (`python pixels.py`, {min(s.img_size, 32)}-px eval views; a pre-trained model below them learned "
+        "nothing the pixels do not give). A verdict `A > B` needs the mean difference to exceed twice its standard "
+        "error.\n",
     ] + (["**--quick: micro sizes, one seed, one epoch. These numbers only show that every step runs.**\n"]
          if s.quick else [])
 
@@ -126,7 +137,9 @@ def claim1(s, results, figs):
     get = lambda **t: select(results, **t)
     out = ["## Claim 1: MAE pre-training beats training from scratch and MoCo-v3 after fine-tuning\n"]
     out += table(["pre-training", "fine-tune top-1", "linear probe top-1", "k-NN top-1 (k 20, T 0.07)"],
-                 [["none: supervised from scratch", fmt(get(method="scratch", eval="ft")), "-", "-"],
+                 [["none: raw pixels (logistic regression; k-NN), the floor", floor(results, eval="floor"),
+                   floor(results, eval="floor"), floor(results, "knn_top1", eval="floor")],
+                  ["none: supervised from scratch", fmt(get(method="scratch", eval="ft")), "-", "-"],
                   ["none: random-initialised backbone", "-", "-", fmt(get(method="random", eval="knn"))]]
                  + [[name] + [fmt(get(method=m, eval=e)) for e in ("ft", "lin", "knn")] for m, name in METHODS.items()])
     mae, scr, moco = get(method="mae", eval="ft"), get(method="scratch", eval="ft"), get(method="mocov3", eval="ft")
@@ -221,6 +234,7 @@ def claim2(s, results, figs):
            f"Fine-tuning for {s.layer_epochs} epochs after keeping only the first K pre-trained blocks (the rest "
            f"re-initialised; K = {depth} keeps them all).\n"]
     out += table(["K"] + [METHODS[m] for m in layer], [[str(k)] + [fmt(layer[m][k]) for m in layer] for k in ks])
+    out.append(f"\nThe floor: a logistic regression on the same images' raw pixels, {floor(results, eval='floor')}.")
     half, found, signs = depth // 2, [], []
     for m in layer:  # a gain from pre-training, mostly from the lower half
         lo, mid, hi = (stats(layer[m][k])[0] for k in (0, half, depth))
@@ -249,12 +263,17 @@ def claim3(s, results, figs):
     out = ["## Claim 3: on a data-poor task of another domain, MAE is worse than supervised and contrastive "
            "pre-training\n",
            f"Transfer to `{td}` (pre-trained on `{s.data}`), test top-1 after fine-tuning on the labelled images.\n"]
-    out += table(["labels per class"] + [NAMES[src] for src in SOURCES] + ["MAE vs supervised", "MAE vs MoCo-v3"],
-                 [[str(n or "all")] + [fmt(v[src, n]) for src in SOURCES] + signs[2 * i:2 * i + 2]
-                  for i, n in enumerate(shots)])
+    out += table(["labels per class", "raw pixels: logistic regression", "raw pixels: k-NN"]
+                 + [NAMES[src] for src in SOURCES] + ["MAE vs supervised", "MAE vs MoCo-v3"],
+                 [[str(n or "all"), floor(results, eval="transfer_floor", shots=n),
+                   floor(results, "knn_top1", eval="transfer_floor", shots=n)]
+                  + [fmt(v[src, n]) for src in SOURCES] + signs[2 * i:2 * i + 2] for i, n in enumerate(shots)])
     fig, ax = figs.new()
     for src in SOURCES:
         mean_std_line(ax, shots, [v[src, n] for n in shots], NAMES[src])
+    knn_floor = [select(results, "knn_top1", method="pixels", eval="transfer_floor", shots=n) for n in shots]
+    if all(knn_floor):
+        ax.plot(shots, [f[0] for f in knn_floor], "k--", label="raw pixels: k-NN (the floor)")
     if len(shots) > 1:
         ax.set_xscale("log")
     ax.set_xticks(shots, [str(x) for x in shots])
@@ -269,14 +288,16 @@ def claim4(s, results):
     td, shots = s.transfer_data, s.shot_list or [0]
     rows = [("fine-tune", dict(eval="ft")), ("linear probe", dict(eval="lin")), ("k-NN", dict(eval="knn"))] + \
         [(f"{td}, {n or 'all'} labels/class", dict(eval="transfer", shots=n)) for n in shots]
+    floors = [floor(results, eval="floor"), floor(results, eval="floor"), floor(results, "knn_top1", eval="floor")] + \
+        [floor(results, "knn_top1", eval="transfer_floor", shots=n) for n in shots]  # transfer: the k-NN, as claim 3
     cells, signs, gains = [], [], []
-    for label, tags in rows:
+    for (label, tags), bottom in zip(rows, floors):
         a, b = select(results, method="mae", **tags), select(results, method="dmae", **tags)
         signs.append(compare(b, a))
         gains.append(stats(b)[0] - stats(a)[0])
-        cells.append([label, fmt(a), fmt(b), f"{signs[-1]} ({gains[-1]:+.1f})"])
+        cells.append([label, bottom, fmt(a), fmt(b), f"{signs[-1]} ({gains[-1]:+.1f})"])
     out = ["## Claim 4: distilling a larger MAE's attention (D-MAE) helps, most on data-poor tasks\n"]
-    out += table(["evaluation", "MAE", "D-MAE", "D-MAE vs MAE"], cells)
+    out += table(["evaluation", "raw-pixel floor", "MAE", "D-MAE", "D-MAE vs MAE"], cells)
     poor = gains[3:]
     out.append(f"\nVerdict (D-MAE above MAE everywhere): {verdict(signs, '>' * len(signs))}; the gain on the "
                f"data-poor task ({', '.join(f'{g:+.1f}' for g in poor)}) is "

@@ -42,6 +42,7 @@ except ModuleNotFoundError as e:
 import distill
 import finetune
 import knn
+import pixels
 import pretrain_contrastive
 import pretrain_mae
 from checkpoint import read_log, write_text
@@ -52,22 +53,23 @@ from model import VIT_SIZES
 from study.report import METHODS, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, analyze)}
+STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, pixels, analyze)}
+RESULT_FILE = {"knn": "knn.json", "pixels": "pixels.json"}  # stages that write one JSON file, not a folder
 # Images per second of one CPU core, the `mini` ViT, per kind of run (the ETA and the CPU plan): calibrated on the
 # default study's last run (REPORT.md)
 CPU_SPEED = {"pretrain_mae": 2000, "distill": 1000, "mocov3": 300, "dino": 125, "finetune": 730, "linear": 1670,
-             "knn": 3330, "analyze": 330}
+             "knn": 3330, "analyze": 330, "pixels": 500}
 # Images per second of one H100 (bf16), ViT-Tiny at 224 px: bench.py's compiled steps at batch 1024, the rest (~)
 # derived by FLOPs: MoCo-v3 = 2 views x (fwd + bwd) + 2 momentum forwards = 2.7 ViT steps; D-MAE = the MAE step + an
 # MAE-Base forward on the visible patches (~4x the student's); a linear probe or k-NN = forwards only (~1/3 a step)
 GPU_SPEED = {"pretrain_mae": (31100, "measured"), "finetune": (12600, "measured"), "mocov3": (4700, "~"),
              "dino": (3000, "~"), "distill": (6200, "~"), "linear": (37800, "~"), "knn": (37800, "~"),
-             "analyze": (10000, "~")}
+             "analyze": (10000, "~"), "pixels": (10000, "~")}
 # JPEGs per second one worker core reads, decodes and crops to 224 px: bench.py's "one worker core" (ImageNet-sized
 # files, 2-core CPU). DINO's ~: PIL's decode (528 img/s) + two views at MoCo-v3's cost + eight at a third of it each
 WORKER_SPEED = {"pretrain_mae": (265, "measured"), "distill": (265, "measured"), "finetune": (265, "measured"),
                 "linear": (265, "measured"), "mocov3": (178, "measured"), "dino": (95, "~"), "knn": (252, "measured"),
-                "analyze": (252, "measured")}
+                "analyze": (252, "measured"), "pixels": (252, "~")}
 FILE_DATA = ("imagefolder", "flowers102", "pets", "aircraft", "cars")  # decoded by workers; the rest sit in memory
 # A packed store (data/pack.py): on a GPU each batch is an index gather and its crops are cut on the device (a store
 # that fits half the GPU's memory sits there; a larger one is gathered from host memory by the workers), no decode.
@@ -84,8 +86,9 @@ PAPER = dict(model="tiny", teacher_model="base", img_size=224, patch_size=16, da
              moco_batch=1024, moco_lr=1.5e-4, moco_hidden=4096, dino_batch=1024, dino_momentum=0.996,
              dino_hidden=2048, dino_prototypes=65536, dino_local_crops=8, dino_local_size=96, finetune_epochs=300,
              finetune_warmup=5, finetune_batch=1024, finetune_lr=1e-3, finetune_mixup=0.2, finetune_randaug=10,
+             finetune_crop=0.08,
              linear_epochs=90, layer_epochs=100, transfer_data="flowers102", transfer_shots="", transfer_epochs=50,
-             transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08)
+             transfer_lr=0.1, transfer_batch=512, transfer_crop=0.08, transfer_flip=True)
 PRESETS = {
     "paper": PAPER,
     # a day on 4-8 GPUs: 100 + 100 epochs for every method (MAE-Lite's MAE-Tiny: 76.2 after 400 + 100, its issue #6)
@@ -113,11 +116,12 @@ class Config:
     transfer_data: str = "mnist"  # another domain, few labels (claim 3): mnist (committed slice) | cifar10 | ...
     transfer_root: str = ""  # folder of the transfer data
     transfer_shots: str = "10,50,100"  # labelled images per class; "" = the whole training split
-    transfer_steps: int = 300  # optimizer steps per transfer run, whatever the labelled set's size
+    transfer_steps: int = 1000  # optimizer steps per transfer run, whatever the labelled set's size (300 underfit)
     transfer_epochs: int = 0  # or this many epochs (0 = use transfer_steps); the paper's CIFAR-100 script: 50
     transfer_batch: int = 32  # transfer batch (at most the labelled set's size)
     transfer_lr: float = 0.1  # SGD lr itself, not scaled by the batch (the paper's transfer.sh: 0.1)
-    transfer_crop: float = 0.5  # RandomResizedCrop's lower area bound (the paper: 0.08 at 224 px; 0.5 for 28-px digits)
+    transfer_crop: float = 0.8  # RandomResizedCrop's lower area bound (the paper: 0.08 at 224 px; a digit needs most)
+    transfer_flip: bool = False  # horizontal flips (the paper's, for natural images; a mirrored digit is another one)
     # model
     model: str = "mini"  # student ViT size (mini: width 64, depth 4, 4 heads, 0.2M parameters)
     teacher_model: str = "cpu"  # D-MAE's larger MAE teacher (cpu: width 96, depth 6; the paper: base)
@@ -155,6 +159,7 @@ class Config:
     finetune_lr: float = 4e-3  # base lr (x batch / 256); the paper: 1e-3
     finetune_mixup: float = 0.0  # the paper: 0.2
     finetune_randaug: int = 0  # RandAugment magnitude; the paper: 10
+    finetune_crop: float = 0.8  # RandomResizedCrop's lower area bound; the paper: 0.08 (at 28 px it cuts items apart)
     # where it runs
     gpus: str = "auto"  # GPUs to use: auto = every visible one (none on a CPU machine), or a list like 0,1,2,3
     gpus_per_run: int = 1  # GPUs of each pre-training and claim-1 fine-tuning run (torchrun DDP; the rest take 1)
@@ -193,10 +198,10 @@ class Config:
               "--preset=in100 needs --teacher_ckpt: a published MAE-Base, e.g. MAE's mae_pretrain_vit_base.pth "
               "(--plan shows the study without it)")
         check_config(self, ">=0", transfer_steps=">0", transfer_lr=">0", transfer_crop="(0,1]", finetune_lr=">0",
-                     finetune_randaug="[0,10]", transfer_batch=">0", pretrain_epochs=">0", finetune_epochs=">0",
-                     linear_epochs=">0", layer_epochs=">0", jobs=">0", threads=">0", gpus_per_run=">0", mae_batch=">0",
-                     moco_batch=">0", dino_batch=">0", finetune_batch=">0", mae_lr=">0", moco_lr=">0",
-                     mae_crop="(0,1]", dino_momentum="[0,1]")
+                     finetune_randaug="[0,10]", finetune_crop="(0,1]", transfer_batch=">0", pretrain_epochs=">0",
+                     finetune_epochs=">0", linear_epochs=">0", layer_epochs=">0", jobs=">0", threads=">0",
+                     gpus_per_run=">0", mae_batch=">0", moco_batch=">0", dino_batch=">0", finetune_batch=">0",
+                     mae_lr=">0", moco_lr=">0", mae_crop="(0,1]", dino_momentum="[0,1]")
         check(self.teacher_model in VIT_SIZES, f"--teacher_model must be one of {sorted(VIT_SIZES)}")
         # the GPUs to schedule on: 'auto' asks torch how many are visible (without starting CUDA); [] on a CPU machine
         self.devices = ([str(i) for i in range(torch.cuda.device_count())] if self.gpus == "auto" else
@@ -218,14 +223,14 @@ class Run:
         return type(self.cfg).__module__
 
     @property
-    def folder(self):  # knn.py writes a file, not a folder
-        return os.path.dirname(self.cfg.out) if self.stage == "knn" else self.cfg.out_dir
+    def folder(self):  # knn.py and pixels.py write a file, not a folder
+        return os.path.dirname(self.cfg.out) if self.stage in RESULT_FILE else self.cfg.out_dir
 
     def images(self):  # k-NN: bank + test; analysis: both models' images
         c = self.cfg
         if self.stage == "analyze":
             return 2 * c.num_images
-        return (2 if self.stage == "knn" else c.epochs) * data_size(c.data, c.data_root, c.subset, c.classes)[0]
+        return (c.epochs if hasattr(c, "epochs") else 2) * data_size(c.data, c.data_root, c.subset, c.classes)[0]
 
     def speed_key(self):
         if self.stage == "pretrain_contrastive":
@@ -286,14 +291,14 @@ def study(cfg):
                        **batch_of("mocov3", cfg.moco_batch))
     ft = dict(model=cfg.model, epochs=fe, warmup_epochs=warm(fe, cfg.finetune_warmup),
               **batch_of("finetune", cfg.finetune_batch), base_lr=cfg.finetune_lr, mixup=cfg.finetune_mixup,
-              randaug_magnitude=cfg.finetune_randaug, **shape, **data)
+              randaug_magnitude=cfg.finetune_randaug, crop_min_scale=cfg.finetune_crop, **shape, **data)
     knn_data = dict(data, num_workers=cfg.num_workers)
 
     def add(name, c, deps=(), ddp=False, **tags):
         if hasattr(c, "out_dir"):
             c.out_dir = folder(name)
         else:
-            c.out = os.path.join(folder(name), "knn.json")
+            c.out = os.path.join(folder(name), RESULT_FILE[type(c).__module__])
         runs.append(Run(name, c, tuple(deps), tags, ddp))
 
     # D-MAE's teacher: --teacher_ckpt, else one larger MAE (first seed) for every seed; in100: a published MAE-Base
@@ -349,9 +354,9 @@ def study(cfg):
                     init_ckpt=ckpt(src_ckpt), data=cfg.transfer_data, data_root=cfg.transfer_root,
                     subset=shots * transfer_classes, model=cfg.model, epochs=epochs, warmup_epochs=epochs // 5,
                     batch_size_per_gpu=batch, optimizer="sgd", base_lr=cfg.transfer_lr * 256 / batch,
-                    crop_min_scale=cfg.transfer_crop, weight_decay=0, clip_grad=1.0, layer_decay=0.75, mixup=0,
-                    randaug_magnitude=0, seed=s, **shape), [src_ckpt], method=src, seed=s, eval="transfer",
-                    shots=shots)
+                    crop_min_scale=cfg.transfer_crop, hflip=cfg.transfer_flip, weight_decay=0, clip_grad=1.0,
+                    layer_decay=0.75, mixup=0, randaug_magnitude=0, seed=s, **shape), [src_ckpt], method=src, seed=s,
+                    eval="transfer", shots=shots)
     s = cfg.seed_list[0]
     # is the baseline converged? the same recipe for twice the epochs
     if cfg.long_baseline:
@@ -376,6 +381,15 @@ def study(cfg):
                                             data_root=cfg.data_root, classes=cfg.classes, num_images=n_img,
                                             batch_size=batch),
             [a] + ([b] if b else []), method=m, eval="analysis")
+    # the raw-pixel floors (no seed: nothing is drawn): a linear classifier and a k-NN on the pixels of exactly the
+    # images each evaluation uses, the training split (or the transfer task's labelled images) fitted, the test scored;
+    # at most 32 px a side (ImageNet's 224-px views would be 150,528 numbers an image)
+    side = min(cfg.img_size, 32)
+    add("pixels", pixels.Config(img_size=side, **knn_data), method="pixels", eval="floor")
+    for shots in cfg.shot_list or [0]:
+        add(f"pixels_{cfg.transfer_data}{shots or ''}", pixels.Config(
+            data=cfg.transfer_data, data_root=cfg.transfer_root, subset=shots * transfer_classes, img_size=side,
+            num_workers=cfg.num_workers), method="pixels", eval="transfer_floor", shots=shots)
     return runs
 
 
@@ -404,11 +418,13 @@ def execute(spec_path):
 
 def collect(stage, config, returned=None):
     """What the report reads from a finished run."""
+    if stage in RESULT_FILE and returned is None:
+        with open(config["out"]) as f:
+            returned = json.load(f)
     if stage == "knn":
-        if returned is None:
-            with open(config["out"]) as f:
-                returned = json.load(f)
         return dict(top1=returned["top1"], top5=returned["top5"])
+    if stage == "pixels":  # top1: the linear classifier's
+        return dict(top1=returned["linear_top1"], knn_top1=returned["knn_top1"])
     if stage == "analyze":
         return {}
     rows = read_log(config["out_dir"])
@@ -452,7 +468,7 @@ def finished(run):
 def adopt(run):
     """A run done by its own command (`--plan`'s list on another scheduler) -> its result, if complete."""
     c = settings(run)
-    if run.stage == "knn":
+    if run.stage in RESULT_FILE:
         done = os.path.exists(c["out"])
     elif run.stage == "analyze" or not os.path.exists(os.path.join(run.folder, "config.json")):
         return None

@@ -181,8 +181,8 @@ class TestIn100Preset(unittest.TestCase):
         self.assertEqual((scratch.mode, scratch.epochs, glob(scratch)), ("scratch", 300, 1024))
         self.assertEqual((ft.epochs, ft.warmup_epochs, glob(ft), ft.base_lr, ft.layer_decay, ft.min_lr),
                          (100, 5, 1024, 1e-3, 0.85, 1e-6))
-        self.assertEqual((ft.mixup, ft.cutmix, ft.randaug_magnitude, ft.drop_path, ft.label_smoothing),
-                         (0.2, 0.0, 10, 0.0, 0.0))
+        self.assertEqual((ft.mixup, ft.cutmix, ft.randaug_magnitude, ft.drop_path, ft.label_smoothing,
+                          ft.crop_min_scale), (0.2, 0.0, 10, 0.0, 0.0, 0.08))
         self.assertEqual(runs["mocov3_ft_s0"].cfg.layer_decay, 0.75)
         self.assertEqual(runs["mae_lin_s0"].cfg.epochs, 50)  # shorter than the 100 of fine-tuning
         keep = sorted((r.cfg.reinit_from_block, r.cfg.epochs) for r in runs.values() if r.tags.get("eval") == "keep"
@@ -192,6 +192,7 @@ class TestIn100Preset(unittest.TestCase):
         tr = runs["mae_flowers102_s0"].cfg
         self.assertEqual((tr.data, tr.optimizer, tr.weight_decay, tr.clip_grad, tr.layer_decay, tr.epochs),
                          ("flowers102", "sgd", 0, 1.0, 0.75, 50))
+        self.assertTrue(tr.hflip)  # flowers, unlike digits, may be mirrored
         self.assertAlmostEqual(tr.base_lr * glob(tr) / 256, 0.1)
         for r in runs.values():  # every ImageNet run reads the 100 classes of the ImageNet-1k folder; transfer: all
             self.assertEqual(r.cfg.classes, "imagenet100" if r.cfg.data == "imagefolder" else "", r.name)
