@@ -266,9 +266,10 @@ class TestModifyAndRerun(unittest.TestCase):
         open(os.path.join(run, "notes.txt"), "w").write("mine")
         over = self.typed("pretrain_mae.py", *MICRO, "--out_dir=run", "--resume=false")
         self.assertEqual(over.returncode, 0, over.stderr)
-        self.assertIn("resume=false: removed the earlier run's ckpt.pt, config.json, log.jsonl, pretrain_mae.e001.py, "
-                      "pretrain_mae.py, recon_e001.png, recon_e002.png from run; other files are kept", over.stdout)
-        self.assertEqual(sorted(os.listdir(run)), ["ckpt.pt", "config.json", "log.jsonl", "notes.txt",
+        self.assertIn("resume=false: removed the earlier run's ckpt.pt, config.json, curves.png, log.jsonl, "
+                      "pretrain_mae.e001.py, pretrain_mae.py, recon_e001.png, recon_e002.png from run; other files are "
+                      "kept", over.stdout)
+        self.assertEqual(sorted(os.listdir(run)), ["ckpt.pt", "config.json", "curves.png", "log.jsonl", "notes.txt",
                                                    "pretrain_mae.py", "recon_e001.png"])
         self.assertEqual([r["code"] for r in read_log(run)], [new_code])
 
@@ -355,7 +356,7 @@ class TestYourOwnImages(unittest.TestCase):
                 self.assertTrue(os.path.exists(os.path.join(tmp, folder, "ckpt.pt")), folder)
             mae_out = next(re.search(r"--out_dir=(\S+)", c).group(1) for c in commands if "pretrain_mae" in c)
             self.assertEqual(sorted(f for f in os.listdir(os.path.join(tmp, mae_out)) if f.endswith(".png")),
-                             ["recon_e001.png", "recon_e002.png", "recon_e003.png"])  # 1, 2, 4, ... and the last
+                             ["curves.png", "recon_e001.png", "recon_e002.png", "recon_e003.png"])  # 1, 2, 4, ..., last
             self.assertTrue(os.path.exists(os.path.join(tmp, "out/analyze/001_attention.png")))
 
 

@@ -74,7 +74,7 @@ class TestMAE(unittest.TestCase):
         self.assertEqual(set(ckpt), {"model", "optimizer", "scaler", "epoch", "step", "config", "rng", "log", "stage",
                                      "code", "files"})
         self.assertEqual(ckpt["config"]["mask_ratio"], 0.75)
-        self.assertEqual(ckpt["files"], ["recon_e001.png"])  # what --resume=false removes besides its own files
+        self.assertEqual(ckpt["files"], ["curves.png", "recon_e001.png"])  # --resume=false removes these too
         # the code that trained it: the stage and every project module it imports, transitively
         self.assertTrue({"pretrain_mae.py", "model.py", "common.py", "checkpoint.py"} <= set(ckpt["code"]["files"]))
         row = json.loads(open(os.path.join(self.dir, "log.jsonl")).readline())

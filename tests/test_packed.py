@@ -231,9 +231,9 @@ class TestPlan(StoreTest):
                                             transfer_root=self.store))
         lines = out.getvalue().splitlines()
         runs = [x for x in lines if " GPU-h " in x]
-        self.assertEqual(len(runs), 35)
+        self.assertEqual(len(runs), 37)  # a seed's 35 and the 2 raw-pixel floors
         self.assertTrue(all("data: store, cut on the GPU" in x for x in runs))
-        self.assertIn("data path: 0 of 35 runs need more worker cores per GPU than their --num_workers=10 to keep up",
+        self.assertIn("data path: 0 of 37 runs need more worker cores per GPU than their --num_workers=10 to keep up",
                       lines)
         self.assertFalse([x for x in lines if "pack" in x and "data/pack.py" in x])
 
