@@ -65,7 +65,9 @@ def load_ckpt(path, what="checkpoint"):
     """weights_only: a checkpoint is data, never code. The one class allowed is argparse.Namespace, which
     facebookresearch/mae stores under 'args'. A bad file ends in one line naming it."""
     if not os.path.isfile(path):
-        raise MissingFile(f"{what} not found: {path}")
+        main_job = os.path.normpath(path) == os.path.join("out", "mae", "ckpt.pt")  # the default of finetune, analyze
+        raise MissingFile(f"{what} not found: {path}" + (": run python pretrain_mae.py first (it writes it), or pass "
+                                                         "the path of another checkpoint" if main_job else ""))
     with open(path, "rb") as f:
         head = f.read(8)
     if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip; old torch a pickle

@@ -10,6 +10,7 @@ The store: meta.json (format, version, short side, class names, image counts: wr
 It is written into STORE.partial and renamed to STORE when complete; an interrupted pack resumes there (a finished split
 is kept, an unfinished one starts over). A file that cannot be decoded is named, with the list in STORE.partial.
 """
+import contextlib
 import json
 import multiprocessing
 import os
@@ -157,6 +158,8 @@ def main(cfg):
                 print(f"{split}: packed by an earlier, interrupted run; kept", flush=True)
                 continue
             packed += pack_split(split, samples, names, partial, cfg, pool)
+    with contextlib.suppress(FileNotFoundError):  # an earlier run's list of bad files: all of them decoded now
+        os.remove(os.path.join(partial, "unreadable.txt"))
     meta = dict(format=STORE_FORMAT, version=STORE_VERSION, short_side=cfg.short_side, classes=names,
                 images={split: len(samples) for split, samples in splits.items()},
                 source=os.path.abspath(cfg.data_root))

@@ -124,6 +124,11 @@ class TestCommandLine(unittest.TestCase):
         one_line_error(self, result, "init_ckpt not found: missing.pt")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
 
+    def test_before_the_main_job_the_default_checkpoint_says_how_to_make_it(self):
+        for script in ("finetune.py", "analyze.py"):  # both read out/mae/ckpt.pt unless told otherwise
+            result = stage(script, *(MICRO if script == "finetune.py" else []), "--out_dir=never", cwd=self.dir)
+            one_line_error(self, result, "not found: out/mae/ckpt.pt: run python pretrain_mae.py first")
+
     def test_a_near_miss_flag_is_a_typo_not_an_abbreviation(self):
         result = stage("pretrain_mae.py", *MICRO, "--epoch=2", "--out_dir=never", cwd=self.dir)
         one_line_error(self, result, "unrecognized arguments: --epoch=2; --epoch: did you mean --epochs\\?")

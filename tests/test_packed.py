@@ -220,6 +220,10 @@ class TestInterruptedPack(StoreTest):
         self.assertIn("broken.jpg", lines[0])
         self.assertIn("unreadable.txt", lines[0])
         self.assertFalse(os.path.exists(out))
+        # the file removed, the same command finishes the store, without the earlier list of bad files
+        os.remove(os.path.join(root, "val", "c1", "broken.jpg"))
+        self.assertEqual(pack_command(root, out).returncode, 0)
+        self.assertFalse(os.path.exists(os.path.join(out, "unreadable.txt")))
 
 
 class TestPlan(StoreTest):
