@@ -37,4 +37,7 @@ if __name__ == "__main__":
                     "gathered": gathered, "mean": mean}, os.path.join(out, "ddp.pt"))
     # 3. a whole stage under torchrun: DistributedSampler, DDP wrapper, master-only files
     pretrain_mae.main(pretrain_mae.Config(**TINY, out_dir=os.path.join(out, "mae")))
+    # the master still writes the run's files (checkpoint, curves, figures) after the last collective: a rank that
+    # tears its group down before the other is done can abort inside gloo (seen on a loaded machine), so wait first
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
