@@ -95,6 +95,7 @@ def header(s, results, wall):
     core_s, adopted = sum(r["seconds"] for r in results), sorted(r["name"] for r in results if r.get("adopted"))
     adopted = (f"; not counted: {', '.join(adopted)}, run by their own commands (`study.reproduce --plan`) with these "
                "settings and adopted from their logs") if adopted else ""
+    floor_side = next((r["config"]["img_size"] for r in results if r["tags"].get("eval") == "floor"), s.img_size)
     transfer = [r["config"] for r in results if r["tags"].get("eval") == "transfer"
                 and r["tags"].get("method") == "mae" and r["tags"].get("seed") == s.seed_list[0]]
     where = (f"GPUs {','.join(s.devices)}, {s.gpus_per_run} per long run" if s.devices else
@@ -126,7 +127,7 @@ def header(s, results, wall):
         "mixup or RandAugment; "
         + ", ".join(f"{c['epochs']} epochs at {c['subset'] or 'all'}" for c in transfer) + " images), the head "
         "re-initialised. The floors: a logistic regression and a k-NN (k 20, T 0.07) on the raw pixels of the same "
-        f"images (`python pixels.py`, {min(s.img_size, 32)}-px eval views; a pre-trained model below them learned "
+        f"images (`python pixels.py`, {floor_side}-px eval views; a pre-trained model below them learned "
         "nothing the pixels do not give). A verdict `A > B` needs the mean difference to exceed twice its standard "
         "error.\n",
     ] + (["**--quick: micro sizes, one seed, one epoch. These numbers only show that every step runs.**\n"]
