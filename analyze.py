@@ -189,11 +189,16 @@ def overlay_runs(cfg):
         kinds[folder] = KINDS.get(stage_of(load_ckpt(os.path.join(folder, "ckpt.pt")) if os.path.exists(
             os.path.join(folder, "ckpt.pt")) else {"config": config}), "unknown")
         runs.append((folder, read_log(folder), config))
+    # each run named by its folder and the settings in which it differs from the others (paths aside)
+    differ = sorted(k for k in set().union(*(c for _, _, c in runs)) if k not in ("out_dir", "num_workers")
+                    and len({json.dumps(c.get(k)) for _, _, c in runs}) > 1)
+    runs = [(folder + (" (" + ", ".join(f"{k}={c.get(k)}" for k in differ[:3]) + (", ..." if len(differ) > 3 else "")
+                       + ")" if differ else ""), rows, c) for folder, rows, c in runs]
     check(len(set(kinds.values())) == 1, "--runs: these runs are of different stages (" + ", ".join(
         f"{k}: {v}" for k, v in kinds.items()) + "); overlay runs of one kind, e.g. two pretrain_mae.py runs")
     path = os.path.join(cfg.out_dir, "curves.png")
     figures.curves(runs, path, f"{next(iter(kinds.values()))} runs: " + ", ".join(kinds))
-    print0(f"wrote {path}")
+    print0(f"wrote {path}: " + "; ".join(label for label, _, _ in runs))
     return path
 
 

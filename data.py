@@ -455,7 +455,9 @@ class Loader:
             self.sampler = torch.utils.data.RandomSampler(range(len(dataset))) if train else None
         packed = isinstance(dataset, PackedImages)
         seeded = SeededSampler(self.sampler, len(dataset), any(scale != "center" for _, scale in views), lazy=packed)
-        private = torch.Generator() if packed else None  # the workers' base seed, unused: not from the run's RNG
+        # the workers' base seed (unused: crops come from the seeds) from a generator of its own, not the run's RNG:
+        # persistent workers draw it once, at a resumed run's first epoch too, which would shift every later draw
+        private = torch.Generator()
         if self.memory:  # a batch is an index gather on the device
             self.images = dataset.chw().contiguous().to(device)  # (N, 3, H, W) uint8
             self.labels = dataset.labels.to(device)

@@ -145,6 +145,18 @@ class TestPackAndRead(StoreTest):
             self.assertTrue(torch.equal(v, b["model"][k]), k)
         self.assertEqual([r["loss"] for r in a["log"]], [r["loss"] for r in b["log"]])
 
+    def test_a_run_from_the_files_resumes_bit_identical_with_workers(self):
+        # persistent workers draw their base seed once: it must not come from the run's RNG, which a resume restores
+        cfg = lambda name: pretrain_mae.Config(**dict(PACKED, data="imagefolder", epochs=3, batch_size_per_gpu=8,
+                                                      num_workers=1), data_root=self.jpegs, out_dir=self.path(name))
+        with quiet():
+            pretrain_mae.main(cfg("files_straight"))
+        crash_then_resume(pretrain_mae, cfg("files_resumed"))
+        a, b = (load_ckpt(self.path(f"{n}/ckpt.pt")) for n in ("files_straight", "files_resumed"))
+        self.assertEqual([r["loss"] for r in a["log"]], [r["loss"] for r in b["log"]])
+        for k, v in a["model"].items():
+            self.assertTrue(torch.equal(v, b["model"][k]), k)
+
     def test_classes_select_and_relabel_and_figures_cut_the_eval_view(self):
         names = self.path("two.txt")
         with open(names, "w") as f:

@@ -56,6 +56,7 @@ class TestCurves(unittest.TestCase):
         result = run("analyze.py", f"--runs={','.join(self.runs)}", f"--out_dir={out}")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn(f"wrote {out}/curves.png", result.stdout)
+        self.assertIn(f"{self.runs[1]} (mask_ratio=0.5)", result.stdout)  # each run named by what sets it apart
         self.assertGreater(os.path.getsize(os.path.join(out, "curves.png")), 1000)
         empty = os.path.join(self.tmp.name, "empty")
         os.makedirs(empty)
