@@ -179,7 +179,7 @@ KINDS = {"pretrain_mae": "MAE pre-training", "distill": "MAE pre-training", "fin
 
 
 def overlay_runs(cfg):
-    """--runs: the log rows of each folder drawn together, labelled by folder and metric."""
+    """--runs: the log rows of each folder drawn together, labelled by folder, differing settings and metric."""
     runs, kinds = [], {}
     for folder in [f for f in cfg.runs.split(",") if f]:
         check(os.path.exists(os.path.join(folder, "log.jsonl")), f"--runs: {folder} has no log.jsonl (not a run "

@@ -47,7 +47,7 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
     clip_grad: float = None  # max gradient norm (DINO: of each parameter, as its clip_gradients); 0 = off
     temperature: float = 0.2  # MoCo-v3 InfoNCE temperature
     local_crops: int = 4  # DINO local crops per image (DINO: 8)
-    local_crop_size: int = 16  # DINO local crop side; 96 at 224
+    local_crop_size: int = 0  # DINO's local crop side; 0 = half the image side in whole patches (DINO: 96 at 224)
     global_crop_min_scale: float = 0.4  # DINO: global crops cover (0.4, 1) of the image, local ones (0.05, 0.4)
     warmup_teacher_temp: float = 0.04  # DINO teacher temperature at the start, warmed up linearly to teacher_temp
     teacher_temp: float = 0.07  # DINO teacher temperature after the warm-up (DINO's ViT recipe: 0.04 -> 0.07)
@@ -70,9 +70,11 @@ class Config(TrainFlags):  # + the data and run flags every training stage share
             setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
         self.weight_decay_end = self.weight_decay if self.weight_decay_end is None else self.weight_decay_end
         check_config(self, ">=0", head_hidden_dim=">0", head_out_dim=">0", temperature=">0", ema_momentum="[0,1)",
-                     local_crop_size=">0", global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
+                     global_crop_min_scale="(0,1)", warmup_teacher_temp=">0", teacher_temp=">0",
                      center_momentum="[0,1]")  # every other number >= 0
         self.num_heads = vit_heads(self.model, self.num_heads)  # resolved, so checkpoints record the real count
+        if not self.local_crop_size:  # resolved too: 16 at 32 px with 4-px patches, 14 at 28 px with 7-px ones
+            self.local_crop_size = max(self.patch_size, self.img_size // 2 // self.patch_size * self.patch_size)
 
 
 def views(cfg):  # what the loader cuts: (side, crop scale range) of each of the method's views

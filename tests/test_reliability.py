@@ -333,7 +333,7 @@ BAD = {
     finetune: SHARED + [("min_lr", "nan"), ("clip_grad", "nan"), ("clip_grad", "-1"), ("layer_decay", "0"),
                         ("drop_path", "1"), ("mixup", "-0.1"), ("label_smoothing", "1"), ("randaug_magnitude", "11"),
                         ("randaug_std", "-1"), ("reinit_from_block", "-2"), ("crop_min_scale", "1.5")],
-    pc: SHARED + [("temperature", "0"), ("ema_momentum", "1"), ("teacher_temp", "-1"), ("local_crop_size", "0"),
+    pc: SHARED + [("temperature", "0"), ("ema_momentum", "1"), ("teacher_temp", "-1"), ("local_crop_size", "-1"),
                   ("head_out_dim", "0"), ("clip_grad", "nan"), ("weight_decay_end", "-0.5"), ("center_momentum", "2")],
     distill: [("alpha_attn", "-1"), ("alpha_hidden", "nan"), ("teacher_num_heads", "-1"), ("mask_ratio", "0.99"),
               ("patch_size", "0")],
