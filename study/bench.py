@@ -158,8 +158,8 @@ def stage_config(stage, cfg, tmp, data, root, tag=""):
                   out_dir=os.path.join(tmp, f"{stage}_{data}{tag}"))
     if stage == "mae":
         return pretrain_mae.Config(**shared)
-    if stage == "finetune":  # fine-tuning's step without a checkpoint
-        return finetune.Config(**shared, mode="scratch")
+    if stage == "finetune":  # fine-tuning's step without a checkpoint, with the paper's augmentation (ImageNet's)
+        return finetune.Config(**shared, mode="scratch", mixup=0.2, randaug_magnitude=10, crop_min_scale=0.08)
     local = max(cfg.stage_patch, cfg.stage_img_size * 96 // 224 // cfg.stage_patch * cfg.stage_patch)
     return pretrain_contrastive.Config(**shared, method=stage, local_crop_size=local)
 

@@ -188,10 +188,11 @@ def dino(s, results, figs):
         out.append(f"DINO trains the same {c['dino']['epochs']} epochs as "
                    f"{'MoCo-v3' if s.contrastive_epochs else 'every method'}, at batch "
                    f"{c['dino']['batch_size_per_gpu'] * c['dino']['accum_steps']} with {c['dino']['head_out_dim']} "
-                   f"prototypes: {steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} (the sweep below "
-                   "shows what fewer steps give).")
+                   f"prototypes: {steps['dino']} optimizer steps against MoCo-v3's {steps['mocov3']} ("
+                   + ("the sweep below shows what fewer steps give)." if any(r["tags"].get("sweep") for r in results)
+                      else "`--dino_sweep` adds runs at other settings that show what fewer steps give)."))
     sweep = [r for r in results if r["tags"].get("sweep")]
-    if sweep and study_dino:  # issue 18: what DINO needs to learn at this scale
+    if sweep and study_dino:  # what DINO needs to learn at this scale
         out.append(f"\nDINO's sweep (seed {s0}; every other setting as the study's DINO, the same {s.pretrain_epochs} "
                    f"epochs). The random floor of seed {s0}: {fmt(get(method='random', eval='knn', seed=s0))}.\n")
         out += table(["setting", "batch", "prototypes K", "teacher momentum", "teacher temp.", "base lr", "k-NN top-1",

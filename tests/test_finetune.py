@@ -12,6 +12,8 @@ from common import param_groups
 from model import create_vit
 from tests.helpers import TINY, crash_then_resume, quiet, tiny_mae
 
+PAPER_AUGMENTATION = dict(mixup=0.2, randaug_magnitude=10, crop_min_scale=0.08)  # not the defaults: ImageNet's
+
 
 class TestFinetune(unittest.TestCase):
     @classmethod
@@ -67,7 +69,8 @@ class TestFinetune(unittest.TestCase):
         self.assertAlmostEqual(top1, best, places=4)  # the best checkpoint reproduces its logged accuracy
 
     def test_resume_keeps_best_accuracy_and_weights(self):
-        cfg = dict(TINY, init_ckpt=self.mae_ckpt, epochs=2, warmup_epochs=1)
+        cfg = dict(TINY, init_ckpt=self.mae_ckpt, epochs=2, warmup_epochs=1,
+                   **PAPER_AUGMENTATION)  # mixup's and RandAugment's draws resume too
         best_a, out_a = self.run_ft("res_a", **cfg)
         best_b = crash_then_resume(finetune, finetune.Config(**cfg, out_dir=os.path.join(self.tmp.name, "res_b")))
         self.assertEqual(best_a, best_b)

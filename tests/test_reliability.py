@@ -53,7 +53,8 @@ class TestKillPoints(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.cfg = dict(TINY, mode="scratch", epochs=2, warmup_epochs=1)
+        cls.cfg = dict(TINY, mode="scratch", epochs=2, warmup_epochs=1, mixup=0.2, randaug_magnitude=10,
+                       crop_min_scale=0.08)  # the paper's augmentation, whose draws a resume must restore too
         with quiet():
             finetune.main(finetune.Config(**cls.cfg, out_dir=cls.path("straight")))
         cls.straight = log_rows(cls.path("straight"))

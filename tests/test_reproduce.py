@@ -220,10 +220,10 @@ class TestPresetsAndPlan(unittest.TestCase):
         self.assertEqual((dino.batch_size_per_gpu, dino.ema_momentum, dino.base_lr, dino.teacher_temp), (1024, 0.996,
                                                                                                          5e-4, 0.07))
 
-    def test_dinos_sweep_is_part_of_the_study_unless_turned_off(self):
+    def test_dinos_sweep_joins_the_study_when_asked(self):
         sweep = lambda **kw: [r.name for r in reproduce.study(reproduce.Config(**kw)) if r.tags.get("sweep")]
-        self.assertEqual(sweep(), ["dino_b256_s0", "dino_b256t04_s0", "dino_b64_s0"])
-        self.assertEqual(sweep(dino_sweep=False), [])
+        self.assertEqual(sweep(dino_sweep=True), ["dino_b256_s0", "dino_b256t04_s0", "dino_b64_s0"])
+        self.assertEqual(sweep(), [])
 
     def test_each_runs_own_command_gives_exactly_its_settings(self):  # what a cluster user hands to their scheduler
         for cfg in (reproduce.Config(), reproduce.Config(preset="fewgpu", gpus="")):
