@@ -1,5 +1,6 @@
 """REPORT.md and its figures: per claim a table, a verdict by a stated rule, and a figure. Reads what the study hands
 over, none of its machinery; runs are chosen by their tags, never by their names."""
+import dataclasses
 import json
 import math
 import os
@@ -91,6 +92,17 @@ def mean_std_line(ax, xs, per_x, label):  # per_x: one list of seed values per x
     ax.errorbar(xs, [m for m, _, _ in st], yerr=[sd for _, sd, _ in st], marker="o", capsize=3, label=label)
 
 
+def given(s):
+    """The flags this study was run with that differ from the defaults, as typed (a preset or --quick fills the
+    others itself)."""
+    if s.quick or s.preset:
+        return " --quick" if s.quick else "".join(f" --{k}={getattr(s, k)}" for k in ("preset", "data_root",
+                                                                                   "transfer_root") if getattr(s, k))
+    return "".join(f" --{f.name}={getattr(s, f.name)}" if not isinstance(f.default, bool) else f" --{f.name}="
+                   f"{str(getattr(s, f.name)).lower()}" for f in dataclasses.fields(s)
+                   if f.init and f.default is not dataclasses.MISSING and getattr(s, f.name) != f.default)
+
+
 def header(s, results, wall):
     core_s, adopted = sum(r["seconds"] for r in results), sorted(r["name"] for r in results if r.get("adopted"))
     adopted = (f"; not counted: {', '.join(adopted)}, run by their own commands (`study.reproduce --plan`) with these "
@@ -102,7 +114,7 @@ def header(s, results, wall):
              f"{os.cpu_count()} CPU cores ({platform.machine()}), {s.jobs} runs at a time, {s.threads} thread each")
     return [
         "# Reproduction study\n",
-        f"Regenerate: `python -m study.reproduce{' --quick' if s.quick else ''}`{'' if s.quick else ' (the defaults)'}"
+        f"Regenerate: `python -m study.reproduce{given(s)}`{'' if given(s) else ' (the defaults)'}"
         f"; it skips runs whose result.json exists, so delete `{s.out_dir}/runs/` to start over (this report and "
         f"its figures are rewritten at the end). Seeds {s.seeds}; every table cell is mean ± sample std over them (n "
         f"= seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes (the sum of every run's own time{adopted}), "

@@ -129,6 +129,15 @@ class TestReproduce(unittest.TestCase):
             reproduce.run_all(reproduce.study(reproduce.Config(quick=True, out_dir=self.tmp, patch_size=14)), self.cfg)
 
 
+class TestReportHeader(unittest.TestCase):
+    def test_the_regenerate_command_names_the_flags_the_study_ran_with(self):
+        self.assertEqual(report.given(reproduce.Config()), "")
+        self.assertEqual(report.given(reproduce.Config(seeds="0,1", dino_sweep=True)), " --seeds=0,1 --dino_sweep=true")
+        self.assertEqual(report.given(reproduce.Config(quick=True)), " --quick")  # what --quick fills is not typed
+        config = parse_config(reproduce.Config, report.given(reproduce.Config(seeds="0,1", finetune_lr=0.01)).split())
+        self.assertEqual((config.seeds, config.finetune_lr), ("0,1", 0.01))  # the command parses back to the study
+
+
 class TestWhereRunsGo(unittest.TestCase):
     """The launcher: each run pinned to its own device(s), DDP runs under torchrun, and no run outlives the study."""
 
