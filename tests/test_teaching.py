@@ -126,7 +126,9 @@ class TestFiguresReadRight(unittest.TestCase):
 class TestReferenceLogs(unittest.TestCase):
     def test_the_committed_reference_has_the_main_jobs_settings(self):
         committed = 0
-        for stage, cfg in (("pretrain_mae", pretrain_mae.Config()), ("finetune", finetune.Config())):
+        mae = asdict(pretrain_mae.Config())  # finetune.py takes its model and heads from out/mae/ckpt.pt, as here
+        for stage, cfg in (("pretrain_mae", pretrain_mae.Config()),
+                           ("finetune", finetune.Config(model=mae["model"], num_heads=mae["num_heads"]))):
             name = figures.REFERENCES[stage]
             path = os.path.join(figures.REFERENCE_DIR, f"{name}.config.json")
             if not os.path.exists(path):
