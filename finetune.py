@@ -252,6 +252,9 @@ def main(cfg):
                            scaler=scaler.state_dict(), best_top1=best_top1)
             print0(f"ep {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} top-1 {top1:.2f} " + (f"top-5 {top5:.2f} "
                    if top5_part else "") + f"(best {best_top1:.2f}) {row['imgs_per_s']:.0f} img/s")  # once saved
+        if best is not None and run.start_epoch < cfg.epochs:
+            print0(f"best top-1 {best_top1:.2f} at epoch {best['epoch']} (chosen on the test images: the last epoch "
+                   f"is the unbiased number) -> {cfg.out_dir}/best.pt")
     return best_top1
 
 

@@ -148,6 +148,8 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("backbone weights loaded; new: a 10-class head, fc_norm", result.stdout)
         self.assertNotIn("missing", result.stdout + result.stderr)
+        self.assertRegex(result.stdout.strip().splitlines()[-1], r"^best top-1 \d+\.\d\d at epoch 1 \(chosen on "
+                         r"the test images: the last epoch is the unbiased number\) -> ft_words/best\.pt$")
 
     def test_ctrl_c_is_one_line_and_the_same_command_resumes(self):
         cmd = [sys.executable, os.path.join(ROOT, "pretrain_mae.py"), *MICRO, "--epochs=400", "--out_dir=stopped"]
