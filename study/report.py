@@ -114,7 +114,7 @@ def header(s, results, wall):
              f"{os.cpu_count()} CPU cores ({platform.machine()}), {s.jobs} runs at a time, {s.threads} thread each")
     return [
         "# Reproduction study\n",
-        f"Regenerate: `python -m study.reproduce{given(s)}`{'' if given(s) else ' (the defaults)'}"
+        f"Regenerate: `python -m study.reproduce{s.typed}`{'' if s.typed else ' (the defaults)'}"
         f"; it skips runs whose result.json exists, so delete `{s.out_dir}/runs/` to start over (this report and "
         f"its figures are rewritten at the end). Seeds {s.seeds}; every table cell is mean ± sample std over them (n "
         f"= seeds). Hardware: {where}; {core_s / 60:.0f} run-minutes (the sum of every run's own time{adopted}), "

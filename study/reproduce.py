@@ -7,7 +7,7 @@ result.json and is skipped, so a killed study resumes; a run finished by hand (t
 back from its log. On CPU, `--jobs` single-threaded runs go side by side (a fixed thread count keeps runs
 deterministic).
 
-    python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 25, 2 cores)
+    python -m study.reproduce                  # the default study: 3 seeds, embedded Fashion-MNIST (~2 h 20, 2 cores)
     python -m study.reproduce --quick          # every step at micro size in about 3 minutes, into out/quick
     python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --plan  # GPU-hours
     python -m study.reproduce --preset=fewgpu --data_root=/imagenet --transfer_root=/data/flowers --gpus_per_run=8
@@ -50,7 +50,7 @@ from common import RunError
 from data import build_dataset
 from flags import check, check_config, cli, int_list
 from model import VIT_SIZES
-from study.report import METHODS, write_report
+from study.report import METHODS, given, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {m.__name__: m for m in (pretrain_mae, distill, pretrain_contrastive, finetune, knn, pixels, analyze)}
@@ -682,7 +682,7 @@ def main(cfg):
     results, wall = run_all(runs, cfg)
     # the report reads settings and each run's result with its tags, in study order
     write_report(SimpleNamespace(**asdict(cfg), seed_list=cfg.seed_list, shot_list=cfg.shot_list,
-                                 keep_list=cfg.keep_list, devices=cfg.devices,
+                                 keep_list=cfg.keep_list, devices=cfg.devices, typed=given(cfg),
                                  train_images=data_size(cfg.data, cfg.data_root, cfg.subset, cfg.classes)[0]),
                  [dict(results[r.name], tags=r.tags) for r in runs], wall)
     return results
