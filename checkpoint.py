@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -21,6 +22,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ from common import BadData, Interrupted, MissingFile, RunError, print0
 
 # Fields that may differ when a run resumes (logged); any other difference is another run, refused.
 RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir")
+CURVES_EVERY_S = 5  # curves.png at most this often while epochs are shorter (always after the last epoch)
 
 
 # --- checkpoint files ---
@@ -196,6 +199,7 @@ class RunFolder:
         self.dir, self.lock, self.created, self.started = cfg.out_dir, None, False, False
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.start_epoch, self.history = 0, []  # a resumed run's: set by start()
+        self.drawn = -math.inf  # when curves.png was last drawn (time.monotonic)
         self.saved, self.longer, self.files = None, None, set()  # set by claim(); the figures output() names
         modules = [sys.modules[klass.__module__] for klass in type(cfg).__mro__[:-1]]
         # the stage's scripts (distill.py: pretrain_mae.py's too), not common.TrainFlags'
@@ -349,7 +353,9 @@ class RunFolder:
     def save_epoch(self, row, best=None, **state):
         """Collective (every rank calls it). The master writes best.pt, then ckpt.pt (with every row so far), then
         log.jsonl: after a kill in between, resume re-derives the later files. Each row names the code. Then it draws
-        the rows as curves.png (figures.run_curves), so every run shows its own loss."""
+        the rows as curves.png (figures.run_curves), so every run shows its own loss: after every epoch, or, where
+        epochs take under CURVES_EVERY_S, every few epochs and the last (a redraw costs up to half a second: most of a
+        667-epoch transfer run on 100 images)."""
         rng = [rng_state()]
         if dist.is_initialized():  # every rank's stream, so a resumed DDP run continues each one
             rng = [None] * dist.get_world_size()
@@ -364,7 +370,9 @@ class RunFolder:
                        config=dataclasses.asdict(self.cfg), code=self.code, files=sorted(self.files),
                        **({"best": best} if best else {})), self.ckpt_path)
         write_log(self.dir, self.history)
-        figures.run_curves(self.stage, self.dir, self.history, dataclasses.asdict(self.cfg), curves)
+        if row["epoch"] >= getattr(self.cfg, "epochs", 0) or time.monotonic() - self.drawn >= CURVES_EVERY_S:
+            figures.run_curves(self.stage, self.dir, self.history, dataclasses.asdict(self.cfg), curves)
+            self.drawn = time.monotonic()
 
     def __exit__(self, kind, error, traceback):
         if self.lock is not None:

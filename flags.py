@@ -78,10 +78,28 @@ class OneLineParser(argparse.ArgumentParser):
             hints = []
             for arg in unknown.group(1).split():
                 name = arg.split("=")[0]
-                close = difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), flags, 1, 0.6)
-                hints += [f"{name}: did you mean {close[0]}?"] if close and name.startswith("--") else []
+                if not name.startswith("--"):
+                    continue
+                field = name[2:].replace("-", "_")
+                close = difflib.get_close_matches(f"--{field}", flags, 1, 0.6)
+                owners = [] if close else stages_with_flag(field, self.prog)  # finetune.py --mask_ratio
+                hints += ([f"{name}: did you mean {close[0]}?"] if close else
+                          [f"--{field} is a flag of {', '.join(owners)}, not of {self.prog}"] if owners else [])
             message += "; " + "; ".join(hints) if hints else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def stages_with_flag(name, prog):
+    """The other stages whose Config has this field (read from their source, not imported: no import cycle), so that
+    `finetune.py --mask_ratio=0.9` says where --mask_ratio belongs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    field = re.compile(rf"^    {re.escape(name)}: \w+ = ", re.M)
+    owners = []
+    for file in sorted(os.listdir(here)):
+        if file.endswith(".py") and file != prog and file != "flags.py":
+            with open(os.path.join(here, file)) as f:
+                owners += [file] if field.search(f.read()) else []
+    return owners
 
 
 def _parse_bool(s):

@@ -116,7 +116,7 @@ class Config:
     transfer_data: str = "mnist"  # another domain, few labels (claim 3): mnist (committed slice) | cifar10 | ...
     transfer_root: str = ""  # folder of the transfer data
     transfer_shots: str = "10,50,100"  # labelled images per class; "" = the whole training split
-    transfer_steps: int = 1000  # optimizer steps per transfer run, whatever the labelled set's size (300 underfit)
+    transfer_steps: int = 2000  # optimizer steps per transfer run, whatever the labelled set's size (1000 underfit)
     transfer_epochs: int = 0  # or this many epochs (0 = use transfer_steps); the paper's CIFAR-100 script: 50
     transfer_batch: int = 32  # transfer batch (at most the labelled set's size)
     transfer_lr: float = 0.1  # SGD lr itself, not scaled by the batch (the paper's transfer.sh: 0.1)

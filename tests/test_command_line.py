@@ -134,6 +134,11 @@ class TestCommandLine(unittest.TestCase):
         one_line_error(self, result, "unrecognized arguments: --epoch=2; --epoch: did you mean --epochs\\?")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
 
+    def test_another_stages_flag_names_the_stage_it_belongs_to(self):
+        result = stage("finetune.py", *MICRO, "--mask_ratio=0.9", "--out_dir=never", cwd=self.dir)
+        one_line_error(self, result, "--mask_ratio is a flag of pretrain_mae.py, not of finetune.py")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+
     def test_a_mistyped_key_names_the_flag_and_the_closest_key(self):
         ckpt = load_ckpt(os.path.join(self.mae, "ckpt.pt"))
         two = os.path.join(self.dir, "two_keys.pt")

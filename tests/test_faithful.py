@@ -231,7 +231,7 @@ class TestRandAugment(unittest.TestCase):
         tv = torch.stack([T.RandAugment(2, 10)(img) for img in self.u8]).float() / 255
         tv = (tv - self.x).abs().mean().item()
         self.assertGreater(ours, 1.4 * tv)  # measured 0.19 against 0.12: timm's m10 is the full strength
-        transform = finetune.train_transform(finetune.Config(img_size=32))
+        transform = finetune.train_transform(finetune.Config(img_size=32, randaug_magnitude=10))  # the paper's m10
         with mock.patch.object(augment, "rand_augment", wraps=augment.rand_augment) as ra:
             self.assertEqual(transform([self.x[:4]]).shape, (4, 3, 32, 32))
         ra.assert_called_once()

@@ -51,6 +51,15 @@ class TestCurves(unittest.TestCase):
         self.assertGreater(os.path.getsize(os.path.join(self.runs[0], "curves.png")), 1000)
         self.assertIn("curves.png", load_ckpt(os.path.join(self.runs[0], "ckpt.pt"))["files"])
 
+    def test_short_epochs_redraw_every_few_seconds_and_always_after_the_last(self):
+        cfg = pretrain_mae.Config(model="micro", img_size=16, patch_size=4, subset=32, batch_size_per_gpu=16,
+                                  warmup_epochs=0, num_workers=0, epochs=3, out_dir=os.path.join(self.tmp.name, "few"))
+        drawn = []
+        with mock.patch("checkpoint.CURVES_EVERY_S", 1e9), contextlib.redirect_stdout(io.StringIO()), \
+                mock.patch.object(figures, "run_curves", lambda stage, out, rows, *a: drawn.append(len(rows))):
+            pretrain_mae.main(cfg)
+        self.assertEqual(drawn, [1, 3])  # the first epoch, then none until the last, drawn with all its rows
+
     def test_the_overlay_draws_two_runs_and_refuses_what_it_cannot_compare(self):
         out = os.path.join(self.tmp.name, "overlay")
         result = run("analyze.py", f"--runs={','.join(self.runs)}", f"--out_dir={out}")
