@@ -82,9 +82,10 @@ class OneLineParser(argparse.ArgumentParser):
                     continue
                 field = name[2:].replace("-", "_")
                 close = difflib.get_close_matches(f"--{field}", flags, 1, 0.6)
-                owners = [] if close else stages_with_flag(field, self.prog)  # finetune.py --mask_ratio
-                hints += ([f"{name}: did you mean {close[0]}?"] if close else
-                          [f"--{field} is a flag of {', '.join(owners)}, not of {self.prog}"] if owners else [])
+                if close:
+                    hints.append(f"{name}: did you mean {close[0]}?")
+                elif owners := stages_with_flag(field, self.prog):  # finetune.py --mask_ratio
+                    hints.append(f"--{field} is a flag of {', '.join(owners)}, not of {self.prog}")
             message += "; " + "; ".join(hints) if hints else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
