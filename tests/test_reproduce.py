@@ -216,7 +216,7 @@ class TestPresetsAndPlan(unittest.TestCase):
                          (300, 5, 1024, 1e-3, 0.85))
         self.assertEqual((ft.mixup, ft.cutmix, ft.randaug_magnitude, ft.drop_path, ft.label_smoothing, ft.min_lr),
                          (0.2, 0.0, 10, 0.0, 0.0, 1e-6))
-        self.assertEqual(runs["mocov3_ft_s0"].layer_decay, 0.75)
+        self.assertEqual((runs["mocov3_ft_s0"].layer_decay, runs["mocov3_keep0_s0"].layer_decay), (0.75, 0.75))
         self.assertEqual(runs["dmae_s0"].alpha_attn, 1.0)
         self.assertEqual(runs["dmae_s0"].attn_layers, "-1")  # the last layer's attention
         tr = runs["mae_flowers102_s0"]
@@ -228,6 +228,15 @@ class TestPresetsAndPlan(unittest.TestCase):
         self.assertEqual((dino.head_out_dim, dino.head_hidden_dim, dino.local_crops), (65536, 2048, 8))
         self.assertEqual((dino.batch_size_per_gpu, dino.ema_momentum, dino.base_lr, dino.teacher_temp), (1024, 0.996,
                                                                                                          5e-4, 0.07))
+
+    def test_the_cpu_study_fine_tunes_mocov3_at_its_own_layer_decay(self):  # both claim 1's and claim 2's fine-tunes
+        decays = lambda **kw: {r.name: r.cfg.layer_decay for r in reproduce.study(reproduce.Config(**kw))
+                               if r.name in ("mae_ft_s0", "dmae_ft_s0", "mocov3_ft_s0", "dino_ft_s0", "mae_keep2_s0",
+                                             "mocov3_keep2_s0")}
+        self.assertEqual(decays(), dict(mae_ft_s0=0.85, dmae_ft_s0=0.85, mocov3_ft_s0=0.85, dino_ft_s0=0.75,
+                                        mae_keep2_s0=0.85, mocov3_keep2_s0=0.85))
+        self.assertEqual(decays(moco_layer_decay=0.75), dict(mae_ft_s0=0.85, dmae_ft_s0=0.85, mocov3_ft_s0=0.75,
+                                                             dino_ft_s0=0.75, mae_keep2_s0=0.85, mocov3_keep2_s0=0.75))
 
     def test_dinos_sweep_joins_the_study_when_asked(self):
         sweep = lambda **kw: [r.name for r in reproduce.study(reproduce.Config(**kw)) if r.tags.get("sweep")]
