@@ -15,9 +15,9 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -112,9 +112,15 @@ def crop_pil(img, seed, views):
         img.draft("RGB", (width // reduce, height // reduce))
     img = rgb(img)
     sx, sy = img.size[0] / width, img.size[1] / height
-    return tuple(TF.pil_to_tensor(img.resize((v[0], v[0]), Image.BICUBIC,
-                                             box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
+    return tuple(pil_to_tensor(img.resize((v[0], v[0]), Image.BICUBIC,
+                                          box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
                  for (top, left, h, w), v in zip(boxes, views))
+
+
+def pil_to_tensor(img):
+    """An RGB PIL image -> uint8 (3, H, W), as torchvision's pil_to_tensor (whose import alone, with torchvision's
+    models and ops, would add seconds to every command's start)."""
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)
 
 
 class FileImages(Dataset):

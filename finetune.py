@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.v2 as v2
 
 import augment
 from checkpoint import RunFolder, load_ckpt
@@ -123,6 +122,7 @@ def train_transform(cfg):
 def make_mixer(cfg, num_classes):
     """Mixup and / or CutMix on the batch, one of them per batch when both are on (timm's switch prob 0.5); None
     when both are off. mix(images, labels) -> (mixed images, soft targets (B, classes))."""
+    import torchvision.transforms.v2 as v2  # only here: torchvision's import costs every command seconds
     mixers = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
     mixers += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
     return v2.RandomChoice(mixers) if mixers else None
