@@ -76,12 +76,12 @@ def attention_panels(images, maps, title, path, row_labels=None, shared_scale=Tr
     fig, axes = pyplot.subplots(n, panels + 1, figsize=(size * (panels + 1) + 0.8, size * n + 0.7), squeeze=False)
     top = maps.max().item()
     for i in range(n):
-        axes[i, 0].imshow(images[i].float().cpu().permute(1, 2, 0).clamp(0, 1), interpolation="nearest")
+        axes[i, 0].imshow(images[i].float().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         axes[i, 0].set_ylabel((row_labels or [f"image {j + 1}" for j in range(n)])[i], fontsize=8)
         for p in range(panels):
-            m = maps[i, p]
+            m = maps[i, p].float().cpu().numpy()  # arrays: matplotlib's copy of a tensor warns under numpy 2
             vmax = top if shared_scale else m.max().item()
-            axes[i, p + 1].imshow(grey[i], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+            axes[i, p + 1].imshow(grey[i].numpy(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             im = axes[i, p + 1].imshow(m, cmap="inferno", alpha=0.65, vmin=0, vmax=vmax, interpolation="nearest",
                                        extent=(-0.5, grey.shape[-1] - 0.5, grey.shape[-2] - 0.5, -0.5))
     axes[0, 0].set_title("input", fontsize=8)
