@@ -147,15 +147,15 @@ class TestWhereRunsGo(unittest.TestCase):
     def tearDown(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def first_runs(self, n, **kw):
+    def some_runs(self, names, **kw):  # the quick study's runs of these names (their dependencies among them)
         cfg = reproduce.Config(quick=True, out_dir=self.tmp, **kw)
-        runs = reproduce.study(cfg)[:n]  # teacher, MAE, D-MAE, MoCo-v3, DINO, scratch, random k-NN, MAE fine-tune ...
+        runs = [r for r in reproduce.study(cfg) if r.name in names]
         with quiet():
             results, _ = reproduce.run_all(runs, cfg)
         return runs, results
 
     def test_ddp_runs_go_under_torchrun_with_world_size_2(self):
-        runs, results = self.first_runs(8, gpus_per_run=2)
+        runs, results = self.some_runs(("mae_s0", "random_knn_s0", "mae_ft_s0"), gpus_per_run=2)  # DDP or not
         for r in runs:
             self.assertEqual(results[r.name]["world_size"], 2 if r.ddp else 1, r.name)
         self.assertGreater(results["mae_s0"]["loss"], 0)
@@ -165,7 +165,7 @@ class TestWhereRunsGo(unittest.TestCase):
         self.assertEqual(spec["config"]["batch_size_per_gpu"], 100)  # each of the 2 ranks took half
 
     def test_concurrent_runs_get_different_devices(self):
-        runs, results = self.first_runs(7, gpus="0,1")
+        runs, results = self.some_runs(("mae_s0", "mocov3_s0", "scratch_s0", "random_knn_s0"), gpus="0,1")
         spans = [(results[r.name]["started"], results[r.name]["ended"], results[r.name]["devices"]) for r in runs]
         self.assertEqual({d for *_, devs in spans for d in devs}, {"0", "1"})  # both devices were used
         overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
