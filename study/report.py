@@ -1,5 +1,6 @@
 """REPORT.md and its figures: per claim a table, a verdict by a stated rule, and a figure. Reads what the study hands
 over, none of its machinery; runs are chosen by their tags, never by their names."""
+import collections
 import dataclasses
 import json
 import math
@@ -229,13 +230,13 @@ def dino(s, results, figs):
                + ".")
     fig, axes = figs.plt.subplots(1, 2, figsize=(11, 3.5))
     methods, labelled = list(dict.fromkeys(r["tags"]["method"] for r in pre)), set()
+    seeds = collections.Counter(r["tags"]["method"] for r in pre)  # runs of each setting, one per seed
     for r in pre:  # legend: the setting, not its name
         m, c = r["tags"]["method"], r["config"]
-        n = sum(x["tags"]["method"] == m for x in pre)
         label = None if m in labelled else ("the study's: " if m == "dino" else "") + \
             f"batch {c['batch_size_per_gpu']}, K {c['head_out_dim']}, m {c['ema_momentum']}" + \
             (f", T {c['teacher_temp']}, lr {c['base_lr']:g}" if c['teacher_temp'] == c['warmup_teacher_temp'] else "") \
-            + (f" ({n} seeds)" if n > 1 else "")
+            + (f" ({seeds[m]} seeds)" if seeds[m] > 1 else "")
         labelled.add(m)
         for ax, key in zip(axes, ("losses", "teacher_entropy")):
             if key in r:
