@@ -249,7 +249,8 @@ def main(cfg):
     written = ["analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png"]
     mae = mae_of(*models[0], cfg.key, device)
     if mae is not None:
-        title = f"{type(mae).__name__} reconstructions of 8 test images (centre crops), {cfg.ckpt}"
+        method = "D-MAE" if stage_of(models[0][2]) == "distill" else "MAE"  # both are an MAE once loaded
+        title = f"{method} reconstructions of 8 test images (centre crops), {cfg.ckpt}"
         figures.save_reconstructions(mae, augment.normalize(figure_images(dataset, 8, img_size, device)[0]), title,
                                      os.path.join(cfg.out_dir, "recon.png"), cfg.mask_seed)
         written.append("recon.png")

@@ -6,6 +6,7 @@ checkpoints save, so a resumed run draws the same augmentations. Samples are gro
 runs once per batch.
 """
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,19 @@ def random_resized_crop(images, size, scale):
 
 def eval_resize(height, width, size, crop_pct=0.875):
     """Resized (height, width) of timm's eval view (PAPER §3.1): shorter side to int(size / crop_pct), then the centre
-    size x size. data.crop_box maps it onto a file's own pixels."""
+    size x size. crop_box maps it onto an image's own pixels."""
     short = int(size / crop_pct)
     return (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+
+
+def crop_box(seed, k, height, width, view):
+    """(top, left, h, w) of a sample's view k in its own pixels: rrc_box from its seed, or the centre box."""
+    size, scale = view
+    if scale != "center":
+        return rrc_box(random.Random(seed * 16 + k), height, width, scale)
+    nh, nw = eval_resize(height, width, size)  # the resized centre, in the original's pixels
+    sy, sx = height / nh, width / nw
+    return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
 
 
 def center_crop(images, size):
@@ -102,13 +113,14 @@ def center_crop(images, size):
 
 def random_flip(x):
     """Mirror each sample with p 0.5."""
-    return torch.where(_bshape(_rand(len(x), x.device) < 0.5), x.flip(-1), x)
+    flipped = x.flip(-1)  # written over in place: at 224 px every new batch-sized tensor costs a CPU its page faults
+    return torch.where(_bshape(_rand(len(x), x.device) < 0.5), flipped, x, out=flipped)
 
 
 def normalize(x):
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - mean).div_(std)
 
 
 # --- colour ops, one factor per sample ---

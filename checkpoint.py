@@ -67,6 +67,10 @@ def write_atomic(path, data):
 def load_ckpt(path, what="checkpoint"):
     """weights_only: a checkpoint is data, never code. The one class allowed is argparse.Namespace, which
     facebookresearch/mae stores under 'args'. A bad file ends in one line naming it."""
+    if os.path.isdir(path):  # a run folder for its checkpoint
+        inside = os.path.join(path, "ckpt.pt")
+        raise MissingFile(f"{what} {path} is a folder, not a file: pass " + (
+            f"{inside}" if os.path.isfile(inside) else "a checkpoint's path (a run folder's is FOLDER/ckpt.pt)"))
     if not os.path.isfile(path):
         main_job = os.path.normpath(path) == os.path.join("out", "mae", "ckpt.pt")  # the default of finetune, analyze
         raise MissingFile(f"{what} not found: {path}" + (": run python pretrain_mae.py first (it writes it), or pass "

@@ -3,32 +3,30 @@ no per-sample Python on the hot path.
 
 A view is (side, scale range): torchvision's RandomResizedCrop; or (side, "center"): timm's eval centre crop.
 In-memory sets (embedded slices, Fashion-MNIST, CIFAR) are cut on the device (augment.py); file sets (ImageFolder =
-ImageNet, the small transfer sets) per image, by DataLoader workers with PIL. A packed store (data/pack.py: every
-image decoded and resized once, uint8, memory-mapped) is cut by the same workers with no decode on a CPU, and on a GPU
-per image on the device, each from its own box.
+ImageNet, the small transfer sets) per image, by DataLoader workers with PIL. A packed store (store.py: every
+image decoded and resized once by data/pack.py, uint8, memory-mapped) is cut by the same workers with no decode on a
+CPU, and on a GPU a whole batch at once on the device, each image from its own box.
 Nothing is ever downloaded: a missing folder or an undecodable file is an error naming it.
 """
 import contextlib
 import gzip
-import json
 import math
 import os
-import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import augment
+from augment import crop_box
 from common import BadData, BadValue, MissingFile
+from store import Gathered, PackedImages, cut_on_device, device_pixels, open_store, stored_size
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # committed slices (data/README.md)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_NAMES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 CLASS_LISTS = {"imagenet100": os.path.join(EMBEDDED_DIR, "imagenet100_classes.txt")}  # --classes by name: CMC's
-STORE_FORMAT, STORE_VERSION = "mae-lite-mini packed images", 1  # data/pack.py writes it; another version is refused
 UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
@@ -91,16 +89,6 @@ def eval_view(path, size):
         return crop_pil(img, 0, [(size, "center")])[0]
 
 
-def crop_box(seed, k, height, width, view):
-    """(top, left, h, w) of a sample's view k in its own pixels: augment.rrc_box from its seed, or the centre box."""
-    size, scale = view
-    if scale != "center":
-        return augment.rrc_box(random.Random(seed * 16 + k), height, width, scale)
-    nh, nw = augment.eval_resize(height, width, size)  # the resized centre, in the original's pixels
-    sy, sx = height / nh, width / nw
-    return round((nh - size) / 2) * sy, round((nw - size) / 2) * sx, size * sy, size * sx
-
-
 def crop_pil(img, seed, views):
     """Lazily opened PIL image -> uint8 (3, S, S) per view, resized (antialiased bicubic) as torchvision's
     RandomResizedCrop on PIL images."""
@@ -142,116 +130,6 @@ class FileImages(Dataset):
     def __getitem__(self, item):
         i, seed = item
         return self.crops(i, seed, self.views), self.samples[i][1], i, seed
-
-
-class PackedImages(Dataset):
-    """One split of a packed store: uint8 (H, W, 3) images end to end in one file, memory-mapped (read when touched,
-    never copied whole), each at its own size. Items as FileImages', cut from the pixels with no decode."""
-
-    def __init__(self, pixels_path, starts, shapes, labels, names):
-        self.pixels_path, self.starts, self.shapes, self.labels = pixels_path, starts, shapes, labels
-        self.names, self.views, self.map = names, (), None
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getstate__(self):  # a worker started by spawn maps the file itself, never gets it pickled
-        return dict(self.__dict__, map=None)
-
-    def pixels(self):
-        """The split's whole file, 1-D uint8, memory-mapped (copy-on-write: the store is never written)."""
-        if self.map is None:
-            self.map = torch.from_file(self.pixels_path, shared=False, size=os.path.getsize(self.pixels_path),
-                                       dtype=torch.uint8)
-        return self.map
-
-    def nbytes(self):
-        return int((self.shapes[:, 0] * self.shapes[:, 1]).sum()) * 3
-
-    def image(self, i):
-        h, w = self.shapes[i].tolist()
-        start = int(self.starts[i])
-        return self.pixels()[start:start + h * w * 3].view(h, w, 3)
-
-    def select(self, indices):
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return PackedImages(self.pixels_path, self.starts[indices], self.shapes[indices], self.labels[indices],
-                            self.names)
-
-    def crops(self, i, seed, views):  # crop_pil's boxes, in this image's own pixels, resized as crop_pil resizes
-        return crop_pil(Image.fromarray(self.image(i).numpy()), seed, views)
-
-    def __getitem__(self, item):
-        i, seed = item
-        return self.crops(i, seed, self.views), int(self.labels[i]), i, seed
-
-    def gather(self, items):
-        """A batch's images as one 1-D uint8 tensor (pinned by the DataLoader on a GPU), their starts in it, shapes,
-        labels and seeds: what the device cuts when the store does not fit its memory."""
-        idx = torch.tensor([i for i, _ in items], dtype=torch.long)
-        flat = torch.cat([self.image(i).reshape(-1) for i in idx.tolist()])
-        sizes = self.shapes[idx].prod(1) * 3
-        return flat, sizes.cumsum(0) - sizes, self.shapes[idx], self.labels[idx], [s for _, s in items]
-
-
-def open_store(root, train, classes=""):
-    """(PackedImages, class names) of a store's train or val split; a store of another version, a half-written or
-    truncated one, or a class it lacks is one line naming the way out."""
-    folder = bool(root) and os.path.isdir(os.path.join(root, "train"))  # an image folder given for its store
-    pack = f"python data/pack.py --data_root={root if folder else 'IMAGE_FOLDER'} --out_dir=STORE"
-    if not root:
-        raise MissingFile(f"--data=packed needs --data_root: a store written by {pack}")
-    meta_path = os.path.join(root, "meta.json")
-    if not os.path.isfile(meta_path):
-        root = root.rstrip("/")
-        if root.endswith(".partial") or os.path.isdir(root + ".partial"):  # pack.py renames it when complete
-            raise BadData(f"{root} is a half-written store (its pack was interrupted): run the same data/pack.py "
-                          "command again, it resumes")
-        raise MissingFile(f"{root} is not a packed store (no meta.json): pack it first, {pack}, then "
-                          "--data_root=STORE")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        version = meta.get("version") if meta.get("format") == STORE_FORMAT else None
-    except (OSError, ValueError, AttributeError):
-        version = None
-    if version != STORE_VERSION:
-        raise BadData(f"{root} is a store of format version {version}, this code reads version {STORE_VERSION}: pack "
-                      f"its images again into a new store ({pack})")
-    split = "train" if train else "val"
-    try:
-        index = torch.load(os.path.join(root, f"{split}.index.pt"), weights_only=True)
-        size = os.path.getsize(os.path.join(root, f"{split}.pixels"))
-    except (OSError, RuntimeError, EOFError) as e:
-        raise BadData(f"{root}: the {split} split is missing or unreadable ({type(e).__name__}): pack it again "
-                      f"({pack})") from None
-    ds = PackedImages(os.path.join(root, f"{split}.pixels"), index["starts"], index["shapes"], index["labels"],
-                      meta["classes"])
-    if size != index["bytes"] or len(ds) != meta["images"][split] or size != ds.nbytes():
-        raise BadData(f"{root}: {split}.pixels holds {size:,} bytes where its index says {index['bytes']:,}: a "
-                      f"truncated or half-written store; pack it again ({pack})")
-    if not classes:
-        return ds, meta["classes"]
-    list_path, names = class_list(classes)
-    missing = [c for c in names if c not in meta["classes"]]
-    if missing:
-        more = f" (and {len(missing) - 1} more of its classes)" if len(missing) > 1 else ""
-        raise MissingFile(f"class {missing[0]} of {list_path} is not in the store {root}{more}, which holds "
-                          f"{len(meta['classes'])} classes: pack them (--classes of data/pack.py), or check --classes")
-    relabel = torch.full((len(meta["classes"]),), -1, dtype=torch.long)
-    relabel[[meta["classes"].index(c) for c in names]] = torch.arange(len(names))
-    keep = (relabel[ds.labels] >= 0).nonzero()[:, 0]
-    ds = ds.select(keep)
-    ds.labels, ds.names = relabel[ds.labels], names
-    return ds, names
-
-
-def stored_size(width, height, short_side):
-    """(width, height) of an image in a store: the shorter side to short_side, the aspect ratio kept, never enlarged."""
-    short = min(width, height)
-    if short <= short_side:
-        return width, height
-    return max(1, round(width * short_side / short)), max(1, round(height * short_side / short))
 
 
 def pack_image(path, short_side):
@@ -376,7 +254,7 @@ def build_dataset(name, root, train, subset=0, classes=""):
             for path, _ in samples:
                 open_image(path).close()
     elif name == "packed":
-        ds, names = open_store(root, train, classes)
+        ds, names = open_store(root, train, *(class_list(classes) if classes else ()))
         classes = len(names)
     else:
         ds, classes = transfer_set(name, root, train)
@@ -474,11 +352,11 @@ class Loader:
                 resident = cuda and dataset.nbytes() <= torch.cuda.get_device_properties(device).total_memory / 2
             batches = torch.utils.data.BatchSampler(seeded, batch_size, drop_last)
             if resident:  # the pixels of these images only, once, in device memory: a batch is an index gather
-                self.pixels, self.starts = _contiguous(dataset, device)
+                self.pixels, self.starts = device_pixels(dataset, device)
                 self.batches = batches
             else:  # the workers gather each batch from the memory map; pinned, copied ahead on a side stream
                 self.pixels = None
-                self.batches = DataLoader(_Gathered(dataset), None, sampler=batches, num_workers=num_workers,
+                self.batches = DataLoader(Gathered(dataset), None, sampler=batches, num_workers=num_workers,
                                           pin_memory=cuda, persistent_workers=num_workers > 0, generator=private,
                                           prefetch_factor=4 if num_workers else None)
         else:
@@ -508,7 +386,7 @@ class Loader:
             yield from self._copied_ahead()
         else:
             for crops, labels in self.batches:
-                yield (tuple(c.to(self.device, non_blocking=True).float() / 255 for c in crops),
+                yield (tuple(c.to(self.device, non_blocking=True).float().div_(255) for c in crops),
                        labels.to(self.device, non_blocking=True))
 
     def _copied_ahead(self):
@@ -535,32 +413,3 @@ class Loader:
             yield cut_on_device(flat, starts, shapes, seeds, self.views), labels
 
 
-class _Gathered(Dataset):
-    """A store's batches as DataLoader items (its sampler yields whole batches of (index, seed))."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __getitem__(self, items):
-        return self.store.gather(items)
-
-
-def _contiguous(store, device):
-    """The store's images (all, or a --subset's) as one 1-D uint8 tensor on the device, and their starts in it."""
-    sizes = store.shapes.prod(1) * 3
-    if len(store) and torch.equal(store.starts, sizes.cumsum(0) - sizes):  # a whole split: the file as it is
-        return store.pixels()[:store.nbytes()].to(device), store.starts
-    return torch.cat([store.image(i).reshape(-1) for i in range(len(store))]).to(device), sizes.cumsum(0) - sizes
-
-
-def cut_on_device(pixels, starts, shapes, seeds, views):
-    """Each image of a batch, uint8 (h, w, 3) at starts[b] of the 1-D `pixels`, cut to every view from its own box
-    (crop_box: the workers' boxes) and resized there, bicubic antialiased: float (B, 3, S, S) per view in [0, 1]."""
-    out = [torch.empty(len(seeds), 3, size, size, device=pixels.device) for size, _ in views]
-    for b, (start, (h, w), seed) in enumerate(zip(starts.tolist(), shapes.tolist(), seeds)):
-        img = pixels[start:start + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)
-        for k, view in enumerate(views):
-            top, left, bh, bw = (int(round(v)) for v in crop_box(seed, k, h, w, view))
-            out[k][b] = F.interpolate(img[..., top:top + bh, left:left + bw].float(), (view[0], view[0]),
-                                      mode="bicubic", antialias=True, align_corners=False)[0]
-    return tuple(o.round_().clamp_(0, 255).div_(255) for o in out)

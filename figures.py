@@ -243,7 +243,7 @@ def curves(runs, path, title, reference=None):
         ax.set_ylabel(unit)
         if panel == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.5)  # see-through: where no corner is free, the curve shows under it
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -82,10 +82,11 @@ class OneLineParser(argparse.ArgumentParser):
                     continue
                 field = name[2:].replace("-", "_")
                 close = difflib.get_close_matches(f"--{field}", flags, 1, 0.6)
-                if close:
-                    hints.append(f"{name}: did you mean {close[0]}?")
-                elif owners := stages_with_flag(field, self.prog):  # finetune.py --mask_ratio
+                owners = [] if f"--{field}" in flags else stages_with_flag(field, self.prog)
+                if owners:  # finetune.py --mask_ratio; before a look-alike (pretrain_mae.py --layer_decay)
                     hints.append(f"--{field} is a flag of {', '.join(owners)}, not of {self.prog}")
+                elif close:
+                    hints.append(f"{name}: did you mean {close[0]}?")
             message += "; " + "; ".join(hints) if hints else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

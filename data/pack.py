@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import BadData, BadValue, RunError  # noqa: E402
-from data import (STORE_FORMAT, STORE_VERSION, FileImages, build_dataset, image_folder, open_image,  # noqa: E402
-                  pack_image, stored_size)
+from data import FileImages, build_dataset, image_folder, open_image, pack_image  # noqa: E402
+from store import STORE_FORMAT, STORE_VERSION, stored_size  # noqa: E402
 from flags import check, cli  # noqa: E402
 
 

@@ -104,6 +104,20 @@ def given(s):
                    if f.init and f.default is not dataclasses.MISSING and getattr(s, f.name) != f.default)
 
 
+def layer_decays(results):
+    """The fine-tunes' layer decays, as their own configs say: 'MAE and D-MAE 0.85, ..., none from scratch'."""
+    by_decay = {}
+    for r in results:
+        m = r["tags"].get("method")
+        if r["tags"].get("eval") == "ft" and m in NAMES and r["config"].get("mode") != "scratch":
+            by_decay.setdefault(f"{r['config']['layer_decay']:g}", []).append(NAMES[m])
+    said = []
+    for d, ms in by_decay.items():
+        *most, last = dict.fromkeys(ms)  # each method once, in the order the study ran them
+        said.append(f"{', '.join(most)} and {last} {d}" if most else f"{last} {d}")
+    return ", ".join(said + ["none from scratch"])
+
+
 def header(s, results, wall):
     core_s, adopted = sum(r["seconds"] for r in results), sorted(r["name"] for r in results if r.get("adopted"))
     adopted = (f"; not counted: {', '.join(adopted)}, run by their own commands (`study.reproduce --plan`) with these "
@@ -131,7 +145,7 @@ def header(s, results, wall):
            if s.scratch_epochs else f"fine-tuning and the from-scratch baseline {s.finetune_epochs} epochs, linear "
                                     "probes ") +
         f"{s.linear_epochs}, the layer study {s.layer_epochs}, all with the paper's fine-tuning recipe (AdamW, warm-up "
-        f"+ cosine; layer decay: MAE and D-MAE 0.85, MoCo-v3 {s.moco_layer_decay:g}, DINO 0.75, none from scratch) at "
+        f"+ cosine; layer decay: {layer_decays(results)}) at "
         "base lr "
         f"{s.finetune_lr:g}, mixup {s.finetune_mixup:g}, RandAugment magnitude {s.finetune_randaug}, crop scale "
         f"({s.finetune_crop:g}, 1) (the paper: 1e-3, 0.2, 10, 0.08; why: below). Accuracy is the **last "

@@ -517,6 +517,13 @@ def launch(run, cfg, devices):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent), log
 
 
+def last_line(path):
+    """', its last line: ...' of a failed run's output.log, so the study's own error says why."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f.read()[-4000:].splitlines() if line.strip()]
+    return f", its last line: {lines[-1][:300]}" if lines else ""
+
+
 def run_all(runs, cfg):
     """Run what has not finished, dependencies first, the longest ready run first, with progress and an ETA. A failed
     run stops the study with one line naming its log."""
@@ -549,8 +556,8 @@ def run_all(runs, cfg):
                 results[name] = recorded(r)
                 if proc.returncode != 0 or results[name] is None:
                     raise RunError(f"run {name} failed (exit {proc.returncode}" + (f", GPUs {','.join(mine)}"
-                                   if cfg.devices else "") + f"): see {r.folder}/output.log; finished runs are kept, "
-                                   "run the study again to resume")
+                                   if cfg.devices else "") + f"{last_line(log.name)}): see {r.folder}/output.log; "
+                                   "finished runs are kept, run the study again to resume")
                 spent, estimated = spent + results[name]["seconds"], estimated + cost(r, cfg)
                 left = sum(cost(x, cfg) for x in todo + [g[0] for g in going.values()])
                 eta = left * spent / max(estimated, 1e-9) / len(slots)

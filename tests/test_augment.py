@@ -184,7 +184,7 @@ class TestLoaders(unittest.TestCase):
                 full = Image.open(path).convert("RGB")
                 ours = data.crop_pil(Image.open(path), seed, crops)
                 for k, (size, _) in enumerate(crops):
-                    top, left, h, w = data.crop_box(seed, k, full.height, full.width, crops[k])
+                    top, left, h, w = augment.crop_box(seed, k, full.height, full.width, crops[k])
                     ref = TF.pil_to_tensor(TF.resized_crop(full, top, left, h, w, [size, size],
                                                             TF.InterpolationMode.BICUBIC))
                     diff = (ours[k].float() - ref.float()).abs()

@@ -47,10 +47,15 @@ class TestBench(unittest.TestCase):
             bench.main(bench.Config(stages="mae", data="imagefolder", data_root=os.path.join(tmp, "jpegs"),
                                     make_jpegs=12, pack=True, fidelity_sides="256,1000", stage_model="micro",
                                     stage_img_size=32, stage_patch=4, stage_batch=8, stage_epochs=1, num_workers=1,
-                                    model_steps=False, out=out))
+                                    model_steps=False, rounds=2, out=out))
             rows = json.load(open(out))
-        what = {r["what"]: r for r in rows}
+        what = {r["what"]: r for r in rows}  # of the second pair, where there are two
         self.assertGreater(what["pack (data/pack.py)"]["imgs_per_s"], 0)
+        pairs = [r for r in rows if r["what"] == "mae store / files"]
+        self.assertEqual([r["round"] for r in pairs], [1, 2])
+        median = what["mae store / files, median of 2 pairs"]
+        for row in ("one worker core", "end to end"):
+            self.assertAlmostEqual(median[f"{row} ratio"], sum(r[f"{row} ratio"] for r in pairs) / 2, delta=0.01)
         for source in ("imagefolder", "packed"):
             for row in ("end to end", "loading alone", "data path alone", "one worker core"):
                 self.assertGreater(what[f"mae {row} ({source})"]["imgs_per_s"], 0)

@@ -138,6 +138,12 @@ class TestCommandLine(unittest.TestCase):
         result = stage("finetune.py", *MICRO, "--mask_ratio=0.9", "--out_dir=never", cwd=self.dir)
         one_line_error(self, result, "--mask_ratio is a flag of pretrain_mae.py, not of finetune.py")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+        result = stage("pretrain_mae.py", *MICRO, "--layer_decay=0.75", "--out_dir=never", cwd=self.dir)  # not a typo
+        one_line_error(self, result, "--layer_decay is a flag of finetune.py, not of pretrain_mae.py \\(see --help\\)")
+
+    def test_a_run_folder_given_for_its_checkpoint_names_the_file(self):
+        result = stage("knn.py", f"--ckpt={self.mae}", "--subset=64", cwd=self.dir)
+        one_line_error(self, result, f"checkpoint {self.mae} is a folder, not a file: pass {self.mae}/ckpt.pt$")
 
     def test_a_mistyped_key_names_the_flag_and_the_closest_key(self):
         ckpt = load_ckpt(os.path.join(self.mae, "ckpt.pt"))

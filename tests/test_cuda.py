@@ -112,7 +112,7 @@ class TestStagesOnCuda(unittest.TestCase):
         self.assertEqual(run.returncode, 0, run.stderr)
         ds, _ = build_dataset("packed", store, True)
         views = [(64, (0.2, 1.0)), (32, "center")]
-        cut = []  # workers with PIL on the CPU; the GPU from its memory; the GPU from pinned host batches
+        cut = []  # uint8 workers on the CPU; the GPU from its memory; the GPU from pinned host batches
         for device, workers, resident in ((torch.device("cpu"), 2, None), (CUDA, 0, True), (CUDA, 2, False)):
             torch.manual_seed(0)
             loader = Loader(ds, 8, True, workers, device, views, resident=resident)
@@ -123,7 +123,7 @@ class TestStagesOnCuda(unittest.TestCase):
             self.assertEqual(lb.tolist(), lc.tolist())
             for x, y, z in zip(a, b, c):
                 self.assertTrue(torch.equal(y, z))  # resident or copied ahead on a side stream: bit for bit
-                self.assertLess(255 * (x - y).abs().mean().item(), 2.0)  # PIL and torch, the same boxes
+                self.assertLessEqual(255 * (x - y).abs().max().item(), 1.001)  # uint8, floats: the rounding
         with quiet():  # a whole fine-tune from the store on the GPU
             finetune.main(finetune.Config(**{**TINY, "data": "packed", "data_root": store, "subset": 0,
                                              "mode": "scratch", "batch_size_per_gpu": 8, "img_size": 32,

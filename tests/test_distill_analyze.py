@@ -4,6 +4,7 @@ import math
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 
@@ -111,9 +112,12 @@ class TestDistillAndChain(unittest.TestCase):
         self.assertTrue(all(0 < e <= math.log(16) + 1e-6 for e in torch.tensor(res["attn_entropy"]).flatten()))
         for f in ("analysis.json", "cka.png", "attn_distance.png", "attn_entropy.png", "recon.png"):
             self.assertTrue(os.path.exists(os.path.join(self.tmp.name, "an", f)), f)
-        with quiet():
+        titles = []
+        recon = lambda mae, imgs, title, path, seed=0: titles.append(title)  # noqa: E731
+        with quiet(), mock.patch.object(analyze.figures, "save_reconstructions", recon):
             self_res = analyze.main(analyze.Config(ckpt=dmae, num_images=32, batch_size=16,
                                                    out_dir=os.path.join(self.tmp.name, "an1")))
+        self.assertEqual(titles, [f"D-MAE reconstructions of 8 test images (centre crops), {dmae}"])  # not "MAE"
         for i in range(3):
             self.assertAlmostEqual(self_res["cka"][i][i], 1.0, places=5)
 

@@ -15,6 +15,7 @@ import unittest
 
 from flags import parse_config
 from study import report
+from study.report import layer_decays
 from study import reproduce
 from common import RunError
 from tests.helpers import TIMEOUT, quiet
@@ -78,6 +79,11 @@ class TestReproduce(unittest.TestCase):
         for claim in CLAIMS:
             self.assertIn(claim, report)
         self.assertIn("Verdict", report)
+        self.assertIn("layer decay: MAE, MoCo-v3 and D-MAE 0.85, DINO 0.75, none from scratch", report)  # the runs'
+        moved = [dict(self.results[r.name], tags=r.tags) for r in runs]  # as the report reads them
+        moved = [dict(r, config=dict(r["config"], layer_decay=0.75)) if r["tags"].get("method") == "mocov3" else r
+                 for r in moved]  # as the paper's presets run MoCo-v3
+        self.assertEqual(layer_decays(moved), "MAE and D-MAE 0.85, MoCo-v3 and DINO 0.75, none from scratch")
         for fig in FIGURES:
             self.assertGreater(os.path.getsize(os.path.join(self.tmp, "figures", fig)), 1000, fig)
         # every fine-tuning run logged one top-1 per epoch; the layer study covers K = 0 .. depth
@@ -153,6 +159,15 @@ class TestWhereRunsGo(unittest.TestCase):
         with quiet():
             results, _ = reproduce.run_all(runs, cfg)
         return runs, results
+
+    def test_a_failed_run_stops_the_study_with_its_own_last_line(self):
+        cfg = reproduce.Config(quick=True, out_dir=self.tmp)
+        run = next(r for r in reproduce.study(cfg) if r.name == "mae_knn_s0")
+        run.cfg.ckpt, run.deps = os.path.join(self.tmp, "gone.pt"), ()  # its checkpoint is not there
+        with quiet(), self.assertRaises(RunError) as raised:
+            reproduce.run_all([run], cfg)
+        self.assertRegex(str(raised.exception), r"^run mae_knn_s0 failed \(exit 1, its last line: .*checkpoint not "
+                                                r"found: .*gone.pt\): see .*mae_knn_s0/output.log; finished runs")
 
     def test_ddp_runs_go_under_torchrun_with_world_size_2(self):
         runs, results = self.some_runs(("mae_s0", "random_knn_s0", "mae_ft_s0"), gpus_per_run=2)  # DDP or not
