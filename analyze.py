@@ -62,7 +62,8 @@ class Config:
         check_config(self, num_images=">0", num_map_images=">0")
         check(self.batch_size >= 4, f"batch_size must be at least 4 for unbiased HSIC, got {self.batch_size}")
         self.image = self.image or []
-        check(self.num_images >= self.batch_size, "num_images must be at least one batch")
+        check(self.num_images >= self.batch_size, f"--num_images {self.num_images} is fewer than one CKA batch of "
+              f"{self.batch_size}: pass --batch_size={max(4, self.num_images // 2)} (at least 4), or more images")
 
 
 # --- CKA ---
@@ -221,7 +222,8 @@ def main(cfg):
     dataset, _ = build_dataset(cfg.data, cfg.data_root, False, cfg.num_images, cfg.classes)
     # HSIC wants equal minibatches
     loader = Loader(dataset, cfg.batch_size, False, 0, device, [(img_size, "center")], drop_last=True)
-    check(len(loader) > 0, f"{len(dataset)} images is fewer than one batch of {cfg.batch_size}")
+    check(len(loader) > 0, f"the test split has {len(dataset)} images, fewer than one CKA batch of {cfg.batch_size}: "
+                           f"pass --batch_size={max(4, len(dataset) // 2)} (at least 4)")
 
     # --- measure ---
     sums = dict(xy=0.0, xx=0.0, yy=0.0)

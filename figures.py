@@ -155,6 +155,8 @@ def analysis_plots(result, out_dir, grid, patch_size):
     pair = ("of the model with itself (no --ckpt2: the diagonal is 1 by construction)" if len(result["names"]) == 1
             else "between two models' layers")
     ax.set_title(f"Linear CKA {pair}, {result['num_images']} test images", fontsize=9)
+    ax.set_xticks(range(cka_vals.shape[1]))  # whole layers, not the pixel edges at k - 0.5
+    ax.set_yticks(range(cka_vals.shape[0]))
     fig.colorbar(im, label=f"CKA (colour scale {lo:.2f} to 1)")
     fig.savefig(os.path.join(out_dir, "cka.png"), dpi=120, bbox_inches="tight")
     pyplot.close(fig)
@@ -167,13 +169,14 @@ def analysis_plots(result, out_dir, grid, patch_size):
             ax.scatter(layers.flatten().numpy(), v.flatten().numpy(), s=8, color=color, alpha=0.5)
             ax.plot(layers[:, 0].numpy(), v.mean(1).numpy(), color=color, label=f"{name} (mean over heads)")
         ax.axhline(uniform[metric], color="k", ls="--", lw=1, label=f"uniform attention ({uniform[metric]:.2f})")
-        ax.set_ylim(0, max(top or 0, ax.get_ylim()[1]))  # from 0: a zoomed axis makes 1 px look dramatic
+        ax.set_ylim(0, 1.08 * max(top or 0, ax.get_ylim()[1]))  # from 0: a zoomed axis makes 1 px look dramatic;
+        # a margin above, so that the uniform line is not drawn on the frame
         ax.set_xticks(range(1, len(result[metric][0]) + 1))
         ax.set_xlabel("block")
         ax.set_ylabel(f"{metric.replace('_', ' ')} ({unit})")
         ax.set_title(f"{metric.replace('attn_', 'Attention ')} per head and block, over patches "
                      f"({grid}x{grid} grid of {patch_size}-px patches)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.5)  # see-through: the points under it still show
         fig.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=120, bbox_inches="tight")
         pyplot.close(fig)
 

@@ -91,8 +91,11 @@ def open_store(root, train, list_path="", names=()):
     if not os.path.isfile(meta_path):
         root = root.rstrip("/")
         if root.endswith(".partial") or os.path.isdir(root + ".partial"):  # pack.py renames it when complete
-            raise BadData(f"{root} is a half-written store (its pack was interrupted): run the same data/pack.py "
-                          "command again, it resumes")
+            raise BadData(f"{root} is a half-written store (its pack was interrupted): run data/pack.py again with "
+                          f"--out_dir={root.removesuffix('.partial')}, it resumes")
+        if os.path.isdir(root) and any(f.endswith(".pixels") for f in os.listdir(root)):
+            raise BadData(f"{root} holds a store's pixels but no meta.json (pack.py writes it last): a damaged store; "
+                          f"pack its images again ({pack.replace('--out_dir=STORE', '--out_dir=NEW_STORE')})")
         raise MissingFile(f"{root} is not a packed store (no meta.json): pack it first, {pack}, then "
                           "--data_root=STORE")
     try:

@@ -85,6 +85,9 @@ class Config:
                      stage_epochs=">0", stage_subset=">=0", rounds=">0", batch_size=">=0", steps=">0", threads=">=0")
         check(all(s in STAGES for s in self.stage_list()), f"stages must be of {tuple(STAGES)}, got {self.stages!r}")
         check(not self.pack or self.data == "imagefolder", "--pack packs an image folder: give --data=imagefolder")
+        check(not self.make_jpegs or not (os.path.isdir(self.data_root) and os.listdir(self.data_root)),
+              f"--make_jpegs writes a new folder, and {self.data_root} is not empty: drop --make_jpegs to measure the "
+              "images already there, or give another --data_root")
 
     def stage_list(self):
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -233,7 +236,7 @@ def measure_stage(stage, cfg, tmp, data, root, device, tag=""):
         rows.append(dict(common, what=f"{stage} one worker core ({data})", imgs_per_s=round(per_core, 1),
                          cores_to_feed_this_step=round(ips / per_core, 1)))
         print(f"{'':>24} {stage:>9}: one worker core {'reads, decodes' if data != 'packed' else 'reads'} and crops "
-              f"{per_core:.0f} img/s ({data}); {ips / per_core:.1f} worker cores feed the {ips:.0f} img/s measured "
+              f"{per_core:.0f} img/s ({data}); {ips / per_core:.2g} worker cores feed the {ips:.0f} img/s measured "
               "end to end", flush=True)
     print(f"{common['device']:>24} {stage:>9} {cfg.stage_model:>5} {cfg.stage_img_size}px batch {cfg.stage_batch} "
           f"({data}): end to end {ips:9.1f} img/s, peak memory {peak:7d} MB; loading alone {load_ips:9.1f}, "

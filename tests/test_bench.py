@@ -1,11 +1,15 @@
 """bench.py: each stage end to end, its loading alone and its data path alone (no model), written to JSON."""
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import unittest
 
 from study import bench
 from tests.helpers import quiet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TestBench(unittest.TestCase):
@@ -25,6 +29,18 @@ class TestBench(unittest.TestCase):
             self.assertGreater(data["imgs_per_s"], 0)
             self.assertGreater(load["imgs_per_s"], 0)
             self.assertAlmostEqual(data["share_of_step"], e2e["imgs_per_s"] / data["imgs_per_s"], places=2)
+
+    def test_make_jpegs_into_a_folder_that_holds_files_is_one_line(self):  # the documented command, typed twice
+        with tempfile.TemporaryDirectory() as tmp:
+            open(os.path.join(tmp, "kept.jpg"), "w").close()
+            run = subprocess.run([sys.executable, "-m", "study.bench", "--stages=mae", "--data=imagefolder",
+                                  f"--data_root={tmp}", "--make_jpegs=3", "--model_steps=false"], cwd=ROOT,
+                                 capture_output=True, text=True)
+            self.assertEqual(os.listdir(tmp), ["kept.jpg"])
+        self.assertEqual(run.returncode, 2, run.stderr)
+        self.assertEqual(run.stderr.strip().splitlines(), [
+            f"bench.py: error: --make_jpegs writes a new folder, and {tmp} is not empty: drop --make_jpegs to measure "
+            "the images already there, or give another --data_root (see --help)"])
 
     def test_files_report_one_worker_cores_rate_and_the_cores_a_step_needs(self):
         with tempfile.TemporaryDirectory() as tmp, quiet():

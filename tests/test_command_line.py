@@ -145,6 +145,19 @@ class TestCommandLine(unittest.TestCase):
         result = stage("knn.py", f"--ckpt={self.mae}", "--subset=64", cwd=self.dir)
         one_line_error(self, result, f"checkpoint {self.mae} is a folder, not a file: pass {self.mae}/ckpt.pt$")
 
+    def test_too_few_images_for_a_cka_batch_names_a_batch_that_fits_and_it_does(self):
+        flags = (f"--ckpt={self.mae}/ckpt.pt", "--num_images=10", "--num_map_images=2", "--out_dir=an_few")
+        result = stage("analyze.py", *flags, cwd=self.dir)
+        one_line_error(self, result, "--num_images 10 is fewer than one CKA batch of 128: pass --batch_size=5 "
+                                     "\\(at least 4\\), or more images")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "an_few")))
+        followed = stage("analyze.py", *flags, "--batch_size=5", cwd=self.dir)
+        self.assertEqual(followed.returncode, 0, followed.stderr)
+        result = stage("analyze.py", f"--ckpt={self.mae}/ckpt.pt", "--num_images=4000", "--batch_size=1024",
+                       "--out_dir=an_few2", cwd=self.dir)  # the split is smaller than asked: 1,000 test images
+        one_line_error(self, result, "the test split has 1000 images, fewer than one CKA batch of 1024: pass "
+                                     "--batch_size=500 \\(at least 4\\)")
+
     def test_a_mistyped_key_names_the_flag_and_the_closest_key(self):
         ckpt = load_ckpt(os.path.join(self.mae, "ckpt.pt"))
         two = os.path.join(self.dir, "two_keys.pt")

@@ -240,7 +240,8 @@ class TestInterruptedPack(StoreTest):
         self.assertEqual(calls, ["train", "val"])
         self.assertFalse(os.path.exists(out))  # never a store that reads as complete
         for root in (out, out + ".partial"):
-            with self.assertRaisesRegex(BadData, "half-written store .*run the same data/pack.py command again"):
+            with self.assertRaisesRegex(BadData, f"half-written store .*run data/pack.py again with --out_dir={out}, "
+                                                 "it resumes$"):  # the advice followed below
                 data.build_dataset("packed", root, True)
         kept = os.stat(os.path.join(out + ".partial", "train.pixels")).st_mtime_ns
         run = pack_command(self.jpegs, out)  # the same command: train/ kept, val/ packed, renamed
@@ -331,7 +332,12 @@ class TestBadStores(StoreTest):
                                   "half-written store")
         half = self.broken("half.partial")
         os.remove(os.path.join(half, "meta.json"))
-        self.assert_one_line(half, f"{half} is a half-written store \\(its pack was interrupted\\)")
+        self.assert_one_line(half, f"{half} is a half-written store \\(its pack was interrupted\\): run data/pack.py "
+                                   f"again with --out_dir={half.removesuffix('.partial')}, it resumes")
+        damaged = self.broken("damaged")
+        os.remove(os.path.join(damaged, "meta.json"))
+        self.assert_one_line(damaged, f"{damaged} holds a store's pixels but no meta.json \\(pack.py writes it "
+                                      "last\\): a damaged store; pack its images again")
         names = self.path("classes.txt")
         with open(names, "w") as f:
             f.write("c0\nn01440764\n")
