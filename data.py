@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import augment
 from augment import crop_box
 from common import BadData, BadValue, MissingFile
-from store import Gathered, PackedImages, cut_on_device, device_pixels, open_store, stored_size
+from store import Batches, PackedImages, cut_on_device, device_pixels, open_store, stored_size
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # committed slices (data/README.md)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -350,15 +350,14 @@ class Loader:
             self.store = dataset
             if resident is None:
                 resident = cuda and dataset.nbytes() <= torch.cuda.get_device_properties(device).total_memory / 2
-            batches = torch.utils.data.BatchSampler(seeded, batch_size, drop_last)
-            if resident:  # the pixels of these images only, once, in device memory: a batch is an index gather
-                self.pixels, self.starts = device_pixels(dataset, device)
-                self.batches = batches
-            else:  # the workers gather each batch from the memory map; pinned, copied ahead on a side stream
-                self.pixels = None
-                self.batches = DataLoader(Gathered(dataset), None, sampler=batches, num_workers=num_workers,
-                                          pin_memory=cuda, persistent_workers=num_workers > 0, generator=private,
-                                          prefetch_factor=4 if num_workers else None)
+            # resident: the pixels of these images only, once, in device memory, a batch is an index gather; else the
+            # workers gather each batch from the memory map, pinned and copied ahead on a side stream. The workers
+            # draw the boxes either way.
+            self.pixels, self.starts = device_pixels(dataset, device) if resident else (None, None)
+            self.batches = DataLoader(Batches(dataset, views, gather=not resident), None, generator=private,
+                                      sampler=torch.utils.data.BatchSampler(seeded, batch_size, drop_last),
+                                      num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+                                      prefetch_factor=4 if num_workers else None)
         else:
             dataset.views = views
             self.batches = DataLoader(dataset, batch_size, sampler=seeded, drop_last=drop_last, generator=private,
@@ -378,10 +377,9 @@ class Loader:
                 idx = torch.as_tensor(batch).to(self.device, non_blocking=True)
                 yield DeviceCrops(self.images[idx], self.views), self.labels[idx]
         elif self.device_cut and self.pixels is not None:
-            for items in self.batches:
-                idx = torch.tensor([i for i, _ in items])
-                yield (cut_on_device(self.pixels, self.starts[idx], self.store.shapes[idx], [s for _, s in items],
-                                     self.views), self.store.labels[idx].to(self.device, non_blocking=True))
+            for idx, boxes in self.batches:
+                yield (cut_on_device(self.pixels, self.starts[idx], self.store.shapes[idx], boxes, self.views),
+                       self.store.labels[idx].to(self.device, non_blocking=True))
         elif self.device_cut:
             yield from self._copied_ahead()
         else:
@@ -395,21 +393,22 @@ class Loader:
         stream = torch.cuda.Stream(self.device) if cuda else None
 
         def copy(batch):
-            flat, starts, shapes, labels, seeds = batch
+            idx, boxes, flat, starts = batch
+            labels = self.store.labels[idx]
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 out = flat.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                return out, starts, shapes, seeds, stream.record_event() if cuda else None
+                return out, starts, self.store.shapes[idx], boxes, stream.record_event() if cuda else None
 
         batches = iter(self.batches)
         ahead = copy(next(batches)) if len(self.batches) else None
         while ahead is not None:
-            (flat, labels), starts, shapes, seeds, done = ahead
+            (flat, labels), starts, shapes, boxes, done = ahead
             following = next(batches, None)
             if cuda:  # the caller's stream waits for the copy; its allocator keeps the memory until it is done
                 torch.cuda.current_stream(self.device).wait_event(done)
                 for t in (flat, labels):
                     t.record_stream(torch.cuda.current_stream(self.device))
             ahead = copy(following) if following is not None else None
-            yield cut_on_device(flat, starts, shapes, seeds, self.views), labels
+            yield cut_on_device(flat, starts, shapes, boxes, self.views), labels
 
 

@@ -69,14 +69,13 @@ class PackedImages(Dataset):
         i, seed = item
         return self.crops(i, seed, self.views), int(self.labels[i]), i, seed
 
-    def gather(self, items):
-        """A batch's images as one 1-D uint8 tensor (pinned by the DataLoader on a GPU), their starts in it, shapes,
-        labels and seeds: what the device cuts when the store does not fit its memory."""
-        idx = torch.tensor([i for i, _ in items], dtype=torch.long)
-        pad = torch.zeros(int(self.shapes[idx, 1].max()) * 3, dtype=torch.uint8)  # cut_on_device reads whole rows
-        flat = torch.cat([self.image(i).reshape(-1) for i in idx.tolist()] + [pad])
+    def gather(self, idx):
+        """The images idx as one 1-D uint8 tensor (pinned by the DataLoader on a GPU), then a row of zeros as wide as
+        the widest (cut_on_device reads whole rows), and their starts in it: what the device cuts when the store does
+        not fit its memory."""
+        pad = torch.zeros(int(self.shapes[idx, 1].max()) * 3, dtype=torch.uint8)
         sizes = self.shapes[idx].prod(1) * 3
-        return flat, sizes.cumsum(0) - sizes, self.shapes[idx], self.labels[idx], [s for _, s in items]
+        return torch.cat([self.image(i).reshape(-1) for i in idx.tolist()] + [pad]), sizes.cumsum(0) - sizes
 
 
 def open_store(root, train, list_path="", names=()):
@@ -134,14 +133,26 @@ def open_store(root, train, list_path="", names=()):
     return ds, names
 
 
-class Gathered(Dataset):
-    """A store's batches as DataLoader items (its sampler yields whole batches of (index, seed))."""
+def view_boxes(shapes, seeds, views):
+    """(B, V, 4) int64: each image's box for every view, (top, left, h, w) in its own pixels: crop_box's, rounded to
+    whole pixels, as cut_image rounds them."""
+    boxes = [[[round(v) for v in crop_box(seed, k, h, w, view)] for k, view in enumerate(views)]
+             for (h, w), seed in zip(shapes.tolist(), seeds)]
+    return torch.tensor(boxes, dtype=torch.long).view(len(seeds), len(views), 4)
 
-    def __init__(self, store):
-        self.store = store
+
+class Batches(Dataset):
+    """A store's batches for the device's cut, made by the DataLoader's workers (its sampler yields whole batches of
+    (index, seed)): the indices, every view's boxes (about 10 us an image in Python, never on the training process's
+    clock), and, where the pixels are not in device memory, the images gathered from the memory map."""
+
+    def __init__(self, store, views, gather):
+        self.store, self.views, self.gather = store, views, gather
 
     def __getitem__(self, items):
-        return self.store.gather(items)
+        idx = torch.tensor([i for i, _ in items], dtype=torch.long)
+        boxes = view_boxes(self.store.shapes[idx], [s for _, s in items], self.views)
+        return (idx, boxes, *self.store.gather(idx)) if self.gather else (idx, boxes)
 
 
 def device_pixels(store, device):
@@ -157,20 +168,18 @@ def device_pixels(store, device):
     return torch.cat(images + [torch.zeros(pad, dtype=torch.uint8)]).to(device), starts
 
 
-def cut_on_device(pixels, starts, shapes, seeds, views):
+def cut_on_device(pixels, starts, shapes, boxes, views):
     """Each image of a batch, uint8 (h, w, 3) at starts[b] of the 1-D `pixels` (a widest row of zeros after the
-    last), cut to every view from its own box (crop_box, rounded: the workers' boxes) and resized bicubic
-    antialiased, PIL's filter: float (B, 3, S, S) per view in [0, 1]. The boxes are gathered into one padded batch
-    and resized by two batched products with each image's weights, a few kernels a batch, never one per image."""
-    out, device = [], pixels.device
+    last), cut to every view from its own box (view_boxes: the workers' boxes) and resized bicubic antialiased, PIL's
+    filter: float (B, 3, S, S) per view in [0, 1]. The boxes are gathered into one padded batch and resized by two
+    batched products with each image's weights, a few kernels a batch, never one per image."""
+    out, device, B = [], pixels.device, len(boxes)
     for k, view in enumerate(views):
-        boxes = torch.tensor([[round(v) for v in crop_box(seed, k, h, w, view)]
-                              for (h, w), seed in zip(shapes.tolist(), seeds)])
-        top, left, bh, bw = boxes.unbind(1)
+        top, left, bh, bw = boxes[:, k].unbind(1)
         H, W = int(bh.max()), int(bw.max())
         y = torch.minimum(torch.arange(H)[None], bh[:, None] - 1)  # rows past a box repeat its last (weight 0)
         rows = starts[:, None] + ((top[:, None] + y) * shapes[:, 1:2] + left[:, None]) * 3  # each row's first byte
-        crops = pixels.unfold(0, W * 3, 1)[rows.to(device)].view(len(seeds), H, W, 3).permute(0, 3, 1, 2).float()
+        crops = pixels.unfold(0, W * 3, 1)[rows.to(device)].view(B, H, W, 3).permute(0, 3, 1, 2).float()
         wy, wx = resize_weights(bh, view[0], H, device), resize_weights(bw, view[0], W, device)
         resized = wy[:, None] @ crops @ wx[:, None].transpose(-1, -2)  # (B, 3, S, S)
         out.append(resized.round_().clamp_(0, 255).div_(255))
