@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -518,10 +519,16 @@ def launch(run, cfg, devices):
 
 
 def last_line(path):
-    """', its last line: ...' of a failed run's output.log, so the study's own error says why."""
+    """', its last error: ...' of a failed run's output.log (the exception its last traceback raised: torchrun's summary
+    follows its ranks' tracebacks), else ', its last line: ...', so that the study's own error says why."""
     with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f.read()[-4000:].splitlines() if line.strip()]
-    return f", its last line: {lines[-1][:300]}" if lines else ""
+        lines = [re.sub(r"^\[rank\d+\]: ?", "", line).rstrip() for line in f.read()[-20000:].splitlines()]
+    for i in reversed([i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]):
+        raised = next((line for line in lines[i + 1:] if line and not line[0].isspace()), "")
+        if raised and "ChildFailedError" not in raised:  # torchrun's own: a rank failed, its traceback says why
+            return f", its last error: {raised[:300]}"
+    rest = [line.strip() for line in lines if line.strip().strip("=-")]
+    return f", its last line: {rest[-1][:300]}" if rest else ""
 
 
 def run_all(runs, cfg):

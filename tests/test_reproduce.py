@@ -166,8 +166,17 @@ class TestWhereRunsGo(unittest.TestCase):
         run.cfg.ckpt, run.deps = os.path.join(self.tmp, "gone.pt"), ()  # its checkpoint is not there
         with quiet(), self.assertRaises(RunError) as raised:
             reproduce.run_all([run], cfg)
-        self.assertRegex(str(raised.exception), r"^run mae_knn_s0 failed \(exit 1, its last line: .*checkpoint not "
-                                                r"found: .*gone.pt\): see .*mae_knn_s0/output.log; finished runs")
+        self.assertRegex(str(raised.exception), r"^run mae_knn_s0 failed \(exit 1, its last error: common.MissingFile: "
+                                                r"checkpoint not found: .*gone.pt\): see .*mae_knn_s0/output.log; "
+                                                r"finished runs")
+        log = os.path.join(self.tmp, "torchrun.log")  # a rank's traceback, then torchrun's own summary
+        with open(log, "w") as f:
+            f.write('[rank1]: Traceback (most recent call last):\n[rank1]:   File "finetune.py", line 9, in <module>\n'
+                    "[rank1]:     main()\n[rank1]: RuntimeError: Connection closed by peer\n"
+                    "Traceback (most recent call last):\n  File \"run.py\", line 9, in <module>\n"
+                    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+                    "====================\n")
+        self.assertEqual(reproduce.last_line(log), ", its last error: RuntimeError: Connection closed by peer")
 
     def test_ddp_runs_go_under_torchrun_with_world_size_2(self):
         runs, results = self.some_runs(("mae_s0", "random_knn_s0", "mae_ft_s0"), gpus_per_run=2)  # DDP or not
