@@ -113,8 +113,7 @@ def center_crop(images, size):
 
 def random_flip(x):
     """Mirror each sample with p 0.5."""
-    flipped = x.flip(-1)  # written over in place: at 224 px every new batch-sized tensor costs a CPU its page faults
-    return torch.where(_bshape(_rand(len(x), x.device) < 0.5), flipped, x, out=flipped)
+    return torch.where(_bshape(_rand(len(x), x.device) < 0.5), x.flip(-1), x)
 
 
 def normalize(x):
