@@ -133,10 +133,15 @@ def open_store(root, train, list_path="", names=()):
     return ds, names
 
 
+def whole_box(seed, k, height, width, view):
+    """(top, left, h, w) of view k in a store image's own pixels: crop_box's, rounded to whole pixels. Both cuts,
+    the workers' and the device's, resize this box."""
+    return tuple(round(v) for v in crop_box(seed, k, height, width, view))
+
+
 def view_boxes(shapes, seeds, views):
-    """(B, V, 4) int64: each image's box for every view, (top, left, h, w) in its own pixels: crop_box's, rounded to
-    whole pixels, as cut_image rounds them."""
-    boxes = [[[round(v) for v in crop_box(seed, k, h, w, view)] for k, view in enumerate(views)]
+    """(B, V, 4) int64: each image's whole_box for every view."""
+    boxes = [[whole_box(seed, k, h, w, view) for k, view in enumerate(views)]
              for (h, w), seed in zip(shapes.tolist(), seeds)]
     return torch.tensor(boxes, dtype=torch.long).view(len(seeds), len(views), 4)
 
@@ -203,14 +208,13 @@ def resize_weights(sizes, out_size, width, device):
 
 
 def cut_image(img, seed, views):
-    """The workers' cut of a store's image, uint8 (1, 3, h, w): crop_box's box for each view in its own pixels,
-    rounded to whole pixels, resized bicubic antialiased by torch's uint8 kernel (PIL's filter in fixed point, 4x
-    PIL's speed) -> uint8 (3, S, S) per view. cut_on_device cuts the same boxes with the same filter in floats: the two
-    differ by a level at most."""
+    """The workers' cut of a store's image, uint8 (1, 3, h, w): each view's whole_box, resized bicubic antialiased by
+    torch's uint8 kernel (PIL's filter in fixed point, 4x PIL's speed) -> uint8 (3, S, S) per view. cut_on_device
+    cuts the same boxes with the same filter in floats: the two differ by a level at most."""
     h, w = img.shape[-2:]
     crops = []
     for k, view in enumerate(views):
-        top, left, bh, bw = (int(round(v)) for v in crop_box(seed, k, h, w, view))
+        top, left, bh, bw = whole_box(seed, k, h, w, view)
         crops.append(F.interpolate(img[..., top:top + bh, left:left + bw], (view[0], view[0]), mode="bicubic",
                                    antialias=True, align_corners=False)[0])
     return tuple(crops)

@@ -518,7 +518,7 @@ def launch(run, cfg, devices):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent), log
 
 
-def last_line(path):
+def why_it_failed(path):
     """', its last error: ...' of a failed run's output.log (the exception its last traceback raised: torchrun's summary
     follows its ranks' tracebacks), else ', its last line: ...', so that the study's own error says why."""
     with open(path, errors="replace") as f:
@@ -563,7 +563,7 @@ def run_all(runs, cfg):
                 results[name] = recorded(r)
                 if proc.returncode != 0 or results[name] is None:
                     raise RunError(f"run {name} failed (exit {proc.returncode}" + (f", GPUs {','.join(mine)}"
-                                   if cfg.devices else "") + f"{last_line(log.name)}): see {r.folder}/output.log; "
+                                   if cfg.devices else "") + f"{why_it_failed(log.name)}): see {r.folder}/output.log; "
                                    "finished runs are kept, run the study again to resume")
                 spent, estimated = spent + results[name]["seconds"], estimated + cost(r, cfg)
                 left = sum(cost(x, cfg) for x in todo + [g[0] for g in going.values()])

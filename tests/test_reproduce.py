@@ -160,7 +160,7 @@ class TestWhereRunsGo(unittest.TestCase):
             results, _ = reproduce.run_all(runs, cfg)
         return runs, results
 
-    def test_a_failed_run_stops_the_study_with_its_own_last_line(self):
+    def test_a_failed_run_stops_the_study_saying_why(self):
         cfg = reproduce.Config(quick=True, out_dir=self.tmp)
         run = next(r for r in reproduce.study(cfg) if r.name == "mae_knn_s0")
         run.cfg.ckpt, run.deps = os.path.join(self.tmp, "gone.pt"), ()  # its checkpoint is not there
@@ -176,7 +176,7 @@ class TestWhereRunsGo(unittest.TestCase):
                     "Traceback (most recent call last):\n  File \"run.py\", line 9, in <module>\n"
                     "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
                     "====================\n")
-        self.assertEqual(reproduce.last_line(log), ", its last error: RuntimeError: Connection closed by peer")
+        self.assertEqual(reproduce.why_it_failed(log), ", its last error: RuntimeError: Connection closed by peer")
 
     def test_ddp_runs_go_under_torchrun_with_world_size_2(self):
         runs, results = self.some_runs(("mae_s0", "random_knn_s0", "mae_ft_s0"), gpus_per_run=2)  # DDP or not
