@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import pretrain_mae
 from checkpoint import load_ckpt
 from common import print0, seed_everything, setup_dist
-from flags import check, check_config, cli, int_list
+from flags import check, check_config, cli, int_list, note
 from model import VIT_SIZES
-from weights import pretrained_vit
+from weights import pretrained_vit, vit_spec
 
 
 @dataclass
@@ -51,13 +51,23 @@ class Config(pretrain_mae.Config):
 
 def load_teacher(cfg, device, verbose=True):
     """The frozen teacher: its size and heads from its checkpoint (or --teacher_model / --teacher_num_heads), on the
-    student's patch grid, so both see the same visible patches (another patch size fails loudly)."""
-    teacher, _ = pretrained_vit(cfg.teacher_ckpt, cfg.teacher_key, cfg.teacher_model, cfg.teacher_num_heads,
-                                ("--teacher_model", "--teacher_num_heads", "--teacher_key"), verbose,
-                                load_ckpt(cfg.teacher_ckpt, "teacher checkpoint"), img_size=cfg.img_size,
-                                patch_size=cfg.patch_size, num_classes=0)
+    student's patch grid, so both see the same visible patches (another patch size is one line)."""
+    flags, ckpt = ("--teacher_model", "--teacher_num_heads", "--teacher_key"), load_ckpt(cfg.teacher_ckpt,
+                                                                                         "teacher checkpoint")
+    _, _, patch = vit_spec(ckpt, cfg.teacher_ckpt, cfg.teacher_key, cfg.teacher_model, cfg.teacher_num_heads, flags,
+                           verbose=False)
+    check(patch == cfg.patch_size, f"the teacher {cfg.teacher_ckpt} cuts {patch}-px patches and the student "
+                                   f"{cfg.patch_size}-px ones: both must see the same patches; "
+                                   f"pass --patch_size={patch}")
+    teacher, _ = pretrained_vit(cfg.teacher_ckpt, cfg.teacher_key, cfg.teacher_model, cfg.teacher_num_heads, flags,
+                                verbose, ckpt, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
     if verbose:
         print0(f"teacher {cfg.teacher_ckpt}: {teacher.embed_dim} wide, {teacher.depth} deep, {teacher.num_heads} heads")
+        student = VIT_SIZES[cfg.model]
+        if teacher.embed_dim <= student["embed_dim"] and teacher.depth <= student["depth"]:
+            note(f"the teacher ({teacher.embed_dim} wide, {teacher.depth} deep) is no larger than the student "
+                 f"--model={cfg.model} ({student['embed_dim']} wide, {student['depth']} deep): D-MAE distils a larger "
+                 "teacher (the paper: MAE-Base into ViT-Tiny)")
     return teacher.to(device).eval().requires_grad_(False)
 
 

@@ -64,10 +64,16 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{comments.get(f.name, '')} (default: "
                             f"{shown})", metavar="PATH" if f.type is list else f.type.__name__.upper(), **flag)
     args = parser.parse_args(argv)
+    HELD.append([])  # notes wait for the whole Config: a bad flag is then the only line (not a note, then the error)
     try:
-        return cls(**vars(args))
+        cfg = cls(**vars(args))
     except ValueError as e:
         parser.error(str(e))
+    finally:
+        held = HELD.pop()
+    for text in held:
+        note(text)
+    return cfg
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,16 +98,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def stages_with_flag(name, prog):
-    """The other stages whose Config has this field (read from their source, not imported: no import cycle), so that
-    `finetune.py --mask_ratio=0.9` says where --mask_ratio belongs."""
+    """The other stages whose Config has this field, its own or inherited (read from their source, not imported: no
+    import cycle), so that `finetune.py --mask_ratio=0.9` says where --mask_ratio belongs."""
     here = os.path.dirname(os.path.abspath(__file__))
-    field = re.compile(rf"^    {re.escape(name)}: \w+ = ", re.M)
-    owners = []
+    sources = {}
     for file in sorted(os.listdir(here)):
-        if file.endswith(".py") and file != prog and file != "flags.py":
+        if file.endswith(".py") and file != "flags.py":
             with open(os.path.join(here, file)) as f:
-                owners += [file] if field.search(f.read()) else []
-    return owners
+                sources[file] = f.read()
+    field = re.compile(rf"^    {re.escape(name)}: \w+ = ", re.M)
+    owners = [file for file, text in sources.items() if field.search(text)]
+    for file, text in sources.items():  # then distill.py, whose Config(pretrain_mae.Config) has --mask_ratio too
+        parent = re.search(r"^class Config\((\w+)\.Config\)", text, re.M)
+        owners += [file] if parent and f"{parent.group(1)}.py" in owners else []
+    return [file for file in owners if file != prog]
 
 
 def _parse_bool(s):
@@ -173,10 +183,13 @@ def check_config(cfg, default=None, **ranges):
 
 
 NOTED = set()  # the notes this process has printed
+HELD = []  # while parse_config builds a Config: the notes it will print if that Config is valid
 
 
 def note(text):
     """One line on stderr, once per process: a study builds dozens of Configs that would each say it."""
-    if text not in NOTED:
+    if HELD:
+        HELD[-1].append(text)
+    elif text not in NOTED:
         NOTED.add(text)
         print(f"note: {text}", file=sys.stderr)

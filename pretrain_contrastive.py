@@ -1,8 +1,7 @@
 r"""Contrastive / self-distillation pre-training of the shared ViT: MoCo-v3 and DINO (PAPER §2.2, §2.4).
 
-MoCo-v3: InfoNCE between one view's query and the other view's momentum key. DINO: the student matches, from every
-crop, the EMA teacher's centred, sharpened output on the 2 global crops. Each method is a `Method` (a teacher is
-optional), so the train loop has no method branch. The backbone is saved under `encoder.` (DINO's teacher too).
+MoCo-v3: InfoNCE of a view's query against the other's momentum key. DINO: from every crop, the student matches the
+EMA teacher's centred, sharpened output on the 2 global crops. Each is a `Method`: the loop has no method branch.
 
     python pretrain_contrastive.py                       # CPU: MoCo-v3, cpu-sized ViT, embedded data
     python pretrain_contrastive.py --method=dino --out_dir=out/dino   # DINO at the setting that learns on a CPU
@@ -248,8 +247,7 @@ def main(cfg):
         loader = Loader(dataset, cfg.batch_size_per_gpu, True, cfg.num_workers, device, views(cfg))
 
         # --- model ---
-        encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                             num_classes=0)
+        encoder = create_vit(cfg.model, cfg.num_heads, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
         raw_model = METHODS[cfg.method](encoder, cfg).to(device)
         if world > 1 and device.type == "cuda":  # MoCo-v3 uses SyncBN so the BN statistics span the global batch
             raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)  # and so does its teacher, a copy
@@ -291,7 +289,7 @@ def main(cfg):
                         ema_update(teacher, raw_model, momentum["momentum"][step])
             row = steps.row(global_batch, lr=lr_schedule, **momentum)
 
-            # --- save ---
+            # --- save --- (the backbone under `encoder.`, the teacher's too)
             run.save_epoch(row, model=raw_model.state_dict(), **{k: v.state_dict() for k, v in ema.items()},
                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
             print0(epoch_line(row, cfg.epochs))  # once saved: a Ctrl-C after this line loses no epoch

@@ -83,9 +83,11 @@ def open_store(root, train, list_path="", names=()):
     data.class_list reads them from list_path) if any. A store of another version, a half-written or truncated one,
     or a class it lacks is one line naming the way out."""
     folder = bool(root) and os.path.isdir(os.path.join(root, "train"))  # an image folder given for its store
-    pack = f"python data/pack.py --data_root={root if folder else 'IMAGE_FOLDER'} --out_dir=STORE"
+    def pack(out="STORE"):  # the command that (re)packs it
+        return f"python data/pack.py --data_root={root if folder else 'IMAGE_FOLDER'} --out_dir={out}"
+
     if not root:
-        raise MissingFile(f"--data=packed needs --data_root: a store written by {pack}")
+        raise MissingFile(f"--data=packed needs --data_root: a store written by {pack()}")
     meta_path = os.path.join(root, "meta.json")
     if not os.path.isfile(meta_path):
         root = root.rstrip("/")
@@ -94,8 +96,8 @@ def open_store(root, train, list_path="", names=()):
                           f"--out_dir={root.removesuffix('.partial')}, it resumes")
         if os.path.isdir(root) and any(f.endswith(".pixels") for f in os.listdir(root)):
             raise BadData(f"{root} holds a store's pixels but no meta.json (pack.py writes it last): a damaged store; "
-                          f"pack its images again ({pack.replace('--out_dir=STORE', '--out_dir=NEW_STORE')})")
-        raise MissingFile(f"{root} is not a packed store (no meta.json): pack it first, {pack}, then "
+                          f"pack its images again ({pack('NEW_STORE')})")
+        raise MissingFile(f"{root} is not a packed store (no meta.json): pack it first, {pack()}, then "
                           "--data_root=STORE")
     try:
         with open(meta_path) as f:
@@ -105,19 +107,19 @@ def open_store(root, train, list_path="", names=()):
         version = None
     if version != STORE_VERSION:
         raise BadData(f"{root} is a store of format version {version}, this code reads version {STORE_VERSION}: pack "
-                      f"its images again into a new store ({pack})")
+                      f"its images again into a new store ({pack()})")
     split = "train" if train else "val"
     try:
         index = torch.load(os.path.join(root, f"{split}.index.pt"), weights_only=True)
         size = os.path.getsize(os.path.join(root, f"{split}.pixels"))
     except (OSError, RuntimeError, EOFError) as e:
         raise BadData(f"{root}: the {split} split is missing or unreadable ({type(e).__name__}): pack it again "
-                      f"({pack})") from None
+                      f"({pack()})") from None
     ds = PackedImages(os.path.join(root, f"{split}.pixels"), index["starts"], index["shapes"], index["labels"],
                       meta["classes"])
     if size != index["bytes"] or len(ds) != meta["images"][split] or size != ds.nbytes():
         raise BadData(f"{root}: {split}.pixels holds {size:,} bytes where its index says {index['bytes']:,}: a "
-                      f"truncated or half-written store; pack it again ({pack})")
+                      f"truncated or half-written store; pack it again ({pack()})")
     if not names:
         return ds, meta["classes"]
     missing = [c for c in names if c not in meta["classes"]]

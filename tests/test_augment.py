@@ -48,6 +48,14 @@ class TestEqualsTorchvision(unittest.TestCase):
         same = [torch.equal(f, o) for f, o in zip(flipped, ours.repeat(50, 1, 1, 1))]
         self.assertTrue(all(m or s for m, s in zip(mirrored, same)))
         self.assertAlmostEqual(sum(mirrored) / len(mirrored), 0.5, delta=0.1)
+        torch.manual_seed(0)  # the CPU's indexing and the GPU's where: the same samples, bit for bit
+        flip = torch.rand(300) < 0.5
+        self.assertTrue(torch.equal(flipped, torch.where(flip.view(-1, 1, 1, 1), ours.repeat(50, 1, 1, 1).flip(-1),
+                                                         ours.repeat(50, 1, 1, 1))))
+        x = torch.rand(4, 3, 8, 8)
+        before = x.clone()
+        augment.random_flip(x)
+        self.assertTrue(torch.equal(x, before))  # a new tensor: the caller's batch is left as it was
 
     def test_colour_ops(self):
         f = torch.tensor([0.6, 1.4, 1.0, 0.2, 1.9, 0.9])

@@ -136,10 +136,31 @@ class TestCommandLine(unittest.TestCase):
 
     def test_another_stages_flag_names_the_stage_it_belongs_to(self):
         result = stage("finetune.py", *MICRO, "--mask_ratio=0.9", "--out_dir=never", cwd=self.dir)
-        one_line_error(self, result, "--mask_ratio is a flag of pretrain_mae.py, not of finetune.py")
+        one_line_error(self, result, "--mask_ratio is a flag of pretrain_mae.py, distill.py, not of finetune.py")
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
         result = stage("pretrain_mae.py", *MICRO, "--layer_decay=0.75", "--out_dir=never", cwd=self.dir)  # not a typo
         one_line_error(self, result, "--layer_decay is a flag of finetune.py, not of pretrain_mae.py \\(see --help\\)")
+
+    def test_a_bad_flag_is_the_only_line_even_where_a_valid_config_would_print_a_note(self):
+        result = stage("pretrain_mae.py", "--epochs=1", "--mask_ratio=1.5", "--out_dir=never", cwd=self.dir)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().splitlines(), ["pretrain_mae.py: error: --mask_ratio must be in (0,1), "
+                                                              "got 1.5 (see --help)"])  # no warm-up note before it
+        result = stage("pretrain_mae.py", *MICRO, "--epochs=1", "--warmup_epochs=2", "--out_dir=never", cwd=self.dir)
+        self.assertIn("note: --warmup_epochs 2 is longer than --epochs 1", result.stderr)  # valid: the note is said
+        shutil.rmtree(os.path.join(self.dir, "never"), ignore_errors=True)
+
+    def test_a_teacher_on_other_patches_names_the_patch_size_and_a_small_one_is_noted(self):
+        teacher = f"--teacher_ckpt={self.mae}/ckpt.pt"  # micro, 4-px patches
+        flags = [f for f in MICRO if not f.startswith("--patch_size")]
+        result = stage("distill.py", teacher, *flags, "--patch_size=8", "--out_dir=dmae8", cwd=self.dir)
+        one_line_error(self, result, f"the teacher {self.mae}/ckpt.pt cuts 4-px patches and the student 8-px ones: "
+                                     "both must see the same patches; pass --patch_size=4$")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "dmae8")))
+        result = stage("distill.py", teacher, *flags, "--patch_size=4", "--out_dir=dmae4", cwd=self.dir)  # the advice
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("note: the teacher (32 wide, 2 deep) is no larger than the student --model=micro (32 wide, "
+                      "2 deep): D-MAE distils a larger teacher", result.stderr)
 
     def test_a_run_folder_given_for_its_checkpoint_names_the_file(self):
         result = stage("knn.py", f"--ckpt={self.mae}", "--subset=64", cwd=self.dir)

@@ -246,3 +246,11 @@ class TestDocs(unittest.TestCase):
                         self.assertIn(anchor, [slug(h) for h in headings], f"{target}: no such heading")
                 checked += 1
         self.assertGreater(checked, 20)
+
+    def test_every_stage_model_and_common_read_in_one_sitting(self):  # STYLE §1: at most 300 lines each
+        stages = [f for f in os.listdir(ROOT)
+                  if f.endswith(".py") and "cli(main, Config)" in open(os.path.join(ROOT, f)).read()]
+        self.assertGreaterEqual(len(stages), 7)
+        for name in stages + ["model.py", "common.py"]:
+            with open(os.path.join(ROOT, name)) as f:
+                self.assertLessEqual(len(f.readlines()), 300, name)
