@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 import figures
 from common import BadData, Interrupted, MissingFile, RunError, print0
+from flags import release_notes
 
 # Fields that may differ when a run resumes (logged); any other difference is another run, refused.
 RESUMABLE = ("num_workers", "epochs", "resume", "data_root", "compile", "out_dir")
@@ -275,6 +276,7 @@ class RunFolder:
             restore_rng(ckpt["rng"], rank)
             self.start_epoch, self.history, self.files = ckpt["epoch"], ckpt["log"], set(ckpt.get("files", []))
         self.started = True
+        release_notes()  # the run starts: the notes its flags raised (a refused run says only why)
         if not (self.master and self.active):
             return ckpt
         if ckpt is not None:  # a kill after the checkpoint but before the log or best.pt: they follow the checkpoint
@@ -299,7 +301,8 @@ class RunFolder:
                 (was, now), lr = self.longer, lr_schedule[min(ckpt["step"], len(lr_schedule) - 1)]
                 print0(f"resume: epochs changed from {was} to {now}; the schedules are recomputed for {now} epochs, so "
                        f"from epoch {done + 1} the lr goes from {ckpt['log'][-1]['lr']:.1e} (epoch {done}'s last step) "
-                       f"to {lr:.1e}, then down the new cosine to {lr_schedule[-1]:.1e}")
+                       f"to {lr:.1e}, then down the new cosine to {lr_schedule[-1]:.1e} (to start over instead: "
+                       "--resume=false, or another --out_dir)")
         return ckpt
 
     def complete(self, ckpt):

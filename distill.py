@@ -63,11 +63,13 @@ def load_teacher(cfg, device, verbose=True):
                                 verbose, ckpt, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
     if verbose:
         print0(f"teacher {cfg.teacher_ckpt}: {teacher.embed_dim} wide, {teacher.depth} deep, {teacher.num_heads} heads")
-        student = VIT_SIZES[cfg.model]
+        student, sizes = VIT_SIZES[cfg.model], list(VIT_SIZES)
         if teacher.embed_dim <= student["embed_dim"] and teacher.depth <= student["depth"]:
+            larger = sizes[min(sizes.index(cfg.model) + 1, len(sizes) - 1)]
             note(f"the teacher ({teacher.embed_dim} wide, {teacher.depth} deep) is no larger than the student "
                  f"--model={cfg.model} ({student['embed_dim']} wide, {student['depth']} deep): D-MAE distils a larger "
-                 "teacher (the paper: MAE-Base into ViT-Tiny)")
+                 f"teacher (the paper: MAE-Base into ViT-Tiny). This run goes on; a larger teacher: python "
+                 f"pretrain_mae.py --model={larger} --patch_size={cfg.patch_size} --out_dir=out/mae_teacher")
     return teacher.to(device).eval().requires_grad_(False)
 
 

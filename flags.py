@@ -16,11 +16,14 @@ from model import VIT_SIZES, vit_heads
 
 def cli(main, cls):
     """Parse the Config, run main. Bad input or a non-finite loss: one line, exit 2, never a traceback; Ctrl-C: one
-    line saying how to resume, exit 130."""
+    line saying how to resume, exit 130. Notes wait until the run starts (release_notes): a run refused for its
+    flags or its input says only why."""
+    HELD.append([])
     cfg = parse_config(cls)
     prog = os.path.basename(sys.argv[0])
     try:
         main(cfg)
+        release_notes()  # a stage without a run folder
     except (RunError, FloatingPointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -174,9 +177,11 @@ def check_config(cfg, default=None, **ranges):
             check(getattr(cfg, side) % cfg.patch_size == 0,
                   f"{side} {getattr(cfg, side)} is not divisible by patch_size {cfg.patch_size}")
     if getattr(cfg, "warmup_epochs", 0) > getattr(cfg, "epochs", math.inf):
-        note(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; warming up for "
-             f"{cfg.epochs // 2} epochs instead (pass --warmup_epochs to choose)")
-        cfg.warmup_epochs = cfg.epochs // 2
+        half = cfg.epochs // 2
+        note(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}; "
+             + (f"warming up for {half} epochs instead" if half else "no warm-up instead")
+             + " (pass --warmup_epochs to choose)")
+        cfg.warmup_epochs = half
     elif getattr(cfg, "warmup_epochs", 0) == getattr(cfg, "epochs", math.inf):
         note(f"--warmup_epochs {cfg.warmup_epochs} is the whole run (--epochs {cfg.epochs}): the lr rises until the "
              "last step and never decays (pass a smaller --warmup_epochs for the cosine)")
@@ -184,6 +189,13 @@ def check_config(cfg, default=None, **ranges):
 
 NOTED = set()  # the notes this process has printed
 HELD = []  # while parse_config builds a Config: the notes it will print if that Config is valid
+
+
+def release_notes():
+    """Print the notes held so far and hold no more: the run has started (RunFolder.start)."""
+    while HELD:
+        for text in HELD.pop():
+            note(text)
 
 
 def note(text):

@@ -146,7 +146,7 @@ def main(cfg):
     free = shutil.disk_usage(partial).free + sum(e.stat().st_size for e in os.scandir(partial))  # a resumed pack's
     workers = cfg.workers or len(os.sched_getaffinity(0))
     print(f"packing {len(splits['train']):,} train + {len(splits['val']):,} val images of {len(names)} classes, "
-          f"shorter side {cfg.short_side} px, on {workers} cores: about {need / 1e9:.2f} GB (from {cfg.sample} "
+          f"shorter side {cfg.short_side} px, on {workers} cores: about {need / 1e9:.2f} GB (from up to {cfg.sample} "
           f"headers per split), {free / 1e9:.0f} GB free", flush=True)
     if need > free * 0.98:
         raise BadData(f"{partial} has {free / 1e9:.1f} GB free, the store needs about {need / 1e9:.1f} GB: free some "

@@ -57,7 +57,7 @@ class Config:
     stages: str = "mae,finetune,mocov3,dino"  # comma-separated, of mae | finetune | mocov3 | dino; "" = none
     data: str = "embedded"  # as the stages' --data
     data_root: str = ""  # as the stages' --data_root
-    make_jpegs: int = 0  # first write this many JPEGs at ImageNet's typical sizes into data_root (10 classes)
+    make_jpegs: int = 0  # first write this many JPEGs at ImageNet's sizes into data_root/val, 10 links each in train/
     pack: bool = False  # --data=imagefolder: also pack data_root (data/pack.py) and measure each stage from the store
     fidelity_sides: str = "192,256,320"  # with --pack: crops from stores of these shorter sides against the files'
     rounds: int = 1  # with --pack: each stage from the files then the store, this many times (a ratio per pair)
@@ -285,7 +285,8 @@ def main(cfg):
     if cfg.make_jpegs:
         t0 = time.time()
         make_jpegs(cfg.data_root, cfg.make_jpegs)
-        print(f"wrote {cfg.make_jpegs} JPEGs under {cfg.data_root} in {time.time() - t0:.0f} s")
+        print(f"wrote {cfg.make_jpegs} JPEGs under {cfg.data_root}/val, each linked 10 times into train/ (an epoch "
+              f"long enough to time), in {time.time() - t0:.0f} s")
     with tempfile.TemporaryDirectory() as tmp:
         sources = [(cfg.data, cfg.data_root)]
         if cfg.pack:

@@ -152,15 +152,19 @@ class TestCommandLine(unittest.TestCase):
 
     def test_a_teacher_on_other_patches_names_the_patch_size_and_a_small_one_is_noted(self):
         teacher = f"--teacher_ckpt={self.mae}/ckpt.pt"  # micro, 4-px patches
-        flags = [f for f in MICRO if not f.startswith("--patch_size")]
+        flags = [f for f in MICRO if not f.startswith(("--patch_size", "--warmup_epochs"))]  # a warm-up note due
         result = stage("distill.py", teacher, *flags, "--patch_size=8", "--out_dir=dmae8", cwd=self.dir)
         one_line_error(self, result, f"the teacher {self.mae}/ckpt.pt cuts 4-px patches and the student 8-px ones: "
                                      "both must see the same patches; pass --patch_size=4$")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)  # the refused run: no note first
         self.assertFalse(os.path.exists(os.path.join(self.dir, "dmae8")))
         result = stage("distill.py", teacher, *flags, "--patch_size=4", "--out_dir=dmae4", cwd=self.dir)  # the advice
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("note: --warmup_epochs 2 is longer than --epochs 1", result.stderr)  # the run started: said
         self.assertIn("note: the teacher (32 wide, 2 deep) is no larger than the student --model=micro (32 wide, "
-                      "2 deep): D-MAE distils a larger teacher", result.stderr)
+                      "2 deep): D-MAE distils a larger teacher (the paper: MAE-Base into ViT-Tiny). This run goes on; "
+                      "a larger teacher: python pretrain_mae.py --model=mini --patch_size=4 --out_dir=out/mae_teacher",
+                      result.stderr)
 
     def test_a_run_folder_given_for_its_checkpoint_names_the_file(self):
         result = stage("knn.py", f"--ckpt={self.mae}", "--subset=64", cwd=self.dir)
@@ -310,7 +314,7 @@ class TestModifyAndRerun(unittest.TestCase):
         # a longer run says that its schedule is recomputed and what its lr does: it rises again
         found = re.search(r"resume: epochs changed from 1 to 2; the schedules are recomputed for 2 epochs, so from "
                           r"epoch 2 the lr goes from (\S+) \(epoch 1's last step\) to (\S+), then down the new cosine "
-                          r"to (\S+)", longer.stdout)
+                          r"to (\S+) \(to start over instead: --resume=false, or another --out_dir\)", longer.stdout)
         self.assertTrue(found, longer.stdout)
         self.assertEqual(float(found.group(1)), float(f"{rows[0]['lr']:.1e}"))
         self.assertGreater(float(found.group(2)), float(found.group(1)))
@@ -352,7 +356,8 @@ class TestModifyAndRerun(unittest.TestCase):
             self.assertEqual(folder_bytes(run), before)
 
     def test_a_warmup_as_long_as_the_run_is_said(self):
-        result = self.typed("pretrain_mae.py", "--epochs=2", "--warmup_epochs=2", "--data=imagefolder")  # stops early
+        result = self.typed("pretrain_mae.py", *MICRO, "--epochs=2", "--warmup_epochs=2", "--out_dir=whole_warmup")
+        self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("note: --warmup_epochs 2 is the whole run (--epochs 2): the lr rises until the last step and "
                       "never decays", result.stderr)
 

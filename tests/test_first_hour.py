@@ -120,7 +120,10 @@ class TestFirstTries(unittest.TestCase):
         with contextlib.redirect_stderr(err):
             cfg = pretrain_mae.Config(epochs=1)
         self.assertEqual(cfg.warmup_epochs, 0)
-        self.assertIn("--warmup_epochs 2 is longer than --epochs 1", err.getvalue())
+        self.assertIn("--warmup_epochs 2 is longer than --epochs 1; no warm-up instead", err.getvalue())
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(pretrain_mae.Config(epochs=5, warmup_epochs=8).warmup_epochs, 2)
+        self.assertIn("--warmup_epochs 8 is longer than --epochs 5; warming up for 2 epochs instead", err.getvalue())
 
     def test_an_unknown_flag_suggests_the_closest_one(self):
         err = io.StringIO()
