@@ -120,8 +120,9 @@ def reconstruction_rows(mae, imgs, seed=0):
                ) if grey else (lambda v: v)  # (B, L, p*p*C) -> each pixel's channel mean in all three
     mean_of = ",\nmean of channels" if grey else ""
     pasted = to_pixels(unpatchify(target * (1 - m) + pixels * m, p, grid))  # the visible patches pasted back
+    removed = f"{int(mask[0].sum())} of\n{mask.shape[1]} removed"  # the count, not the ratio: 0.9 of 16 hides 15
     rows = [("original", originals),
-            ("masked input\n(grey: removed)", unpatchify(patchify(originals, p) * (1 - m) + 0.5 * m, p, grid)),
+            (f"masked input\n(grey: {removed})", unpatchify(patchify(originals, p) * (1 - m) + 0.5 * m, p, grid)),
             (f"reconstruction{mean_of}", unpatchify(in_grey(patchify(pasted, p)), p, grid))]
     if mae.cfg.norm_pix_loss:
         teal = torch.tensor([0.0, 0.5, 0.5], device=imgs.device).repeat(p * p)  # (p*p*C): pixels (row, col, channel)

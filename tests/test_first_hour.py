@@ -202,12 +202,13 @@ class TestFigures(unittest.TestCase):
         for norm_pix in (True, False):
             mae = pretrain_mae.MAE(pretrain_mae.Config(**{**TINY, "norm_pix_loss": norm_pix})).eval()
             labels[norm_pix] = [label for label, _ in figures.reconstruction_rows(mae, imgs)]
-        self.assertEqual(labels[False], ["original", "masked input\n(grey: removed)", "reconstruction"])
+        # 16 patches at ratio 0.75: 12 removed (MAE keeps int(16 x 0.25) = 4), said beside the row
+        self.assertEqual(labels[False], ["original", "masked input\n(grey: 12 of\n16 removed)", "reconstruction"])
         self.assertEqual(labels[True], labels[False] + ["prediction\n(patch units;\nteal: visible)",
                                                         "target\n(patch units;\nteal: visible)"])
         mae = pretrain_mae.MAE(pretrain_mae.Config(**TINY)).eval()  # norm-pix: visible patches teal, never grey
         rows = dict(figures.reconstruction_rows(mae, imgs))
-        mask = rows["masked input\n(grey: removed)"]
+        mask = rows["masked input\n(grey: 12 of\n16 removed)"]
         teal = torch.tensor([0.0, 0.5, 0.5])[:, None, None]
         visible = (rows["target\n(patch units;\nteal: visible)"] - teal).abs().amax(1) < 1e-6  # (B, H, W)
         self.assertAlmostEqual(visible.float().mean().item(), 1 - pretrain_mae.Config().mask_ratio, places=5)
