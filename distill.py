@@ -65,11 +65,12 @@ def load_teacher(cfg, device, verbose=True):
         print0(f"teacher {cfg.teacher_ckpt}: {teacher.embed_dim} wide, {teacher.depth} deep, {teacher.num_heads} heads")
         student, sizes = VIT_SIZES[cfg.model], list(VIT_SIZES)
         if teacher.embed_dim <= student["embed_dim"] and teacher.depth <= student["depth"]:
-            larger = sizes[min(sizes.index(cfg.model) + 1, len(sizes) - 1)]
+            larger = sizes[sizes.index(cfg.model) + 1:][:1]  # the next size up, if any
             note(f"the teacher ({teacher.embed_dim} wide, {teacher.depth} deep) is no larger than the student "
                  f"--model={cfg.model} ({student['embed_dim']} wide, {student['depth']} deep): D-MAE distils a larger "
-                 f"teacher (the paper: MAE-Base into ViT-Tiny). This run goes on; a larger teacher: python "
-                 f"pretrain_mae.py --model={larger} --patch_size={cfg.patch_size} --out_dir=out/mae_teacher")
+                 "teacher (the paper: MAE-Base into ViT-Tiny). This run goes on"
+                 + "".join(f"; a larger teacher: python pretrain_mae.py --model={m} --patch_size={cfg.patch_size} "
+                           "--out_dir=out/mae_teacher" for m in larger))
     return teacher.to(device).eval().requires_grad_(False)
 
 

@@ -188,7 +188,7 @@ def check_config(cfg, default=None, **ranges):
 
 
 NOTED = set()  # the notes this process has printed
-HELD = []  # while parse_config builds a Config: the notes it will print if that Config is valid
+HELD = []  # notes held back: while parse_config builds a Config, and from a command line until its run starts
 
 
 def release_notes():
