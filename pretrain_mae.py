@@ -163,7 +163,7 @@ def main(cfg, mae=None, teacher=None):
         # --- model ---
         raw_model = (mae or MAE(cfg)).to(device)
         print0(f"encoder {sum(p.numel() for p in raw_model.encoder.parameters()) / 1e6:.2f}M params, "
-               f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.3f}M")
+               f"decoder {sum(p.numel() for p in raw_model.decoder.parameters()) / 1e6:.2f}M")
 
         # --- optimizer & schedule ---
         global_batch = cfg.batch_size_per_gpu * world * cfg.accum_steps
