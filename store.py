@@ -73,7 +73,7 @@ class PackedImages(Dataset):
         """The images idx as one 1-D uint8 tensor (pinned by the DataLoader on a GPU), then a row of zeros as wide as
         the widest (cut_on_device reads whole rows), and their starts in it: what the device cuts when the store does
         not fit its memory."""
-        pad = torch.zeros(int(self.shapes[idx, 1].max()) * 3, dtype=torch.uint8)
+        pad = torch.zeros(int(self.shapes[idx, 1].max()) * 3 if len(idx) else 0, dtype=torch.uint8)
         sizes = self.shapes[idx].prod(1) * 3
         return torch.cat([self.image(i).reshape(-1) for i in idx.tolist()] + [pad]), sizes.cumsum(0) - sizes
 
@@ -163,16 +163,15 @@ class Batches(Dataset):
 
 
 def device_pixels(store, device):
-    """The store's images (all, or a --subset's) as one 1-D uint8 tensor on the device, then a row of zeros as wide
-    as its widest image (cut_on_device reads whole rows of a batch's widest box), and their starts in it."""
+    """The store's images (all, or a --subset's) as one 1-D uint8 tensor on the device, with gather's layout: a row
+    of zeros as wide as the widest image after them, and their starts in it."""
     sizes = store.shapes.prod(1) * 3
-    starts, pad = sizes.cumsum(0) - sizes, int(store.shapes[:, 1].max()) * 3 if len(store) else 0
-    if len(store) and torch.equal(store.starts, starts):  # a whole split: the file as it is, copied once
-        pixels = torch.zeros(store.nbytes() + pad, dtype=torch.uint8, device=device)
+    if len(store) and torch.equal(store.starts, sizes.cumsum(0) - sizes):  # a whole split: the file as it is, once
+        pixels = torch.zeros(store.nbytes() + int(store.shapes[:, 1].max()) * 3, dtype=torch.uint8, device=device)
         pixels[:store.nbytes()].copy_(store.pixels()[:store.nbytes()])
-        return pixels, starts
-    images = [store.image(i).reshape(-1) for i in range(len(store))]
-    return torch.cat(images + [torch.zeros(pad, dtype=torch.uint8)]).to(device), starts
+        return pixels, store.starts
+    flat, starts = store.gather(torch.arange(len(store)))
+    return flat.to(device), starts
 
 
 def cut_on_device(pixels, starts, shapes, boxes, views):
